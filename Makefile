@@ -1,0 +1,86 @@
+# The two commands: `make serve` (fresh clone -> a real car classifier on 127.0.0.1:8080)
+# and `make test` (the whole suite; what CI runs). Everything else is a step of those.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+MODEL := efficientnet_lite0_cars
+EXPORT := models/$(MODEL)
+ARCHIVE := model_store/$(MODEL)_v1.0.mar
+SERVING_SOURCES := $(wildcard handler/*.py) training/__init__.py training/config.py training/presets.py training/model.py
+
+.PHONY: help env java serve stop status test lint format archive train evaluate export eda tune clean
+
+help:
+	@echo "make serve   - create the environment if needed, build the archive, start TorchServe, wait until READY"
+	@echo "make stop    - stop TorchServe"
+	@echo "make test    - lint + the whole test suite (what CI runs)"
+	@echo "make train   - train the default model on ../shared/stanford_cars, evaluate, export to $(EXPORT)"
+	@echo "make eda | tune | archive | lint | format | clean"
+
+# --- environment -------------------------------------------------------------------------
+# torch/torchvision first, with --isolated: a pip configuration that offers a CPU-only "+cpu"
+# torch wheel (find-links) would otherwise win, and PyPI's torchvision cannot load on it.
+$(STAMP): requirements/torch.txt requirements/serve.txt requirements/train.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --isolated -r requirements/torch.txt
+	$(PIP) install --quiet -r requirements/dev.txt
+	$(PY) -c "import torch, torchvision; torchvision.ops.nms" # fails fast on a mismatched pair
+	touch $@
+
+env: $(STAMP) java
+
+# TorchServe's frontend is Java: install 17 when we can (root, apt), else say exactly what to do.
+java:
+	@if ! java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])'; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
+	  else \
+	    echo "TorchServe needs Java 17+: sudo apt-get install -y openjdk-17-jre-headless"; exit 1; \
+	  fi; \
+	fi
+
+# --- serving -----------------------------------------------------------------------------
+$(ARCHIVE): $(EXPORT)/$(MODEL).pth $(EXPORT)/index_to_name.json $(EXPORT)/config.yaml $(SERVING_SOURCES) scripts/build_mar.py | $(STAMP)
+	$(PY) scripts/build_mar.py --export $(EXPORT) --version 1.0 --force
+
+archive: $(ARCHIVE)
+
+serve: env $(ARCHIVE)
+	$(PY) scripts/serve.py start
+
+stop:
+	$(PY) scripts/serve.py stop
+
+status:
+	$(PY) scripts/serve.py status
+
+# --- quality -----------------------------------------------------------------------------
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: env lint
+	$(PY) -m pytest
+
+# --- training (see README) ---------------------------------------------------------------
+train: $(STAMP)
+	$(PY) -m training.train --config configs/efficientnet_lite0.yaml
+	$(PY) -m training.evaluate --run runs/efficientnet_lite0
+	$(PY) -m training.export --run runs/efficientnet_lite0 --export_dir $(EXPORT)
+
+eda: $(STAMP)
+	$(PY) -m training.eda --data_root ../shared/stanford_cars --out_dir reports/eda
+
+tune: $(STAMP)
+	$(PY) -m training.tune --config configs/resnet50.yaml
+
+clean:
+	-$(PY) scripts/serve.py stop
+	rm -rf var model_store/*.mar .pytest_cache
