@@ -1,0 +1,155 @@
+"""Evaluate a trained run on its held-out split.
+
+Recreates the run's split from its saved config (and checks it against the run's split.json,
+so a changed dataset cannot silently change the test set), then reports top-1/top-5,
+per-class precision/recall/F1, the most confused class pairs and a confusion-matrix PNG,
+all into one metrics JSON.
+
+    python -m training.evaluate --run runs/efficientnet_lite0
+    python -m training.evaluate --run runs/efficientnet_lite0 --split val --eval_size 192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training import config as config_lib
+from training import data, plots, presets
+from training import model as model_lib
+from training.train import amp_dtype, autocast, make_loader, pick_device
+
+log = logging.getLogger(__name__)
+MOST_CONFUSED = 15
+
+
+def load_run(run_dir: Path, overrides: dict | None = None):
+    """(config, classes, model) of a finished training run."""
+    for name in ("config.yaml", "classes.json", "best.pth"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished training run?")
+    cfg = config_lib.load(run_dir / "config.yaml", overrides)
+    classes = json.loads((run_dir / "classes.json").read_text())
+    model, _ = model_lib.build_model(cfg.arch, len(classes), "none", cfg.dropout)
+    model.load_state_dict(torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True))
+    return cfg, classes, model
+
+
+def held_out_samples(cfg, run_dir: Path, split: str) -> list[data.Sample]:
+    index = data.scan(cfg.data_root, cfg.layout)
+    samples = data.make_splits(index, cfg)[split]
+    recorded = run_dir / "split.json"
+    if recorded.is_file():
+        expected = json.loads(recorded.read_text())["files"][split]
+        actual = data.split_manifest(index, {split: samples}, cfg.data_root)["files"][split]
+        if expected != actual:
+            raise data.DatasetError(
+                f"the {split} split differs from the one recorded in {recorded}: has the data changed?"
+            )
+    return samples
+
+
+@torch.no_grad()
+def predict(model, samples, cfg, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) with the evaluation preset, i.e. exactly what serving does."""
+    device = device or pick_device(cfg.device)
+    dtype = amp_dtype(cfg.amp, device)
+    model.eval().to(device)
+    loader = make_loader(data.CarsDataset(samples, presets.eval_preset(cfg), cfg.crop_to_bbox), cfg, shuffle=False)
+    logits, labels = [], []
+    for inputs, targets in tqdm(loader, desc="evaluating", disable=not cfg.progress, leave=False):
+        inputs = inputs.to(device)
+        if cfg.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits.append(model(inputs).float().cpu())
+        labels.append(targets)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    topk = np.argsort(-logits, axis=1)[:, :k]
+    return float((topk == labels[:, None]).any(axis=1).mean())
+
+
+def most_confused_pairs(matrix: np.ndarray, classes: list[str], n: int = MOST_CONFUSED) -> list[dict]:
+    off_diagonal = matrix.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    order = np.argsort(-off_diagonal, axis=None)[:n]
+    pairs = []
+    for flat in order:
+        true, pred = np.unravel_index(flat, matrix.shape)
+        if off_diagonal[true, pred] == 0:
+            break
+        pairs.append({"true": classes[true], "predicted": classes[pred], "count": int(off_diagonal[true, pred])})
+    return pairs
+
+
+def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    preds = logits.argmax(1)
+    label_ids = list(range(len(classes)))
+    report = classification_report(
+        labels, preds, labels=label_ids, target_names=classes, output_dict=True, zero_division=0
+    )
+    matrix = confusion_matrix(labels, preds, labels=label_ids)
+    return {
+        "num_images": int(len(labels)),
+        "top1": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
+        "macro_f1": report["macro avg"]["f1-score"],
+        "per_class": {name: {k: round(v, 4) for k, v in report[name].items()} for name in classes},
+        "most_confused": most_confused_pairs(matrix, classes),
+        "_confusion_matrix": matrix,
+    }
+
+
+def evaluate_run(run_dir: Path, split: str = "test", overrides: dict | None = None, out: Path | None = None) -> dict:
+    cfg, classes, model = load_run(run_dir, overrides)
+    samples = held_out_samples(cfg, run_dir, split)
+    logits, labels = predict(model, samples, cfg)
+    metrics = compute_metrics(logits, labels, classes)
+    matrix = metrics.pop("_confusion_matrix")
+    out = out or run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with np.errstate(invalid="ignore"):
+        plots.confusion_matrix(np.nan_to_num(matrix / matrix.sum(1, keepdims=True)), out / f"confusion_{split}.png")
+    metrics = {"split": split, "eval_size": cfg.eval_size, "arch": cfg.arch, "data_root": cfg.data_root, **metrics}
+    (out / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="training output directory (has config.yaml, best.pth)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--out", help="where to write eval_<split>.json and the PNG (default: the run directory)")
+    parser.add_argument("--eval_size", type=int, help="override the evaluation image size")
+    parser.add_argument("--data_root", help="override the dataset location recorded in the run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = {k: v for k, v in {"eval_size": args.eval_size, "data_root": args.data_root}.items() if v is not None}
+    try:
+        metrics = evaluate_run(Path(args.run), args.split, overrides, Path(args.out) if args.out else None)
+    except (FileNotFoundError, data.DatasetError, config_lib.ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.split}: top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} macro_f1={metrics['macro_f1']:.4f} "
+        f"on {metrics['num_images']} images (eval_size={metrics['eval_size']})"
+    )
+    for pair in metrics["most_confused"][:5]:
+        print(f"  {pair['count']}x {pair['true']} -> {pair['predicted']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

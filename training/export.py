@@ -1,0 +1,70 @@
+"""Export a trained run for serving: the directory the archive builder consumes.
+
+<export_dir>/<arch>_cars.pth       state_dict only (torch.load(..., weights_only=True))
+<export_dir>/index_to_name.json    {"0": "AM General Hummer SUV 2000", ...}: official names
+<export_dir>/metrics.json          the held-out evaluation of exactly these weights
+<export_dir>/config.yaml           the config used (the handler reads its preprocessing from it)
+
+python -m training.export --run runs/efficientnet_lite0 --export_dir models/efficientnet_lite0_cars
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from training import config as config_lib
+from training import data
+from training.evaluate import evaluate_run, load_run
+
+EXPORT_FILES = ("index_to_name.json", "metrics.json", "config.yaml")
+
+
+def weights_filename(cfg) -> str:
+    return f"{cfg.model_name}.pth"
+
+
+def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test") -> Path:
+    cfg, classes, model = load_run(run_dir)
+    export_dir = export_dir or cfg.resolved_export_dir()
+    metrics_file = run_dir / f"eval_{split}.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else evaluate_run(run_dir, split)
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    weights = export_dir / weights_filename(cfg)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    (export_dir / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(classes)}, indent=1))
+    summary = run_dir / "train_summary.json"
+    metrics = {**metrics, "training": json.loads(summary.read_text()) if summary.is_file() else None}
+    (export_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    cfg.save(export_dir / "config.yaml")
+    for extra in ("curves.png", f"confusion_{split}.png", "metrics.csv"):
+        if (run_dir / extra).is_file():
+            shutil.copy(run_dir / extra, export_dir / extra)
+    return export_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="training output directory")
+    parser.add_argument("--export_dir", help="default: exports/<arch>_cars")
+    parser.add_argument("--split", default="test", help="which evaluation to ship as metrics.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export_run(Path(args.run), Path(args.export_dir) if args.export_dir else None, args.split)
+    except (FileNotFoundError, data.DatasetError, config_lib.ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Hyper-parameter search with Ray Tune, each trial a normal `training.train.fit` run.
+
+Default search space = the original project's: lr log-uniform 1e-4..1e-2, batch size
+{16, 32, 64}, unfreeze the last {1, 2} blocks; ASHA stops poor trials early; the best trial
+is the one with the lowest val loss. Its directory is a complete training run, ready for
+`training.evaluate` and `training.export`.
+
+    python -m training.tune --config configs/resnet50.yaml                  # local
+    python -m training.tune --config configs/resnet50.yaml --tune_address ray://head:10001
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training import config as config_lib
+from training import data
+from training import model as model_lib
+
+log = logging.getLogger(__name__)
+
+
+def search_space(lr_range=(1e-4, 1e-2), batch_sizes=(16, 32, 64), unfreeze=(1, 2)) -> dict:
+    from ray import tune
+
+    return {
+        "lr": tune.loguniform(*lr_range),
+        "batch_size": tune.choice(list(batch_sizes)),
+        "unfreeze": tune.choice(list(unfreeze)),
+    }
+
+
+def trainable(params: dict, base: dict) -> None:
+    """One trial: the base config with this trial's parameters, reporting every epoch to Tune."""
+    from ray import tune
+
+    from training.train import fit
+
+    cfg = config_lib.from_dict({**base, **params})
+    cfg.output_dir = tune.get_context().get_trial_dir()
+    cfg.progress = False
+    fit(cfg, report=lambda row: tune.report(row))
+
+
+def run_search(cfg, space: dict, storage: Path) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Trials run in their own working directory (and maybe on another node): no relative paths.
+    base = cfg.to_dict()
+    base["data_root"] = str(Path(cfg.data_root).resolve())
+    base["epochs"] = cfg.tune_epochs
+    if cfg.pretrained not in ("imagenet", "none"):
+        base["pretrained"] = str(Path(cfg.pretrained).resolve())
+
+    ray.init(
+        address=cfg.tune_address,
+        ignore_reinit_error=True,
+        include_dashboard=False,
+        log_to_driver=False,
+        **({} if cfg.tune_address else {"num_cpus": max(1, int(cfg.tune_cpus_per_trial))}),
+    )
+    scheduler = ASHAScheduler(max_t=cfg.tune_epochs, grace_period=min(3, cfg.tune_epochs), reduction_factor=2)
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(trainable, base=base), {"cpu": cfg.tune_cpus_per_trial, "gpu": cfg.tune_gpus_per_trial}
+        ),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="val_loss", mode="min", num_samples=cfg.tune_samples, scheduler=scheduler, time_attr="epoch"
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(storage.resolve()), verbose=1),
+    )
+    results = tuner.fit()
+    best = results.get_best_result(metric="val_loss", mode="min", scope="all")
+    trials = [
+        {
+            "params": {k: r.config[k] for k in space},
+            "best_val_loss": float(r.metrics_dataframe["val_loss"].min()),
+            "best_val_acc": float(r.metrics_dataframe["val_acc"].max()),
+            "epochs": int(r.metrics_dataframe["epoch"].max()),
+            "path": r.path,
+        }
+        for r in results
+        if r.metrics_dataframe is not None and not r.metrics_dataframe.empty
+    ]
+    summary = {
+        "best": {
+            "params": {k: best.config[k] for k in space},
+            "val_loss": float(best.metrics_dataframe["val_loss"].min()),
+            "run_dir": best.path,
+        },
+        "trials": sorted(trials, key=lambda t: t["best_val_loss"]),
+    }
+    storage.mkdir(parents=True, exist_ok=True)
+    (storage / "tune_results.json").write_text(json.dumps(summary, indent=1))
+    best_cfg = dataclasses.replace(config_lib.from_dict({**base, **summary["best"]["params"]}), epochs=cfg.epochs)
+    best_cfg.save(storage / "best_config.yaml")
+    ray.shutdown()
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_lib.add_arguments(parser)
+    parser.add_argument("--lr_range", type=float, nargs=2, default=(1e-4, 1e-2))
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=(16, 32, 64))
+    parser.add_argument("--unfreeze_choices", type=int, nargs="+", default=(1, 2))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = config_lib.from_args(args)
+        model_lib.spec(cfg.arch)
+        data.scan(cfg.data_root, cfg.layout)  # fail on a wrong path before starting Ray
+        space = search_space(args.lr_range, args.batch_sizes, args.unfreeze_choices)
+        summary = run_search(cfg, space, Path(cfg.output_dir))
+    except (data.DatasetError, config_lib.ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    best = summary["best"]
+    print(f"best trial: {best['params']} val_loss={best['val_loss']:.4f}\n  run dir: {best['run_dir']}")
+    print(
+        f"  all trials: {Path(cfg.output_dir) / 'tune_results.json'}; "
+        f"retrain with: python -m training.train --config {Path(cfg.output_dir) / 'best_config.yaml'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
