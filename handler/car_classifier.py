@@ -1,0 +1,164 @@
+"""TorchServe handler for the Stanford Cars classifier.
+
+Subclasses the stock `ImageClassifier` and overrides only what differs:
+
+* model loading: the architecture from the export's config (handler/model.py), weights_only;
+* preprocessing: `training.presets.ClassificationPresetEval`, the exact transform used to
+  evaluate the model, read from the packed training code - never a second copy;
+* input handling: raw body, multipart field or base64 JSON, any image mode, EXIF orientation,
+  size and pixel limits (handler/image_input.py); each bad item in a batch gets its own 4xx
+  JSON error while its neighbours get their predictions;
+* response: top-k `[{class_id, class_name, probability}]`, best first; per request via an
+  `X-Top-K` header, or a `topk` multipart/JSON field;
+* explanations: Integrated Gradients per image as a 2-D heat map;
+* metrics: preprocess/inference time, predictions per class, top-1 confidence, input errors.
+
+Settings come from the `handler:` section of the model's model-config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.image_classifier import ImageClassifier
+
+from handler.batch import Batch
+from handler.image_input import InputError, Limits, read_request
+from handler.model import load_model
+from training import config as config_lib
+from training import presets
+
+logger = logging.getLogger(__name__)
+TOPK_HEADER = "x-top-k"
+
+
+class CarClassifier(ImageClassifier):
+    def initialize(self, context):
+        model_dir = Path(context.system_properties["model_dir"])
+        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        limit_fields = {f.name for f in dataclasses.fields(Limits)}
+        self.limits = Limits(**{k: v for k, v in settings.items() if k in limit_fields})
+        self.topk = int(settings.get("topk", 5))
+        self.ig_steps = int(settings.get("ig_steps", 16))
+        self.cfg = config_lib.load(model_dir / "config.yaml")
+        self.image_processing = presets.eval_preset(self.cfg)
+        super().initialize(context)
+        # VisionHandler lifts PIL's decompression-bomb guard; put it back at our own limit.
+        Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self._warm_up()
+        logger.info(
+            "%s ready: arch=%s classes=%d eval_size=%d limits=%s",
+            context.model_name,
+            self.cfg.arch,
+            len(self.mapping),
+            self.cfg.eval_size,
+            self.limits,
+        )
+
+    def _load_pickled_model(self, model_dir, model_file, model_pt_path):
+        return load_model(model_dir, model_pt_path, self.device)
+
+    def _warm_up(self):
+        """First-request latency belongs to model load, not to a user."""
+        with torch.inference_mode():
+            self.model(torch.zeros(1, 3, self.cfg.eval_size, self.cfg.eval_size, device=self.device))
+
+    # ------------------------------------------------------------------ request -> tensors
+
+    def preprocess(self, data):
+        started = time.perf_counter()
+        batch = Batch(len(data))
+        for idx, row in enumerate(data):
+            try:
+                image, topk = read_request(self._with_header_topk(idx, row), self.limits)
+                batch.add(idx, self.image_processing(image), min(topk or self.topk, len(self.mapping)))
+            except InputError as err:
+                batch.errors[idx] = err
+        self._add_time("PreprocessTime", started)
+        return batch
+
+    def _with_header_topk(self, idx: int, row):
+        """TorchServe 0.12 does not pass query strings to handlers: `X-Top-K` works with curl -T."""
+        headers = self.context.get_all_request_header(idx) if self.context is not None else {}
+        value = next((v for k, v in headers.items() if k.lower() == TOPK_HEADER), None)
+        if value is None or not isinstance(row, dict) or "topk" in row:
+            return row
+        return {**row, "topk": value}
+
+    def inference(self, batch: Batch, *args, **kwargs):
+        if batch.tensors:
+            started = time.perf_counter()
+            inputs = torch.stack(batch.tensors).to(self.device).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                batch.logits = self.model(inputs).float()
+            self._add_time("InferenceTime", started)
+        return batch
+
+    # ------------------------------------------------------------------ tensors -> responses
+
+    def postprocess(self, batch: Batch):
+        responses = {idx: self._error_response(idx, err) for idx, err in batch.errors.items()}
+        if batch.logits is not None:
+            probabilities = F.softmax(batch.logits, dim=1)
+            for row, idx in enumerate(batch.positions):
+                probs, classes = torch.topk(probabilities[row], batch.topk[idx])
+                responses[idx] = [self._prediction(int(c), float(p)) for p, c in zip(probs, classes, strict=True)]
+                self._record_prediction(responses[idx][0])
+        return [responses[idx] for idx in range(batch.size)]
+
+    def _prediction(self, class_id: int, probability: float) -> dict:
+        return {"class_id": class_id, "class_name": self.mapping[str(class_id)], "probability": round(probability, 6)}
+
+    def _error_response(self, idx: int, err: InputError) -> dict:
+        self.context.set_response_status(err.status, err.message, idx)
+        self._metrics().add_counter("InputErrors", 1, None, [Dimension("Status", str(err.status))])
+        return err.to_json()
+
+    # ------------------------------------------------------------------ explanations
+
+    def explain_handle(self, data_preprocess: Batch, raw_data):
+        """Integrated Gradients for each good image, towards its top-1 class (or `target`)."""
+        batch = self.inference(data_preprocess)
+        results = {idx: self._error_response(idx, err) for idx, err in batch.errors.items()}
+        for row, idx in enumerate(batch.positions):
+            target = self._explain_target(raw_data[idx], batch.logits[row])
+            inputs = batch.tensors[row].unsqueeze(0).to(self.device).requires_grad_()
+            attributions = self.ig.attribute(inputs, target=target, n_steps=self.ig_steps)
+            heatmap = attributions.squeeze(0).abs().sum(0)
+            heatmap = heatmap / heatmap.max().clamp_min(1e-12)
+            results[idx] = {
+                **self._prediction(target, float(F.softmax(batch.logits[row], 0)[target])),
+                "heatmap": [[round(v, 4) for v in line] for line in heatmap.tolist()],
+            }
+        return [results[idx] for idx in range(batch.size)]
+
+    def _explain_target(self, row, logits) -> int:
+        raw = row.get("target") if isinstance(row, dict) else None
+        try:
+            target = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+        except (TypeError, ValueError):
+            return int(logits.argmax())
+        return target if 0 <= target < len(self.mapping) else int(logits.argmax())
+
+    # ------------------------------------------------------------------ metrics
+
+    def _metrics(self):
+        return self.context.metrics
+
+    def _add_time(self, name: str, started: float):
+        if self.context is not None:
+            self._metrics().add_time(name, round((time.perf_counter() - started) * 1000, 3), None, "ms")
+
+    def _record_prediction(self, top1: dict):
+        metrics = self._metrics()
+        metrics.add_counter("PredictionsPerClass", 1, None, [Dimension("ClassName", top1["class_name"])])
+        metrics.add_metric("Top1Confidence", top1["probability"], "percent", None, [], MetricTypes.HISTOGRAM)

@@ -1,0 +1,308 @@
+"""Start and stop TorchServe with this project's configuration, and wait until models are READY.
+
+    python scripts/serve.py start                      # the shipped default model, loopback only
+    python scripts/serve.py start --profile hardened   # token auth on, model API off
+    python scripts/serve.py status
+    python scripts/serve.py stop
+
+State lives under ``var/run/`` (rendered config, logs, pid file, snapshots). On start, the last
+snapshot (models, versions, default versions) is restored only if every archive it names is
+still in the model store; a stale snapshot is moved aside and the default model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = {"default": ROOT / "config.properties", "hardened": ROOT / "config" / "hardened.properties"}
+DEFAULT_MODEL = "efficientnet_lite0_cars"
+DEFAULT_ARCHIVE = f"{DEFAULT_MODEL}_v1.0.mar"
+ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+MIN_JAVA = 17
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def write_properties(props: dict[str, str], path: Path) -> None:
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+
+
+def check_java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise ServeError(
+            f"TorchServe needs Java {MIN_JAVA}+ and no `java` is on PATH. "
+            "Install it: sudo apt-get install -y openjdk-17-jre-headless (or `make env`, which does it as root)"
+        )
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    match = re.search(r'version "(\d+)', out)
+    if not match or int(match.group(1)) < MIN_JAVA:
+        raise ServeError(f"TorchServe needs Java {MIN_JAVA}+, found: {out.splitlines()[0] if out else 'unknown'}")
+    return out.splitlines()[0]
+
+
+@dataclass
+class Server:
+    """One TorchServe instance: its rendered config, its state folder, its addresses."""
+
+    run_dir: Path = ROOT / "var" / "run"
+    profile: str = "default"
+    model_store: Path = ROOT / "model_store"
+    ports: dict[str, int] | None = None  # {"inference": 8080, ...}: tests pass free ports
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir).resolve()
+        self.model_store = Path(self.model_store).resolve()
+        self.config_path = self.run_dir / "config.properties"
+        self.props = self._render_props()
+
+    # -------------------------------------------------------------- configuration
+
+    def _render_props(self) -> dict[str, str]:
+        if self.profile not in PROFILES:
+            raise ServeError(f"unknown profile {self.profile!r}: {', '.join(PROFILES)}")
+        props = read_properties(PROFILES[self.profile])
+        props["model_store"] = str(self.model_store)
+        if "metrics_config" in props:
+            props["metrics_config"] = str(ROOT / props["metrics_config"])
+        for name, port in (self.ports or {}).items():
+            if name not in ADDRESS_KEYS:
+                continue
+            scheme_host = props[ADDRESS_KEYS[name]].rsplit(":", 1)[0]
+            props[ADDRESS_KEYS[name]] = f"{scheme_host}:{port}"
+        if self.ports:  # tests: keep gRPC off the fixed ports too
+            props["grpc_inference_port"] = str(self.ports.get("grpc_inference") or _free_port())
+            props["grpc_management_port"] = str(self.ports.get("grpc_management") or _free_port())
+        props.update(self.overrides)
+        return props
+
+    def url(self, api: str) -> str:
+        return self.props[ADDRESS_KEYS[api]]
+
+    @property
+    def env(self) -> dict[str, str]:
+        tmp = self.run_dir / "tmp"
+        return {
+            **os.environ,
+            "TMPDIR": str(tmp),  # TorchServe keeps its pid file in the temp dir: one per instance
+            "LOG_LOCATION": str(self.run_dir / "logs"),
+            "METRICS_LOCATION": str(self.run_dir / "logs"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.run_dir / "logs" / "config"
+
+    # -------------------------------------------------------------- auth
+
+    def token(self, kind: str = "inference") -> str | None:
+        """The key TorchServe generated for this instance (hardened profile), or None."""
+        key_file = self.run_dir / "key_file.json"
+        if not key_file.is_file():
+            return None
+        keys = json.loads(key_file.read_text())
+        return keys[kind]["key"]
+
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        token = self.token(kind)
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    # -------------------------------------------------------------- snapshots
+
+    def latest_snapshot(self) -> Path | None:
+        snaps = sorted(self.snapshot_dir.glob("*-snapshot.cfg")) if self.snapshot_dir.is_dir() else []
+        return snaps[-1] if snaps else None
+
+    def snapshot_archives(self, snapshot: Path) -> list[str]:
+        model_json = read_properties(snapshot).get("model_snapshot", "{}").replace("\\", "")
+        models = json.loads(model_json).get("models", {})
+        return [v["marName"] for versions in models.values() for v in versions.values()]
+
+    def usable_snapshot(self) -> tuple[Path | None, str]:
+        snapshot = self.latest_snapshot()
+        if snapshot is None:
+            return None, "no snapshot"
+        missing = [m for m in self.snapshot_archives(snapshot) if not (self.model_store / m).is_file()]
+        if missing:
+            return None, f"snapshot {snapshot.name} names archives no longer in the model store: {', '.join(missing)}"
+        return snapshot, f"restoring {snapshot.name}"
+
+    def _set_aside_snapshots(self) -> None:
+        if self.snapshot_dir.is_dir():
+            self.snapshot_dir.rename(self.snapshot_dir.with_name(f"config.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+    # -------------------------------------------------------------- lifecycle
+
+    def is_running(self) -> bool:
+        try:
+            return requests.get(f"{self.url('inference')}/ping", timeout=2, **self._tls()).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _tls(self) -> dict:
+        return {"verify": False} if self.url("inference").startswith("https") else {}
+
+    def start(self, models: dict[str, str] | None = None, restore: bool = True, timeout: float = 180) -> str:
+        """Start TorchServe; `models` maps name -> archive file in the model store."""
+        check_java()
+        (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        write_properties(self.props, self.config_path)
+        snapshot, why = self.usable_snapshot() if restore else (None, "fresh start requested")
+        cmd = ["torchserve", "--start", "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
+        if snapshot is None:
+            self._set_aside_snapshots()
+            models = models if models is not None else {DEFAULT_MODEL: DEFAULT_ARCHIVE}
+            for archive in models.values():
+                if not (self.model_store / archive).is_file():
+                    raise ServeError(f"archive not found: {self.model_store / archive} (build it: make archive)")
+            if models:
+                cmd += ["--models", *(f"{name}={archive}" for name, archive in models.items())]
+        # Started from run_dir: TorchServe writes key_file.json (hardened profile) into its cwd.
+        with open(self.run_dir / "torchserve.out", "ab") as log:
+            result = subprocess.run(cmd, cwd=self.run_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            raise ServeError(
+                f"torchserve --start failed (exit {result.returncode}); see {self.run_dir / 'torchserve.out'}"
+            )
+        expected = list(models) if snapshot is None else self._snapshot_models(snapshot)
+        self.wait_ready(expected, timeout)
+        return why
+
+    def _snapshot_models(self, snapshot: Path) -> list[str]:
+        model_json = read_properties(snapshot).get("model_snapshot", "{}").replace("\\", "")
+        return list(json.loads(model_json).get("models", {}))
+
+    def wait_ready(self, models: list[str], timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.is_running() and all(self.model_ready(m) for m in models):
+                return
+            time.sleep(0.5)
+        raise ServeError(f"TorchServe not ready within {timeout:.0f}s; see {self.run_dir / 'logs'}")
+
+    def model_ready(self, model: str) -> bool:
+        try:
+            r = requests.get(
+                f"{self.url('management')}/models/{model}", headers=self.headers("management"), timeout=5, **self._tls()
+            )
+        except requests.RequestException:
+            return False
+        if r.status_code != 200:
+            return False
+        versions = r.json()
+        return any(w["status"] == "READY" for v in versions for w in v.get("workers", []))
+
+    def stop(self, timeout: float = 60) -> None:
+        pid_file = self.run_dir / "tmp" / ".model_server.pid"
+        pid = int(pid_file.read_text()) if pid_file.is_file() else None
+        subprocess.run(["torchserve", "--stop"], cwd=self.run_dir, env=self.env, capture_output=True)
+        deadline = time.monotonic() + timeout
+        while pid and _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child still "exists"; treat it as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports() -> dict[str, int]:
+    return {name: _free_port() for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+
+
+def print_examples(server: Server, model: str) -> None:
+    inf, mgmt, met = server.url("inference"), server.url("management"), server.url("metrics")
+    auth = ' -H "Authorization: Bearer $(jq -r .inference.key var/run/key_file.json)"' if server.token() else ""
+    print(f"""
+TorchServe is up; {model} is READY.
+
+  curl{auth} -T car.jpg {inf}/predictions/{model}
+  curl{auth} -T car.jpg -H "X-Top-K: 3" {inf}/predictions/{model}
+  curl{auth} -F data=@car.jpg {inf}/predictions/{model}
+  python scripts/explain.py car.jpg --model {model} --out heatmap.png
+  python scripts/predict_dir.py path/to/images --model {model}
+  python scripts/versions.py list {model}          # management API: {mgmt}
+  curl -s {met}/metrics | grep ts_inference
+  make stop
+""")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--profile", default="default", choices=list(PROFILES))
+    parser.add_argument("--model_store", default=str(ROOT / "model_store"))
+    parser.add_argument(
+        "--model", action="append", help="name=archive.mar to load (repeatable); default: the shipped model"
+    )
+    parser.add_argument("--fresh", action="store_true", help="ignore the last snapshot")
+    parser.add_argument("--timeout", type=float, default=180)
+    args = parser.parse_args(argv)
+    server = Server(profile=args.profile, model_store=Path(args.model_store))
+    try:
+        if args.command == "stop":
+            server.stop()
+            print("TorchServe stopped")
+        elif args.command == "status":
+            print("running" if server.is_running() else "not running")
+            return 0 if server.is_running() else 1
+        else:
+            if server.is_running():
+                print(f"TorchServe is already running at {server.url('inference')} (make stop first)")
+                return 0
+            models = dict(m.split("=", 1) for m in args.model) if args.model else None
+            why = server.start(models, restore=not args.fresh, timeout=args.timeout)
+            print(f"started ({why})")
+            print_examples(server, next(iter(models)) if models else DEFAULT_MODEL)
+    except ServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
