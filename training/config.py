@@ -103,6 +103,18 @@ class ConfigError(ValueError):
     pass
 
 
+# Fields with a fixed set of values: a typo fails when the config is read, not after the data
+# has been decoded. (`arch` is checked against training.model's registry the same way.)
+CHOICES = {
+    "layout": ("auto", "folder", "devkit"),
+    "auto_augment": ("none", "ta_wide", "autoaugment", "randaugment"),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "lr_schedule": ("cosine", "step", "constant"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+    "amp": ("auto", "bf16", "fp16", "off"),
+}
+
+
 def _field_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
@@ -142,7 +154,10 @@ def from_dict(values: dict, base: Config | None = None) -> Config:
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
     cfg = dataclasses.replace(base or Config())
     for key, value in values.items():
-        setattr(cfg, key, _coerce(key, value, types_[key]))
+        value = _coerce(key, value, types_[key])
+        if key in CHOICES and value not in CHOICES[key] and not str(value).startswith("cuda:"):
+            raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {value!r}")
+        setattr(cfg, key, value)
     return cfg
 
 

@@ -4,6 +4,7 @@
 <export_dir>/index_to_name.json    {"0": "AM General Hummer SUV 2000", ...}: official names
 <export_dir>/metrics.json          the held-out evaluation of exactly these weights
 <export_dir>/config.yaml           the config used (the handler reads its preprocessing from it)
+<export_dir>/split.json            which files were train/val/test, so held-out checks stay held out
 
 python -m training.export --run runs/efficientnet_lite0 --export_dir models/efficientnet_lite0_cars
 """
@@ -44,7 +45,7 @@ def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test
     metrics = {**metrics, "training": json.loads(summary.read_text()) if summary.is_file() else None}
     (export_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     cfg.save(export_dir / "config.yaml")
-    for extra in ("curves.png", f"confusion_{split}.png", "metrics.csv"):
+    for extra in ("split.json", "curves.png", f"confusion_{split}.png", "metrics.csv"):
         if (run_dir / extra).is_file():
             shutil.copy(run_dir / extra, export_dir / extra)
     return export_dir

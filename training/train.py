@@ -215,6 +215,7 @@ def make_loader(dataset, cfg, shuffle: bool, generator=None):
 
 def fit(cfg, report=None) -> dict:
     """Train per `cfg`. `report(metrics_row)` is called after every epoch (Ray Tune uses it)."""
+    model_lib.spec(cfg.arch)  # an unknown architecture fails before minutes of decoding
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.seed)

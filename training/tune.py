@@ -109,6 +109,7 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_lib.add_arguments(parser)
+    parser.add_argument("--address", dest="tune_address", help="an existing Ray cluster (same as --tune_address)")
     parser.add_argument("--lr_range", type=float, nargs=2, default=(1e-4, 1e-2))
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=(16, 32, 64))
     parser.add_argument("--unfreeze_choices", type=int, nargs="+", default=(1, 2))
