@@ -24,7 +24,7 @@ from tqdm import tqdm
 from training import config as config_lib
 from training import data, plots, presets
 from training import model as model_lib
-from training.train import amp_dtype, autocast, make_loader, pick_device
+from training.train import make_loader, pick_device
 
 log = logging.getLogger(__name__)
 MOST_CONFUSED = 15
@@ -58,9 +58,9 @@ def held_out_samples(cfg, run_dir: Path, split: str) -> list[data.Sample]:
 
 @torch.no_grad()
 def predict(model, samples, cfg, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) with the evaluation preset, i.e. exactly what serving does."""
+    """(logits, labels) with the evaluation preset, in fp32: the reference that serving's fast path
+    (bf16, bench/parity.py) is held to."""
     device = device or pick_device(cfg.device)
-    dtype = amp_dtype(cfg.amp, device)
     model.eval().to(device)
     loader = make_loader(data.CarsDataset(samples, presets.eval_preset(cfg), cfg.crop_to_bbox), cfg, shuffle=False)
     logits, labels = [], []
@@ -68,8 +68,7 @@ def predict(model, samples, cfg, device=None) -> tuple[np.ndarray, np.ndarray]:
         inputs = inputs.to(device)
         if cfg.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            logits.append(model(inputs).float().cpu())
+        logits.append(model(inputs).float().cpu())
         labels.append(targets)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 

@@ -269,7 +269,10 @@ def fit(cfg, report=None) -> dict:
         log.info("trunk frozen: trained the head on cached features")
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    val_criterion = nn.CrossEntropyLoss()
+    # Val loss is the training objective (label smoothing included), as in torchvision's references:
+    # plain cross-entropy rises as a smoothed model keeps getting more photos right, so early
+    # stopping on it stopped our first full run at 81 % val accuracy while accuracy was still climbing.
+    val_criterion = criterion
     optimizer = make_optimizer(cfg, net.parameters())
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None

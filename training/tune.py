@@ -47,6 +47,20 @@ def trainable(params: dict, base: dict) -> None:
     fit(cfg, report=lambda row: tune.report(row))
 
 
+def check_local_resources(cfg) -> None:
+    """Ray queues a trial that asks for more than the machine has forever; say so instead."""
+    import os
+
+    import torch
+
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if cfg.tune_gpus_per_trial > gpus or cfg.tune_cpus_per_trial > cpus:
+        raise config_lib.ConfigError(
+            f"each trial asks for {cfg.tune_cpus_per_trial:g} CPUs and {cfg.tune_gpus_per_trial:g} GPUs; this machine "
+            f"has {cpus} and {gpus}: set --tune_cpus_per_trial / --tune_gpus_per_trial (or --address for a cluster)"
+        )
+
+
 def run_search(cfg, space: dict, storage: Path) -> dict:
     import ray
     from ray import tune
@@ -59,22 +73,23 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
     if cfg.pretrained not in ("imagenet", "none"):
         base["pretrained"] = str(Path(cfg.pretrained).resolve())
 
+    if not cfg.tune_address:
+        check_local_resources(cfg)
     ray.init(
         address=cfg.tune_address,
         ignore_reinit_error=True,
         include_dashboard=False,
         log_to_driver=False,
-        **({} if cfg.tune_address else {"num_cpus": max(1, int(cfg.tune_cpus_per_trial))}),
+    )  # locally Ray sees every CPU and GPU; trials share them per tune_cpus/gpus_per_trial
+    scheduler = ASHAScheduler(
+        time_attr="epoch", max_t=cfg.tune_epochs, grace_period=min(3, cfg.tune_epochs), reduction_factor=2
     )
-    scheduler = ASHAScheduler(max_t=cfg.tune_epochs, grace_period=min(3, cfg.tune_epochs), reduction_factor=2)
     tuner = tune.Tuner(
         tune.with_resources(
             tune.with_parameters(trainable, base=base), {"cpu": cfg.tune_cpus_per_trial, "gpu": cfg.tune_gpus_per_trial}
         ),
         param_space=space,
-        tune_config=tune.TuneConfig(
-            metric="val_loss", mode="min", num_samples=cfg.tune_samples, scheduler=scheduler, time_attr="epoch"
-        ),
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=cfg.tune_samples, scheduler=scheduler),
         run_config=tune.RunConfig(name="tune", storage_path=str(storage.resolve()), verbose=1),
     )
     results = tuner.fit()

@@ -1,0 +1,111 @@
+"""train -> evaluate -> export on real car photos, on the CPU, as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import python, smoke_train
+from PIL import Image
+
+from handler.model import load_model
+from training import config as config_lib
+from training import model as model_lib
+from training.evaluate import load_run
+from training.presets import ClassificationPresetEval
+
+SMOKE = {}  # conftest.smoke_train's tiny defaults: 4 photos per class, 64 px
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory, cars_root) -> Path:
+    """A one-epoch EfficientNet-Lite0 run from the offline ImageNet weights, exported."""
+    return smoke_train(tmp_path_factory.mktemp("lite0"), cars_root, "efficientnet_lite0", **SMOKE)
+
+
+def test_run_directory_has_metrics_curves_and_checkpoints(lite0):
+    run = lite0.parent / "run"
+    for name in ("config.yaml", "classes.json", "split.json", "best.pth", "checkpoint.pt", "curves.png"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert set(rows[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["init"] == "imagenet" and summary["amp"] in ("torch.bfloat16", "None")
+    split = json.loads((run / "split.json").read_text())
+    assert split["num_classes"] == 196
+    # never train on what the held-out splits hold
+    assert not set(split["files"]["train"]) & (set(split["files"]["val"]) | set(split["files"]["test"]))
+
+
+def test_export_has_what_the_archive_builder_needs(lite0):
+    assert {p.name for p in lite0.iterdir()} >= set(
+        ["efficientnet_lite0_cars.pth", "index_to_name.json", "metrics.json", "config.yaml", "split.json"]
+    )
+    index_to_name = json.loads((lite0 / "index_to_name.json").read_text())
+    assert len(index_to_name) == 196 and list(index_to_name)[:2] == ["0", "1"]
+    # official names, not folder names: "/" cannot be in a folder name
+    assert any("C/V" in name for name in index_to_name.values())
+    metrics = json.loads((lite0 / "metrics.json").read_text())
+    assert metrics["split"] == "test" and 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    assert len(metrics["per_class"]) == 196
+    assert {"true", "predicted", "count"} <= set(metrics["most_confused"][0])
+    assert (lite0 / "confusion_test.png").stat().st_size > 0
+    assert config_lib.load(lite0 / "config.yaml").arch == "efficientnet_lite0"
+
+
+def test_export_round_trip_gives_identical_logits(lite0, car_images):
+    """A fresh model from the exported .pth (weights_only) computes exactly what the trained one does."""
+    state = torch.load(lite0 / "efficientnet_lite0_cars.pth", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    _, _, trained = load_run(lite0.parent / "run")
+    served = load_model(lite0, lite0 / "efficientnet_lite0_cars.pth", "cpu")
+    preset = ClassificationPresetEval(size=config_lib.load(lite0 / "config.yaml").eval_size)
+    batch = torch.stack([preset(Image.open(p).convert("RGB")) for p in list(car_images.values())[:4]])
+    with torch.no_grad():
+        assert torch.equal(trained.eval()(batch), served(batch))
+
+
+def test_resume_continues_from_the_checkpoint(lite0, cars_root, tmp_path):
+    run = lite0.parent / "run"
+    out = tmp_path / "resumed"
+    result = python(
+        "-m", "training.train", "--config", str(run / "config.yaml"), "--epochs", "2",
+        "--resume", str(run / "checkpoint.pt"), "--output_dir", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "at epoch 2" in result.stderr
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    first = list(csv.DictReader((run / "metrics.csv").open()))[0]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert rows[0] == first  # epoch 1 is carried over, not retrained
+
+
+def test_frozen_trunk_trains_the_head_on_cached_features(cars_root, tmp_path):
+    export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", unfreeze=0, **SMOKE)
+    trained = torch.load(export / "efficientnet_lite0_cars.pth", weights_only=True)
+    imagenet, _ = model_lib.build_model("efficientnet_lite0", 196, "imagenet")
+    reference = imagenet.state_dict()
+    head = model_lib.spec("efficientnet_lite0").head
+    trunk = [k for k in trained if not k.startswith(head + ".")]
+    assert trunk and all(torch.equal(trained[k], reference[k]) for k in trunk)
+    assert not torch.equal(trained[f"{head}.weight"], reference[f"{head}.weight"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data_root", "/no/such/cars"], "/no/such/cars"),
+        (["--arch", "vgg11"], "vgg11"),
+        (["--optimizer", "lbfgs"], "lbfgs"),
+        (["--epochs", "many"], "epochs"),
+    ],
+)
+def test_bad_settings_fail_before_training_with_a_clear_message(flags, message, tmp_path):
+    result = python("-m", "training.train", "--output_dir", str(tmp_path / "run"), *flags)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
