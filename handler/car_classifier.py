@@ -11,6 +11,8 @@ Subclasses the stock `ImageClassifier` and overrides only what differs:
 * response: top-k `[{class_id, class_name, probability}]`, best first; per request via an
   `X-Top-K` header, or a `topk` multipart/JSON field;
 * explanations: Integrated Gradients per image as a 2-D heat map;
+* inference: the fast path of handler/fast_path.py (OpenVINO, bf16 where the CPU has it),
+  compiled at load; the torch model stays for explanations;
 * metrics: preprocess/inference time, predictions per class, top-1 confidence, input errors.
 
 Settings come from the `handler:` section of the model's model-config.yaml.
@@ -31,6 +33,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.image_classifier import ImageClassifier
 
 from handler.batch import Batch
+from handler.fast_path import make_runner
 from handler.image_input import InputError, Limits, read_request
 from handler.model import load_model
 from training import config as config_lib
@@ -54,23 +57,22 @@ class CarClassifier(ImageClassifier):
         # VisionHandler lifts PIL's decompression-bomb guard; put it back at our own limit.
         Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
         self.model = self.model.to(memory_format=torch.channels_last)
-        self._warm_up()
+        # Compiled and warmed up here: first-request latency belongs to model load, not to a user.
+        backend = settings.get("backend", "auto") if self.device.type == "cpu" else "torch"  # OpenVINO: CPU only
+        self.runner = make_runner(self.model, self.cfg.eval_size, backend, settings.get("precision", "auto"))
         logger.info(
-            "%s ready: arch=%s classes=%d eval_size=%d limits=%s",
+            "%s ready: arch=%s classes=%d eval_size=%d backend=%s precision=%s limits=%s",
             context.model_name,
             self.cfg.arch,
             len(self.mapping),
             self.cfg.eval_size,
+            self.runner.backend,
+            self.runner.precision,
             self.limits,
         )
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
         return load_model(model_dir, model_pt_path, self.device)
-
-    def _warm_up(self):
-        """First-request latency belongs to model load, not to a user."""
-        with torch.inference_mode():
-            self.model(torch.zeros(1, 3, self.cfg.eval_size, self.cfg.eval_size, device=self.device))
 
     # ------------------------------------------------------------------ request -> tensors
 
@@ -83,6 +85,7 @@ class CarClassifier(ImageClassifier):
                 batch.add(idx, self.image_processing(image), min(topk or self.topk, len(self.mapping)))
             except InputError as err:
                 batch.errors[idx] = err
+        logger.info("preprocess: batch of %d request(s), %d refused", batch.size, len(batch.errors))
         self._add_time("PreprocessTime", started)
         return batch
 
@@ -97,9 +100,7 @@ class CarClassifier(ImageClassifier):
     def inference(self, batch: Batch, *args, **kwargs):
         if batch.tensors:
             started = time.perf_counter()
-            inputs = torch.stack(batch.tensors).to(self.device).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                batch.logits = self.model(inputs).float()
+            batch.logits = self.runner.run(torch.stack(batch.tensors))
             self._add_time("InferenceTime", started)
         return batch
 

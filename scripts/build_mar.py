@@ -25,11 +25,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from handler.fast_path import BACKENDS, PRECISIONS  # noqa: E402
 from training import config as config_lib  # noqa: E402
 
 SERVING_MODULES = {
     "training": ["__init__.py", "config.py", "presets.py", "model.py"],
-    "handler": ["__init__.py", "batch.py", "image_input.py", "model.py"],
+    "handler": ["__init__.py", "batch.py", "fast_path.py", "image_input.py", "model.py"],
 }
 DEFAULT_EXPORT = ROOT / "models" / "efficientnet_lite0_cars"
 
@@ -54,6 +55,8 @@ def model_config(args) -> dict:
             "topk": args.topk,
             "max_bytes": args.max_bytes,
             "max_pixels": args.max_pixels,
+            "backend": args.backend,
+            "precision": args.precision,
         },
     }
 
@@ -139,6 +142,8 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--max_bytes", type=int, default=10 * 1024 * 1024)
     p.add_argument("--max_pixels", type=int, default=40_000_000)
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto = OpenVINO when installed")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto = bf16 when the CPU has it")
     p.add_argument("--force", action="store_true", help="overwrite an existing archive")
     return p.parse_args(argv)
 

@@ -48,6 +48,17 @@ def read_properties(path: Path) -> dict[str, str]:
     return props
 
 
+def unescape_property(value: str) -> str:
+    """Java .properties escapes (TorchServe writes its snapshot JSON with `\\n`, `\\:`)."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "r": "\r", "f": "\f"}.get(m[1], m[1]), value)
+
+
+def snapshot_models(snapshot: Path) -> dict:
+    """{model: {version: {marName, defaultVersion, ...}}} from a TorchServe snapshot file."""
+    model_json = unescape_property(read_properties(snapshot).get("model_snapshot", "{}"))
+    return json.loads(model_json).get("models", {})
+
+
 def write_properties(props: dict[str, str], path: Path) -> None:
     path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
 
@@ -108,9 +119,14 @@ class Server:
     @property
     def env(self) -> dict[str, str]:
         tmp = self.run_dir / "tmp"
+        # TorchServe's worker sockets live in Java's temp dir (TEMP -> -Djava.io.tmpdir), by default
+        # /tmp/.ts.sock.<9000+n> for every instance: a second instance would take over the first's.
+        # A Unix socket path must fit in 108 bytes; a deeper run_dir keeps the default.
+        java_tmp = {"TEMP": str(tmp)} if len(f"{tmp}/.ts.sock.65535") < 100 else {}
         return {
             **os.environ,
             "TMPDIR": str(tmp),  # TorchServe keeps its pid file in the temp dir: one per instance
+            **java_tmp,
             "LOG_LOCATION": str(self.run_dir / "logs"),
             "METRICS_LOCATION": str(self.run_dir / "logs"),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -137,12 +153,12 @@ class Server:
     # -------------------------------------------------------------- snapshots
 
     def latest_snapshot(self) -> Path | None:
-        snaps = sorted(self.snapshot_dir.glob("*-snapshot.cfg")) if self.snapshot_dir.is_dir() else []
+        # TorchServe restores the newest of its startup/snapshot/shutdown files (timestamped names).
+        snaps = sorted(self.snapshot_dir.glob("*.cfg")) if self.snapshot_dir.is_dir() else []
         return snaps[-1] if snaps else None
 
     def snapshot_archives(self, snapshot: Path) -> list[str]:
-        model_json = read_properties(snapshot).get("model_snapshot", "{}").replace("\\", "")
-        models = json.loads(model_json).get("models", {})
+        models = snapshot_models(snapshot)
         return [v["marName"] for versions in models.values() for v in versions.values()]
 
     def usable_snapshot(self) -> tuple[Path | None, str]:
@@ -162,7 +178,9 @@ class Server:
 
     def is_running(self) -> bool:
         try:
-            return requests.get(f"{self.url('inference')}/ping", timeout=2, **self._tls()).status_code == 200
+            # With token auth on (hardened), /ping needs the inference key too (400 without it).
+            r = requests.get(f"{self.url('inference')}/ping", headers=self.headers(), timeout=2, **self._tls())
+            return r.status_code == 200
         except requests.RequestException:
             return False
 
@@ -173,8 +191,11 @@ class Server:
         """Start TorchServe; `models` maps name -> archive file in the model store."""
         check_java()
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
-        write_properties(self.props, self.config_path)
         snapshot, why = self.usable_snapshot() if restore else (None, "fresh start requested")
+        # TorchServe reads its last snapshot only when started without a config file; we always
+        # pass ours, so the snapshot's models (versions, defaults, workers) ride along in it.
+        restored = {"model_snapshot": read_properties(snapshot)["model_snapshot"]} if snapshot else {}
+        write_properties({**self.props, **restored}, self.config_path)
         cmd = ["torchserve", "--start", "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
         if snapshot is None:
             self._set_aside_snapshots()
@@ -196,8 +217,7 @@ class Server:
         return why
 
     def _snapshot_models(self, snapshot: Path) -> list[str]:
-        model_json = read_properties(snapshot).get("model_snapshot", "{}").replace("\\", "")
-        return list(json.loads(model_json).get("models", {}))
+        return list(snapshot_models(snapshot))
 
     def wait_ready(self, models: list[str], timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -250,6 +270,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rendered_ports(run_dir: Path) -> dict[str, int]:
+    """The ports of the instance last started in `run_dir` (its rendered config), if any."""
+    rendered = run_dir / "config.properties"
+    if not rendered.is_file():
+        return {}
+    props = read_properties(rendered)
+    return {api: int(props[key].rsplit(":", 1)[1]) for api, key in ADDRESS_KEYS.items() if key in props}
+
+
 def free_ports() -> dict[str, int]:
     return {name: _free_port() for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
 
@@ -281,8 +310,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--fresh", action="store_true", help="ignore the last snapshot")
     parser.add_argument("--timeout", type=float, default=180)
+    parser.add_argument("--run_dir", default=str(ROOT / "var" / "run"), help="state: rendered config, logs, pid")
+    for api in ADDRESS_KEYS:
+        parser.add_argument(f"--{api}_port", type=int, help=f"default: the profile's {ADDRESS_KEYS[api]}")
     args = parser.parse_args(argv)
-    server = Server(profile=args.profile, model_store=Path(args.model_store))
+    ports = {api: getattr(args, f"{api}_port") for api in ADDRESS_KEYS if getattr(args, f"{api}_port")}
+    if args.command != "start" and not ports:
+        ports = rendered_ports(Path(args.run_dir))  # stop/status talk to the instance start rendered
+    server = Server(run_dir=Path(args.run_dir), profile=args.profile, model_store=Path(args.model_store), ports=ports)
     try:
         if args.command == "stop":
             server.stop()

@@ -59,17 +59,28 @@ class ModelVersions:
         self._inf_headers = {"Authorization": f"Bearer {inference_token}"} if inference_token else {}
 
     def _call(self, method: str, url: str, *, headers, timeout=None, **kwargs):
+        timeout = timeout or self.timeout
         try:
-            r = requests.request(method, url, headers=headers, timeout=timeout or self.timeout, **kwargs)
-        except requests.ConnectionError:
+            r = requests.request(method, url, headers=headers, timeout=timeout, **kwargs)
+        except requests.ConnectionError:  # refused, DNS, TLS, connect timeout
             raise VersionsError(f"TorchServe not reachable at {url.split('/', 3)[:3][-1]}", exit_code=3) from None
+        except requests.Timeout:  # connected, but no answer in time: the server's problem
+            raise VersionsError(f"{method} {url}: no answer within {timeout:g} s") from None
+        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL):
+            raise VersionsError(f"not a usable URL: {url} (expected e.g. {DEFAULT_MANAGEMENT})", exit_code=2) from None
+        except requests.RequestException as err:  # the connection broke mid-answer
+            raise VersionsError(f"{method} {url} failed: {type(err).__name__}", exit_code=3) from None
         if r.status_code >= 400:
             try:
-                message = r.json().get("message", r.text)
+                body = r.json()
+                message = body.get("message", r.text) if isinstance(body, dict) else r.text
             except ValueError:
                 message = r.text
-            raise VersionsError(f"{method} {url} -> {r.status_code}: {message.strip()}")
-        return r.json() if r.content else {}
+            raise VersionsError(f"{method} {url} -> {r.status_code}: {str(message).strip()}")
+        try:
+            return r.json() if r.content else {}
+        except ValueError:
+            raise VersionsError(f"{method} {url} -> {r.status_code} with a body that is not JSON") from None
 
     def _mgmt(self, method: str, path: str, **kwargs):
         return self._call(method, f"{self.management_url}{path}", headers=self._mgmt_headers, **kwargs)

@@ -1,0 +1,82 @@
+"""scripts/serve.py as `make serve` / `make stop` run it: start, status, restart from the snapshot,
+and a stale snapshot (its archive deleted) set aside instead of resurrecting the model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import requests
+from conftest import python
+
+from scripts.serve import free_ports
+
+DEFAULT = "efficientnet_lite0_cars"
+
+
+@pytest.fixture
+def cli(tmp_path, model_store):
+    store = tmp_path / "model_store"
+    store.mkdir()
+    for mar in (f"{DEFAULT}_v1.0.mar", "resnet50_cars_v1.0.mar"):
+        shutil.copy(model_store / mar, store / mar)
+    ports = free_ports()
+    flags = [
+        "--model_store", str(store), "--run_dir", str(tmp_path / "run"),
+        "--inference_port", str(ports["inference"]), "--management_port", str(ports["management"]),
+        "--metrics_port", str(ports["metrics"]),
+    ]  # fmt: skip
+
+    def serve(command: str, *extra: str):
+        return python("scripts/serve.py", command, *flags, *extra, timeout=300)
+
+    serve.store, serve.ports, serve.run_dir = store, ports, tmp_path / "run"
+    yield serve
+    serve("stop")
+
+
+def models(cli) -> set[str]:
+    r = requests.get(f"http://127.0.0.1:{cli.ports['management']}/models", timeout=10)
+    return {m["modelName"] for m in r.json()["models"]}
+
+
+def test_start_status_restart_and_stale_snapshot(cli):
+    started = cli("start")
+    assert started.returncode == 0, started.stderr
+    inference = f"http://127.0.0.1:{cli.ports['inference']}"
+    assert f"{DEFAULT} is READY" in started.stdout
+    assert f"curl -T car.jpg {inference}/predictions/{DEFAULT}" in started.stdout
+    assert cli("status").stdout.strip() == "running"
+    assert cli("start").stdout.startswith("TorchServe is already running")
+
+    # A model registered at run time comes back after a restart (TorchServe's snapshot)...
+    r = requests.post(
+        f"http://127.0.0.1:{cli.ports['management']}/models",
+        params={"url": "resnet50_cars_v1.0.mar", "initial_workers": 1, "synchronous": "true"},
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    assert cli("stop").returncode == 0
+    status = cli("status")
+    assert status.returncode == 1 and status.stdout.strip() == "not running"
+
+    restarted = cli("start")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "started (restoring" in restarted.stdout
+    assert models(cli) == {DEFAULT, "resnet50_cars"}
+
+    # ...but not once its archive is gone: the snapshot is set aside and the default model loads.
+    assert cli("stop").returncode == 0
+    (cli.store / "resnet50_cars_v1.0.mar").unlink()
+    fresh = cli("start")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "no longer in the model store: resnet50_cars_v1.0.mar" in fresh.stdout
+    assert models(cli) == {DEFAULT}
+    assert list((cli.run_dir / "logs").glob("config.stale-*"))
+
+
+def test_missing_archive_is_a_clear_error(cli):
+    (cli.store / f"{DEFAULT}_v1.0.mar").unlink()
+    result = cli("start", "--fresh")
+    assert result.returncode == 2
+    assert "archive not found" in result.stderr and "make archive" in result.stderr

@@ -1,0 +1,455 @@
+"""The handler inside a real TorchServe over real HTTP, with real car photos.
+
+Most tests use the session `server` (both models, v1.0). The batching test starts its own
+TorchServe with an archive that waits long enough to put four concurrent requests in one batch.
+
+The shipped export may be a provisional one, so no test asserts which class a photo gets: only
+that every answer is a valid, consistent top-k list, or a 4xx JSON error that says why.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import struct
+import time
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from conftest import DEFAULT_EXPORT, python, start_server  # tests/ is on sys.path (rootdir conftest)
+from PIL import Image
+
+DEFAULT = "efficientnet_lite0_cars"
+RESNET = "resnet50_cars"
+MODELS = (DEFAULT, RESNET)
+TIMEOUT = 60
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def predict_url(server, model: str = DEFAULT) -> str:
+    return f"{server.url('inference')}/predictions/{model}"
+
+
+def post_raw(server, data: bytes, model: str = DEFAULT, **headers) -> requests.Response:
+    headers = {"Content-Type": "application/octet-stream", **headers}
+    return requests.post(predict_url(server, model), data=data, headers=headers, timeout=TIMEOUT)
+
+
+def check_predictions(response: requests.Response, names: dict[str, str], k: int = 5) -> list[dict]:
+    """A 200 with k {class_id, class_name, probability} dicts, best first, names from that model's archive."""
+    assert response.status_code == 200, response.text[:500]
+    predictions = response.json()
+    assert isinstance(predictions, list) and len(predictions) == k, predictions
+    for p in predictions:
+        assert set(p) == {"class_id", "class_name", "probability"}, p
+        assert isinstance(p["class_id"], int) and 0 <= p["class_id"] < len(names)
+        assert p["class_name"] == names[str(p["class_id"])]
+        assert isinstance(p["probability"], float) and 0.0 <= p["probability"] <= 1.0
+    probabilities = [p["probability"] for p in predictions]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) <= 1.0 + 1e-4
+    assert len({p["class_id"] for p in predictions}) == k
+    return predictions
+
+
+def check_error(response: requests.Response, status: int | None = None) -> dict:
+    """A 4xx whose body is the handler's JSON error, with the same code as the HTTP status."""
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+    if status is not None:
+        assert response.status_code == status, response.text[:500]
+    body = response.json()
+    assert body["code"] == response.status_code
+    assert isinstance(body["message"], str) and body["message"]
+    return body
+
+
+def management(server, path: str, method: str = "GET", **kwargs) -> requests.Response:
+    return requests.request(method, f"{server.url('management')}{path}", timeout=TIMEOUT, **kwargs)
+
+
+def worker_pids(server, model: str) -> list[int]:
+    response = management(server, f"/models/{model}")
+    assert response.status_code == 200, response.text
+    pids = [w["pid"] for version in response.json() for w in version["workers"] if w["status"] == "READY"]
+    assert pids, response.text
+    return pids
+
+
+def registered(server) -> list[tuple[str, str]]:
+    response = management(server, "/models", params={"limit": 100})
+    assert response.status_code == 200, response.text
+    return sorted((m["modelName"], m["modelUrl"]) for m in response.json()["models"])
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    data = bytearray(encode(Image.new("RGB", (16, 16), (10, 20, 30)), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def names(model_store) -> dict[str, dict[str, str]]:
+    """index_to_name.json of each archive the server loaded (not models/, which may be re-exported meanwhile)."""
+    out = {}
+    for model in MODELS:
+        with zipfile.ZipFile(model_store / f"{model}_v1.0.mar") as mar:
+            out[model] = json.loads(mar.read("index_to_name.json"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(car_images) -> list[bytes]:
+    return [path.read_bytes() for path in car_images.values()]
+
+
+@pytest.fixture(scope="module")
+def photo(photos) -> bytes:
+    return photos[0]
+
+
+@pytest.fixture(scope="module")
+def car_rgb(car_images) -> Image.Image:
+    with Image.open(next(iter(car_images.values()))) as img:
+        return img.convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def corrupt(photo) -> dict[str, tuple[bytes, int]]:
+    """Broken uploads and the status each must get."""
+    return {
+        "random": (os.urandom(8192), 415),
+        "html": (b"<html><body>not a car</body></html>", 415),
+        "truncated_jpeg": (photo[: len(photo) // 2], 422),
+        "one_pixel": (encode(Image.new("RGB", (1, 1)), "PNG"), 422),
+        "bomb": (png_with_size(100_000, 100_000), 413),
+    }
+
+
+# ---------------------------------------------------------------------------- request formats
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_raw_body_put_like_curl_T(server, names, photo, model):
+    response = requests.put(
+        predict_url(server, model), data=photo, headers={"Content-Type": "application/octet-stream"}, timeout=TIMEOUT
+    )
+    check_predictions(response, names[model])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_raw_body_post_every_photo(server, names, photos, model):
+    for data in photos:
+        check_predictions(post_raw(server, data, model), names[model])
+
+
+def test_raw_body_with_image_content_type(server, names, photo):
+    response = requests.post(predict_url(server), data=photo, headers={"Content-Type": "image/jpeg"}, timeout=TIMEOUT)
+    check_predictions(response, names[DEFAULT])
+
+
+def test_same_photo_same_answer_across_formats(server, names, photo):
+    """Raw body, multipart and base64 JSON are the same request: same classes, same probabilities."""
+    raw = check_predictions(post_raw(server, photo), names[DEFAULT])
+    multipart = requests.post(predict_url(server), files={"data": ("car.jpg", photo, "image/jpeg")}, timeout=TIMEOUT)
+    as_json = requests.post(
+        predict_url(server), json={"image": base64.b64encode(photo).decode(), "topk": 5}, timeout=TIMEOUT
+    )
+    assert check_predictions(multipart, names[DEFAULT]) == raw
+    assert check_predictions(as_json, names[DEFAULT]) == raw
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_multipart_data_field(server, names, photo, model):
+    response = requests.post(predict_url(server, model), files={"data": ("car.jpg", photo, "image/jpeg")}, timeout=60)
+    check_predictions(response, names[model])
+
+
+def test_multipart_with_topk_field(server, names, photo):
+    response = requests.post(
+        predict_url(server), files={"data": ("car.jpg", photo, "image/jpeg")}, data={"topk": "2"}, timeout=TIMEOUT
+    )
+    check_predictions(response, names[DEFAULT], k=2)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_json_base64_body(server, names, photo, model):
+    response = requests.post(
+        predict_url(server, model), json={"image": base64.b64encode(photo).decode(), "topk": 3}, timeout=TIMEOUT
+    )
+    check_predictions(response, names[model], k=3)
+
+
+def test_json_data_url(server, names, photo):
+    url = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+    check_predictions(requests.post(predict_url(server), json={"image": url}, timeout=TIMEOUT), names[DEFAULT])
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_top_k_header(server, names, photo, k):
+    check_predictions(post_raw(server, photo, **{"X-Top-K": str(k)}), names[DEFAULT], k=k)
+
+
+def test_top_k_header_with_the_whole_label_set(server, names, photo):
+    predictions = check_predictions(post_raw(server, photo, RESNET, **{"X-Top-K": "196"}), names[RESNET], k=196)
+    assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "197", "2.5"])
+def test_bad_top_k_header_is_400_json(server, photo, value):
+    check_error(post_raw(server, photo, **{"X-Top-K": value}), 400)
+
+
+def test_bad_topk_in_json_is_400_json(server, photo):
+    response = requests.post(
+        predict_url(server), json={"image": base64.b64encode(photo).decode(), "topk": 0}, timeout=TIMEOUT
+    )
+    check_error(response, 400)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"picture": "aGVsbG8="}, {"image": "not base64 at all!"}, [1, 2, 3]],
+    ids=["no-image-field", "bad-base64", "json-list"],
+)
+def test_malformed_json_is_400_json(server, body):
+    check_error(requests.post(predict_url(server), json=body, timeout=TIMEOUT), 400)
+
+
+# ---------------------------------------------------------------------------- image modes over HTTP
+
+
+def _rgba(img: Image.Image) -> Image.Image:
+    out = img.convert("RGBA")
+    alpha = Image.new("L", img.size, 255)
+    alpha.paste(0, (0, 0, img.width // 3, img.height))
+    out.putalpha(alpha)
+    return out
+
+
+def _sixteen_bit(img: Image.Image) -> Image.Image:
+    return Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+
+
+def _exif_rotated(img: Image.Image) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(img, "JPEG", quality=90, exif=exif.tobytes())
+
+
+MODES = {
+    "grayscale": lambda img: encode(img.convert("L"), "JPEG"),
+    "rgba_png": lambda img: encode(_rgba(img), "PNG"),
+    "cmyk_jpeg": lambda img: encode(img.convert("CMYK"), "JPEG"),
+    "palette_png": lambda img: encode(img.convert("P"), "PNG", transparency=0),
+    "png_16_bit": lambda img: encode(_sixteen_bit(img), "PNG"),
+    "exif_rotated": _exif_rotated,
+    "webp": lambda img: encode(img, "WEBP", quality=85),
+    "animated_gif": lambda img: encode(img, "GIF", save_all=True, append_images=[img.rotate(180)]),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_odd_image_modes_are_classified(server, names, car_rgb, mode):
+    check_predictions(post_raw(server, MODES[mode](car_rgb)), names[DEFAULT])
+
+
+def test_grayscale_photo_gives_the_same_answer_as_its_rgb_copy(server, names, car_rgb):
+    """`L` is expanded to RGB the way PIL does it: identical pixels, identical predictions."""
+    gray = car_rgb.convert("L")
+    a = check_predictions(post_raw(server, encode(gray, "PNG")), names[DEFAULT])
+    b = check_predictions(post_raw(server, encode(gray.convert("RGB"), "PNG")), names[DEFAULT])
+    assert a == b
+
+
+# ---------------------------------------------------------------------------- bad input, worker survives
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_corrupt_images_get_json_errors_and_the_worker_survives(server, names, photo, corrupt, model):
+    pids = worker_pids(server, model)
+    for name, (data, status) in corrupt.items():
+        body = check_error(post_raw(server, data, model), status)
+        assert body["type"] == "InputError", name
+    check_error(post_raw(server, b"", model), 400)
+    assert worker_pids(server, model) == pids  # no crash, no restart
+    check_predictions(post_raw(server, photo, model), names[model])
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _metrics_text(server) -> str:
+    response = requests.get(f"{server.url('metrics')}/metrics", timeout=TIMEOUT)
+    assert response.status_code == 200
+    return response.text
+
+
+def _samples(text: str, name: str, model: str) -> list[tuple[str, float]]:
+    """Prometheus samples whose metric name starts with `name` and whose labels name `model`."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name) and f'"{model}"' in line:
+            out.append((line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1])))
+    return out
+
+
+def test_metrics_after_a_prediction(server, names, photo, corrupt):
+    predictions = check_predictions(post_raw(server, photo, RESNET), names[RESNET])
+    check_error(post_raw(server, corrupt["random"][0], RESNET), 415)
+    wanted = {
+        "ts_inference_requests_total",
+        "ts_inference_latency_microseconds",
+        "ts_queue_latency_microseconds",
+        "PreprocessTime",
+        "InferenceTime",
+        "PredictionsPerClass",
+        "Top1Confidence",
+        "InputErrors",
+    }
+    deadline = time.monotonic() + 30  # handler metrics reach the frontend through the worker's log
+    while True:
+        text = _metrics_text(server)
+        found = {name for name in wanted if _samples(text, name, RESNET)}
+        if found == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert found == wanted, f"missing: {sorted(wanted - found)}\n{text[:3000]}"
+
+    assert any(value >= 2 for _, value in _samples(text, "ts_inference_requests_total", RESNET))
+    # The class the photo was given is counted under its own name.
+    top1 = predictions[0]["class_name"]
+    assert any(top1 in labels and value >= 1 for labels, value in _samples(text, "PredictionsPerClass", RESNET))
+    assert any('Status="415"' in labels and value >= 1 for labels, value in _samples(text, "InputErrors", RESNET))
+    assert any(labels.startswith("Top1Confidence_count") and v >= 1 for labels, v in _samples(text, "Top1", RESNET))
+
+
+# ---------------------------------------------------------------------------- registration is locked to the store
+
+
+def test_only_model_store_archives_can_be_registered(server, model_store, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / "evil_v1.0.mar"
+    shutil.copy(model_store / f"{RESNET}_v1.0.mar", outside)  # a real, loadable archive
+    refused = [
+        "https://example.com/x.mar",
+        "http://127.0.0.1:1/x.mar",
+        "https://github.com/pytorch/serve/raw/master/x.mar",
+        f"file://{model_store}/../x.mar",
+        f"file://{model_store}/../{model_store.name}/{RESNET}_v1.0.mar",  # in the store, but via ..
+        "../../etc/passwd",
+        "../x.mar",
+        f"file://{outside}",
+        str(outside),
+        "file:///etc/passwd",
+    ]
+    before_models, before_files = registered(server), sorted(p.name for p in model_store.iterdir())
+    accepted = []
+    try:
+        for url in refused:
+            response = management(
+                server, "/models", "POST", params={"url": url, "model_name": "evil", "initial_workers": 1}
+            )
+            if not 400 <= response.status_code < 500:
+                accepted.append((url, response.status_code, response.text[:200]))
+            assert registered(server) == before_models, url
+        assert not accepted, accepted
+        assert sorted(p.name for p in model_store.iterdir()) == before_files
+    finally:  # never leave a stray model on the shared server
+        for name, _ in set(registered(server)) - set(before_models):
+            management(server, f"/models/{name}", "DELETE")
+
+
+# ---------------------------------------------------------------------------- one batch, good and bad together
+
+
+BATCH_DELAY_MS = 5000
+
+
+@pytest.fixture(scope="module")
+def batch_server(tmp_path_factory):
+    """The default archive, but with batch size 4 and a long batch delay: concurrent requests meet in one batch."""
+    store = tmp_path_factory.mktemp("batch_store")
+    result = python(
+        "scripts/build_mar.py",
+        "--export",
+        str(DEFAULT_EXPORT),
+        "--model_store",
+        str(store),
+        "--batch_size",
+        "4",
+        "--max_batch_delay",
+        str(BATCH_DELAY_MS),
+    )
+    assert result.returncode == 0, result.stderr
+    srv = start_server(tmp_path_factory.mktemp("ts_batch"), store, {DEFAULT: f"{DEFAULT}_v1.0.mar"})
+    yield srv
+    srv.stop()
+
+
+def test_good_and_bad_requests_in_one_batch(batch_server, photos, corrupt):
+    with zipfile.ZipFile(batch_server.model_store / f"{DEFAULT}_v1.0.mar") as mar:
+        batch_names = json.loads(mar.read("index_to_name.json"))
+    config = management(batch_server, f"/models/{DEFAULT}").json()[0]
+    assert (config["batchSize"], config["maxBatchDelay"]) == (4, BATCH_DELAY_MS)
+
+    requests_ = [
+        (photos[0], None),
+        (corrupt["random"][0], 415),
+        (photos[1], None),
+        (corrupt["truncated_jpeg"][0], 422),
+    ]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(lambda item: post_raw(batch_server, item[0]), requests_))
+    for (_, status), response in zip(requests_, responses, strict=True):
+        if status is None:
+            check_predictions(response, batch_names)
+        else:
+            assert check_error(response, status)["type"] == "InputError"
+
+    # The handler logs each batch it preprocesses: the four met in one.
+    log = batch_server.run_dir / "logs" / "model_log.log"
+    deadline = time.monotonic() + 15
+    while "batch of 4 request(s), 2 refused" not in (text := log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    batches = [line for line in text.splitlines() if "preprocess: batch of" in line]
+    assert any("batch of 4 request(s), 2 refused" in line for line in batches), batches
+
+
+def test_archive_in_another_folder_named_model_store_is_refused(batch_server, tmp_path):
+    """Run on the module's own server (not the shared one), in case it is ever accepted."""
+    other = tmp_path / "model_store"
+    other.mkdir()
+    shutil.copy(batch_server.model_store / f"{DEFAULT}_v1.0.mar", other / "evil_v1.0.mar")
+    before = registered(batch_server)
+    try:
+        response = management(
+            batch_server,
+            "/models",
+            "POST",
+            params={"url": f"file://{other}/evil_v1.0.mar", "model_name": "evil", "initial_workers": 0},
+        )
+        assert 400 <= response.status_code < 500, response.text
+        assert registered(batch_server) == before
+    finally:
+        for name, _ in set(registered(batch_server)) - set(before):
+            management(batch_server, f"/models/{name}", "DELETE")
