@@ -11,7 +11,7 @@ EXPORT := models/$(MODEL)
 ARCHIVE := model_store/$(MODEL)_v1.0.mar
 SERVING_SOURCES := $(wildcard handler/*.py) training/__init__.py training/config.py training/presets.py training/model.py
 
-.PHONY: help env java serve stop status test lint format archive train evaluate export eda tune clean
+.PHONY: help env java serve stop status test lint format archive train evaluate export eda tune clean bench
 
 help:
 	@echo "make serve   - create the environment if needed, build the archive, start TorchServe, wait until READY"
@@ -84,3 +84,8 @@ tune: $(STAMP)
 clean:
 	-$(PY) scripts/serve.py stop
 	rm -rf var model_store/*.mar .pytest_cache
+
+# --- benchmark (see bench/README.md) ---------------------------------------------------------
+# Stock TorchServe handler vs ours vs the in-process ceiling; run on an idle machine (~8 min).
+bench: env
+	$(PY) bench/run.py

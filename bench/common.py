@@ -1,0 +1,77 @@
+"""What every part of the benchmark shares: paths, the request image, one result row."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHARED_TRAIN = (ROOT / ".." / "shared" / "stanford_cars" / "train").resolve()
+BENCH_VAR = ROOT / "var" / "bench"
+MODELS_DIR = ROOT / "models"
+
+# The request image: a real car photo close to this size (the dataset's longer side is <= 512).
+TARGET_IMAGE_SIZE = (500, 300)
+IMAGE_SCAN_LIMIT = 400  # files looked at (headers only) when choosing it
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Row:
+    """One line of the table: a setup at one load level (HTTP concurrency, or in-process batch size)."""
+
+    model: str
+    setup: str  # stock | ours | inprocess
+    level: str  # "c=8" or "batch 16"
+    img_s: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    errors: int
+    requests: int
+    workers: int | None = None
+    batch_size: int | None = None
+    input_size: int | None = None  # side of the square tensor the model sees
+    engine: str | None = None  # how the forward pass runs, e.g. "torch fp32", "openvino bf16"
+    client_cpu_pct: float | None = None  # load generator's CPU, % of one core
+    other_cpu_pct: float | None = None  # everyone else's CPU during the measurement, % of one core
+    detail: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def pick_image(root: Path = SHARED_TRAIN, target: tuple[int, int] = TARGET_IMAGE_SIZE) -> Path:
+    """The real JPEG closest to `target` among the first files (sorted: the same pick on every run)."""
+    if not root.is_dir():
+        raise BenchError(f"Stanford Cars images not found at {root}; pass --image PATH")
+    best, best_distance = None, None
+    files = (f for folder in sorted(root.iterdir()) for f in sorted(folder.glob("*.jpg")))
+    for _, path in zip(range(IMAGE_SCAN_LIMIT), files, strict=False):
+        with Image.open(path) as img:
+            distance = abs(img.width - target[0]) + abs(img.height - target[1])
+        if best_distance is None or distance < best_distance:
+            best, best_distance = path, distance
+    if best is None:
+        raise BenchError(f"no .jpg under {root}")
+    return best
+
+
+def describe_image(path: Path) -> dict:
+    with Image.open(path) as img:
+        return {"path": str(path), "width": img.width, "height": img.height, "bytes": path.stat().st_size}
