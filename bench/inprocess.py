@@ -17,27 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import Row
+from handler.fast_path import make_runner
 from handler.image_input import Limits, read_request
 from handler.model import load_model
 from training import config as config_lib
 from training import presets
 
-try:  # the handler's compiled fast path, where this checkout has one
-    from handler.fast_path import make_runner
-except ImportError:
-    make_runner = None
-
 TOPK = 5
 MIN_BATCHES = 3  # per batch size, however slow
 WARMUP_BATCHES = 1
-
-
-def eager(model: torch.nn.Module):
-    def run(inputs: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(inputs.contiguous(memory_format=torch.channels_last)).float()
-
-    return run
 
 
 class Pipeline:
@@ -45,11 +33,8 @@ class Pipeline:
         self.cfg = config_lib.load(export / "config.yaml")
         weights = export / f"{self.cfg.model_name}.pth"
         model = load_model(export, weights, torch.device("cpu")).to(memory_format=torch.channels_last)
-        if make_runner is None:
-            self.run, self.engine = eager(model), "torch fp32"
-        else:
-            runner = make_runner(model, self.cfg.eval_size, backend, precision)
-            self.run, self.engine = runner.run, f"{runner.backend} {runner.precision}"
+        runner = make_runner(model, self.cfg.eval_size, backend, precision)  # the handler's own path
+        self.run, self.engine = runner.run, f"{runner.backend} {runner.precision}"
         self.preprocess = presets.eval_preset(self.cfg)
         self.limits = Limits()
 

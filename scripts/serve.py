@@ -212,12 +212,9 @@ class Server:
             raise ServeError(
                 f"torchserve --start failed (exit {result.returncode}); see {self.run_dir / 'torchserve.out'}"
             )
-        expected = list(models) if snapshot is None else self._snapshot_models(snapshot)
+        expected = list(models) if snapshot is None else list(snapshot_models(snapshot))
         self.wait_ready(expected, timeout)
         return why
-
-    def _snapshot_models(self, snapshot: Path) -> list[str]:
-        return list(snapshot_models(snapshot))
 
     def wait_ready(self, models: list[str], timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import random
 import shutil
 from pathlib import Path
 
@@ -28,7 +28,7 @@ def image_tree(tmp_path, car_images) -> Path:
     shutil.copy(sources[1], root / "car_b.jpeg")
     shutil.copy(sources[2], nested / "car_c.jpg")
     shutil.copy(sources[3], root / "CAR_D.JPG")
-    (root / "broken.jpg").write_bytes(os.urandom(4096))
+    (root / "broken.jpg").write_bytes(random.Random(0).randbytes(4096))
     (root / "notes.txt").write_text("not a photo\n")
     return root
 

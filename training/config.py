@@ -155,7 +155,7 @@ def from_dict(values: dict, base: Config | None = None) -> Config:
     cfg = dataclasses.replace(base or Config())
     for key, value in values.items():
         value = _coerce(key, value, types_[key])
-        if key in CHOICES and value not in CHOICES[key] and not str(value).startswith("cuda:"):
+        if key in CHOICES and value not in CHOICES[key] and not (key == "device" and value.startswith("cuda:")):
             raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {value!r}")
         setattr(cfg, key, value)
     return cfg

@@ -15,8 +15,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from training import config as config_lib
 from training import data
@@ -49,10 +52,6 @@ def trainable(params: dict, base: dict) -> None:
 
 def check_local_resources(cfg) -> None:
     """Ray queues a trial that asks for more than the machine has forever; say so instead."""
-    import os
-
-    import torch
-
     cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
     if cfg.tune_gpus_per_trial > gpus or cfg.tune_cpus_per_trial > cpus:
         raise config_lib.ConfigError(
@@ -124,7 +123,7 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_lib.add_arguments(parser)
-    parser.add_argument("--address", dest="tune_address", help="an existing Ray cluster (same as --tune_address)")
+    parser.add_argument("--address", dest="cfg_tune_address", help="an existing Ray cluster (same as --tune_address)")
     parser.add_argument("--lr_range", type=float, nargs=2, default=(1e-4, 1e-2))
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=(16, 32, 64))
     parser.add_argument("--unfreeze_choices", type=int, nargs="+", default=(1, 2))
