@@ -109,3 +109,23 @@ def test_bad_settings_fail_before_training_with_a_clear_message(flags, message, 
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error:" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_final_fit_trains_on_train_plus_val_and_keeps_the_last_epoch(cars_root, tmp_path):
+    """--fit_on train+val: val joins training, no early stopping, test stays held out."""
+    export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", fit_on="train+val", epochs=2, unfreeze=0)
+    run = tmp_path / "run"
+    split = json.loads((run / "split.json").read_text())
+    assert split["counts"]["val"] == 0 and split["counts"]["test"] > 0
+    assert not set(split["files"]["train"]) & set(split["files"]["test"])
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["fit_on"] == "train+val" and summary["best_epoch"] == summary["epochs_run"] == 2
+    assert summary["train_images"] == split["counts"]["train"]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["val_loss"] for r in rows] == ["", ""]
+    assert json.loads((export / "metrics.json").read_text())["split"] == "test"
+
+
+def test_tune_refuses_a_final_fit_config(tmp_path):
+    result = python("-m", "training.tune", "--fit_on", "train+val", "--output_dir", str(tmp_path))
+    assert result.returncode == 2 and "--fit_on train" in result.stderr

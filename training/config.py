@@ -28,6 +28,10 @@ class Config:
     val_fraction: float = 0.10
     test_fraction: float = 0.15  # taken from the train images when the dataset has no test split
     split_seed: int = 0
+    # train: fit on train, pick the epoch with the best val loss, stop early on it.
+    # train+val: the final fit -- val joins the training data, runs `epochs` epochs (the count a
+    # `train` run found on val) and keeps the last one. Test stays held out either way.
+    fit_on: str = "train"
     max_images_per_class: int | None = None  # smoke runs: cap images per class
     cache_images: bool = True  # decode every image once up front (also validates them all)
 
@@ -107,6 +111,7 @@ class ConfigError(ValueError):
 # has been decoded. (`arch` is checked against training.model's registry the same way.)
 CHOICES = {
     "layout": ("auto", "folder", "devkit"),
+    "fit_on": ("train", "train+val"),
     "auto_augment": ("none", "ta_wide", "autoaugment", "randaugment"),
     "optimizer": ("adam", "adamw", "sgd"),
     "lr_schedule": ("cosine", "step", "constant"),

@@ -1,11 +1,13 @@
 """Train a Stanford Cars classifier.
 
-Writes to ``--output_dir``: ``best.pth`` (state_dict with the lowest val loss),
+Writes to ``--output_dir``: ``best.pth`` (state_dict with the lowest val loss; with
+``--fit_on train+val``, the last epoch's),
 ``checkpoint.pt`` (to ``--resume`` an interrupted run), ``metrics.csv``/``metrics.json``
 (one row per epoch), ``curves.png``, ``config.yaml``, ``classes.json``, ``split.json``.
 
     python -m training.train --config configs/efficientnet_lite0.yaml
     python -m training.train --config configs/resnet50.yaml --epochs 20 --device cuda
+    python -m training.train --config configs/efficientnet_lite0.yaml --fit_on train  # find the epochs on val
 """
 
 from __future__ import annotations
@@ -189,6 +191,8 @@ def prepare_data(cfg):
     """Scan, split and (optionally) decode once. Every data problem surfaces here, not mid-epoch."""
     index = data.scan(cfg.data_root, cfg.layout)
     splits = data.make_splits(index, cfg)
+    if cfg.fit_on == "train+val":
+        splits = {"train": splits["train"] + splits["val"], "val": [], "test": splits["test"]}
     images = {}
     for name in ("train", "val"):
         if cfg.cache_images:
@@ -224,6 +228,7 @@ def fit(cfg, report=None) -> dict:
     channels_last = cfg.channels_last and device.type != "mps"
 
     index, splits, images = prepare_data(cfg)
+    final_fit = cfg.fit_on == "train+val"
     cfg.save(out / "config.yaml")
     (out / "classes.json").write_text(json.dumps(index.classes, indent=1))
     (out / "split.json").write_text(json.dumps(data.split_manifest(index, splits, cfg.data_root), indent=1))
@@ -261,11 +266,13 @@ def fit(cfg, report=None) -> dict:
         feats_train = extract_features(
             model, make_loader(cached_train_set, cfg, False), device, dtype, channels_last, cfg.progress
         )
-        feats_val = extract_features(model, val_loader, device, dtype, channels_last, cfg.progress)
+        feats_val = (
+            None if final_fit else extract_features(model, val_loader, device, dtype, channels_last, cfg.progress)
+        )
         model.set_submodule(head_path, head)
         net, frozen, channels_last = head, [], False
         train_loader = make_loader(feats_train, cfg, shuffle=True, generator=generator)
-        val_loader = make_loader(feats_val, cfg, shuffle=False)
+        val_loader = None if final_fit else make_loader(feats_val, cfg, shuffle=False)
         log.info("trunk frozen: trained the head on cached features")
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -303,29 +310,32 @@ def fit(cfg, report=None) -> dict:
             desc=f"epoch {epoch}/{cfg.epochs}",
             progress=cfg.progress,
         )
-        val_loss, val_acc = run_epoch(
-            net,
-            val_loader,
-            val_criterion,
-            device,
-            dtype,
-            channels_last=channels_last,
-            desc="val",
-            progress=cfg.progress,
-        )
+        if final_fit:  # nothing held out to select on: the schedule's last epoch is the model
+            val_loss = val_acc = None
+        else:
+            val_loss, val_acc = run_epoch(
+                net,
+                val_loader,
+                val_criterion,
+                device,
+                dtype,
+                channels_last=channels_last,
+                desc="val",
+                progress=cfg.progress,
+            )
         row = {
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": round(train_loss, 5),
             "train_acc": round(train_acc, 5),
-            "val_loss": round(val_loss, 5),
-            "val_acc": round(val_acc, 5),
+            "val_loss": None if final_fit else round(val_loss, 5),
+            "val_acc": None if final_fit else round(val_acc, 5),
             "seconds": round(time.perf_counter() - started, 1),
         }
         history.append(row)
-        improved = val_loss < best_val_loss
+        improved = final_fit or val_loss < best_val_loss
         if improved:
-            best_val_loss, stale = val_loss, 0
+            best_val_loss, stale = (math.inf if final_fit else val_loss), 0
             torch.save(model.state_dict(), out / "best.pth")
         else:
             stale += 1
@@ -342,15 +352,15 @@ def fit(cfg, report=None) -> dict:
             },
             out / "checkpoint.pt",
         )
+        val_text = "no val (train+val fit)" if final_fit else f"val loss {val_loss:.3f} acc {val_acc:.3f}"
         log.info(
-            "epoch %d: train loss %.3f acc %.3f | val loss %.3f acc %.3f | %.0fs%s",
+            "epoch %d: train loss %.3f acc %.3f | %s | %.0fs%s",
             epoch,
             train_loss,
             train_acc,
-            val_loss,
-            val_acc,
+            val_text,
             row["seconds"],
-            " *" if improved else "",
+            " *" if improved and not final_fit else "",
         )
         if report is not None:
             report(row)
@@ -358,8 +368,10 @@ def fit(cfg, report=None) -> dict:
             log.info("early stop: val loss has not improved for %d epochs", stale)
             break
 
-    best = min(history, key=lambda r: r["val_loss"])
+    best = history[-1] if final_fit else min(history, key=lambda r: r["val_loss"])
     summary = {
+        "fit_on": cfg.fit_on,
+        "train_images": len(splits["train"]),
         "best_epoch": best["epoch"],
         "best_val_loss": best["val_loss"],
         "best_val_acc": best["val_acc"],

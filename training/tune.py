@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     try:
         cfg = config_lib.from_args(args)
         model_lib.spec(cfg.arch)
+        if cfg.fit_on != "train":
+            raise config_lib.ConfigError("tune selects trials by val loss: run it with --fit_on train")
         data.scan(cfg.data_root, cfg.layout)  # fail on a wrong path before starting Ray
         space = search_space(args.lr_range, args.batch_sizes, args.unfreeze_choices)
         summary = run_search(cfg, space, Path(cfg.output_dir))
