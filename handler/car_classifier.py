@@ -43,8 +43,31 @@ logger = logging.getLogger(__name__)
 TOPK_HEADER = "x-top-k"
 
 
+def content_types(headers: dict) -> dict[str, str]:
+    """TorchServe files each field's Content-Type under the field's name: {"body": {"content-type": ...}}."""
+    return {name: value.get("content-type") for name, value in headers.items() if isinstance(value, dict)}
+
+
 class CarClassifier(ImageClassifier):
+    load_error: str | None = None
+
     def initialize(self, context):
+        """Load the model; if that fails, stay up and answer every request with a 503 that says why.
+
+        TorchServe 0.12 restarts a worker whose initialize raises, forever, and requests queued for
+        the model wait for it with no answer (seen: clients hanging until their own timeout). A
+        worker that reports the failure answers them at once, and `scripts/serve.py` reads the
+        reason from the model's description (`GET /models/<name>?customized=true`).
+        """
+        try:
+            self._load(context)
+        except Exception as err:  # any failure to load: a corrupt .pth, a missing module, OOM
+            logger.exception("%s failed to load; answering 503 to every request", context.model_name)
+            self.context = context
+            self.load_error = f"model failed to load: {type(err).__name__}: {str(err)[:300]}"
+            self.initialized = True
+
+    def _load(self, context):
         model_dir = Path(context.system_properties["model_dir"])
         settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         limit_fields = {f.name for f in dataclasses.fields(Limits)}
@@ -71,6 +94,21 @@ class CarClassifier(ImageClassifier):
             self.limits,
         )
 
+    def handle(self, data, context):
+        if self.load_error is None:
+            return super().handle(data, context)
+        self.context = context
+        if self._is_describe():
+            return [self.describe_handle()]
+        return [self._load_error_response(idx) for idx in range(len(data))]
+
+    def _load_error_response(self, idx: int) -> dict:
+        self.context.set_response_status(503, self.load_error, idx)
+        return {"code": 503, "type": "ModelLoadError", "message": self.load_error}
+
+    def describe_handle(self):
+        return {"load_error": self.load_error}
+
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
         return load_model(model_dir, model_pt_path, self.device)
 
@@ -81,7 +119,8 @@ class CarClassifier(ImageClassifier):
         batch = Batch(len(data))
         for idx, row in enumerate(data):
             try:
-                image, topk = read_request(self._with_header_topk(idx, row), self.limits)
+                headers = self._headers(idx)
+                image, topk = read_request(self._with_header_topk(headers, row), self.limits, content_types(headers))
                 batch.add(idx, self.image_processing(image), min(topk or self.topk, len(self.mapping)))
             except InputError as err:
                 batch.errors[idx] = err
@@ -89,9 +128,11 @@ class CarClassifier(ImageClassifier):
         self._add_time("PreprocessTime", started)
         return batch
 
-    def _with_header_topk(self, idx: int, row):
+    def _headers(self, idx: int) -> dict:
+        return (self.context.get_all_request_header(idx) if self.context is not None else None) or {}
+
+    def _with_header_topk(self, headers: dict, row):
         """TorchServe 0.12 does not pass query strings to handlers: `X-Top-K` works with curl -T."""
-        headers = self.context.get_all_request_header(idx) if self.context is not None else {}
         value = next((v for k, v in headers.items() if k.lower() == TOPK_HEADER), None)
         if value is None or not isinstance(row, dict) or "topk" in row:
             return row

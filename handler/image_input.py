@@ -6,7 +6,7 @@ Pure functions with no TorchServe imports, so they are tested and fuzzed in-proc
     400 malformed request (empty, bad base64, bad JSON, no image field, bad topk)
     413 too large (bytes, or pixels: decompression bombs)
     415 not an image format we accept
-    422 an image, but not one we can classify (corrupt/truncated pixels, too small)
+    422 an image, but not one we can classify (corrupt/truncated header or pixels, too small)
 
 A request row is what TorchServe's Python worker hands the handler: a dict of parameter name
 to value, where the value is bytes (raw body, multipart file, query parameter), str (a text
@@ -46,7 +46,9 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    max_bytes: int = 10 * 1024 * 1024
+    # Below TorchServe's max_request_size (10 MiB): an oversized image gets this JSON 413, not
+    # the front end's bare one. Phone photos are 2-6 MB; base64 JSON adds a third.
+    max_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 40_000_000  # ~ 8000 x 5000: real photos pass, bombs do not
     min_side: int = 16  # below this there is no car to see
     max_topk: int = 196
@@ -86,7 +88,24 @@ def decode_base64(text: str, limits: Limits) -> bytes:
         raise InputError(400, "image field is not valid base64") from None
 
 
-def parse_request(row: dict, limits: Limits) -> ParsedRequest:
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_binary_content_type(content_type: str | None) -> None:
+    """A binary body must not claim to be text: a client that says JSON or text and sends bytes is confused."""
+    media_type = _media_type(content_type)
+    if media_type == "application/json":
+        raise InputError(400, "Content-Type is application/json but the body is not valid JSON")
+    if media_type.startswith("text/"):
+        raise InputError(
+            415,
+            f"Content-Type is {media_type} but the body is binary: send images as application/octet-stream or image/*",
+        )
+
+
+def parse_request(row: dict, limits: Limits, content_types: dict[str, str] | None = None) -> ParsedRequest:
+    """`content_types`: the Content-Type TorchServe recorded for each field (the body's or a multipart part's)."""
     if not isinstance(row, dict):
         raise InputError(400, "unexpected request format")
     topk = parse_topk(row.get("topk"), limits)
@@ -111,6 +130,7 @@ def parse_request(row: dict, limits: Limits) -> ParsedRequest:
         data = bytes(value)
         if data[:1] in (b"{", b"["):
             raise InputError(400, "body looks like JSON but is not valid JSON with an 'image' field")
+        check_binary_content_type((content_types or {}).get(field))
         return ParsedRequest(data, topk)
     if isinstance(value, list):
         raise InputError(400, "JSON body must be an object with a base64 'image' field, not a list")
@@ -148,8 +168,8 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
         raise InputError(413, f"image has more than {limits.max_pixels} pixels") from None
     except UnidentifiedImageError:
         raise InputError(415, "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
-    except Exception as err:  # malformed headers raise many types deep inside PIL's parsers
-        raise InputError(415, f"unreadable image header: {type(err).__name__}") from None
+    except Exception as err:  # a known format's magic bytes, then a header PIL cannot parse
+        raise InputError(422, f"corrupt or truncated image header: {type(err).__name__}: {str(err)[:120]}") from None
     width, height = img.size
     if width * height > limits.max_pixels:
         raise InputError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
@@ -167,6 +187,8 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
         raise InputError(422, f"corrupt image data ({img.format}): {str(err)[:120]}") from None
 
 
-def read_request(row: dict, limits: Limits) -> tuple[Image.Image, int | None]:
-    parsed = parse_request(row, limits)
+def read_request(
+    row: dict, limits: Limits, content_types: dict[str, str] | None = None
+) -> tuple[Image.Image, int | None]:
+    parsed = parse_request(row, limits, content_types)
     return decode_image(parsed.image_bytes, limits), parsed.topk

@@ -20,12 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from handler.fast_path import BACKENDS, PRECISIONS  # noqa: E402
+from handler.image_input import Limits  # noqa: E402
 from training import config as config_lib  # noqa: E402
 
 SERVING_MODULES = {
@@ -88,7 +90,19 @@ def check_export(export: Path, model_name: str | None) -> tuple[str, Path]:
     weights = export / f"{expected}.pth"
     if not weights.is_file():
         raise BuildError(f"weights not found: {weights}")
+    check_weights(weights)
     return expected, weights
+
+
+def check_weights(weights: Path) -> None:
+    """Archive tensors only: a .pth that needs full unpickling could carry code, and the worker
+    (weights_only=True) would refuse it at load anyway. Fail here, not on the server."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for code, RuntimeError for a corrupt zip, ...
+        raise BuildError(f"{weights} is not a plain state_dict ({type(err).__name__}): refused") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BuildError(f"{weights} is not a state_dict of tensors: refused")
 
 
 def build(args) -> Path:
@@ -140,7 +154,7 @@ def parse_args(argv=None):
     p.add_argument("--max_batch_delay", type=int, default=5, help="ms to wait to fill a batch")
     p.add_argument("--response_timeout", type=int, default=60, help="s before TorchServe gives up on a worker")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--max_bytes", type=int, default=10 * 1024 * 1024)
+    p.add_argument("--max_bytes", type=int, default=Limits.max_bytes)
     p.add_argument("--max_pixels", type=int, default=40_000_000)
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto = OpenVINO when installed")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto = bf16 when the CPU has it")

@@ -213,13 +213,22 @@ class Server:
                 f"torchserve --start failed (exit {result.returncode}); see {self.run_dir / 'torchserve.out'}"
             )
         expected = list(models) if snapshot is None else list(snapshot_models(snapshot))
-        self.wait_ready(expected, timeout)
+        try:
+            self.wait_ready(expected, timeout)
+        except ServeError:
+            self.stop()  # a failed start leaves nothing running
+            raise
         return why
 
     def wait_ready(self, models: list[str], timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.is_running() and all(self.model_ready(m) for m in models):
+                failed = {m: err for m in models if (err := self.load_error(m))}
+                if failed:
+                    raise ServeError(
+                        "; ".join(f"{m}: {err}" for m, err in failed.items()) + f" (see {self.run_dir / 'logs'})"
+                    )
                 return
             time.sleep(0.5)
         raise ServeError(f"TorchServe not ready within {timeout:.0f}s; see {self.run_dir / 'logs'}")
@@ -235,6 +244,32 @@ class Server:
             return False
         versions = r.json()
         return any(w["status"] == "READY" for v in versions for w in v.get("workers", []))
+
+    def load_error(self, model: str, version: str | None = None) -> str | None:
+        """Why a worker could not load the model (its default version, or `version`), as the handler
+        reports it; None when it loaded fine."""
+        path = f"/models/{model}/{version}" if version else f"/models/{model}"
+        try:
+            r = requests.get(
+                f"{self.url('management')}{path}",
+                params={"customized": "true"},
+                headers=self.headers("management"),
+                timeout=30,
+                **self._tls(),
+            )
+        except requests.RequestException:
+            return None
+        if r.status_code != 200:
+            return None
+        for version in r.json():
+            meta = version.get("customizedMetadata")
+            try:
+                meta = json.loads(meta) if isinstance(meta, str) else meta
+            except ValueError:
+                continue
+            if isinstance(meta, dict) and meta.get("load_error"):
+                return meta["load_error"]
+        return None
 
     def stop(self, timeout: float = 60) -> None:
         pid_file = self.run_dir / "tmp" / ".model_server.pid"

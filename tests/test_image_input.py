@@ -231,9 +231,16 @@ def test_truncated_jpeg_after_the_header_is_422(car_jpeg):
         assert status_of({"body": car_jpeg[:cut]}) == 422, cut
 
 
-def test_truncated_jpeg_inside_the_header_is_415(car_jpeg):
+def test_truncated_jpeg_inside_the_header_is_422(car_jpeg):
+    """JPEG's magic bytes and then a header cut short: a broken JPEG, not an unknown format."""
     scan = jpeg_scan_offset(car_jpeg)
-    for cut in (2, 4, 20, scan // 2, scan - 1):
+    for cut in (scan // 2, scan - 1):
+        assert status_of({"body": car_jpeg[:cut]}) == 422, cut
+
+
+def test_a_few_bytes_of_jpeg_are_not_an_image_yet_415(car_jpeg):
+    """Too little for PIL's JPEG parser to claim the file: no format identified."""
+    for cut in (2, 4, 20):
         assert status_of({"body": car_jpeg[:cut]}) == 415, cut
 
 
@@ -548,3 +555,28 @@ def test_fuzz_every_outcome_is_rgb_or_input_error(fuzz_seeds, data):
     assert image.width * image.height <= LIMITS.max_pixels
     assert topk is None
     np.asarray(image)  # the pixels are really there
+
+
+# ---------------------------------------------------------------------------- Content-Type vs body
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [("application/json", 400), ("application/json; charset=utf-8", 400), ("text/plain", 415), ("TEXT/HTML", 415)],
+)
+def test_binary_body_claiming_json_or_text_is_refused(car_jpeg, content_type, status):
+    """TorchServe hands over the raw bytes when its JSON/UTF-8 decoding fails; the client sent the wrong type."""
+    with pytest.raises(InputError) as info:
+        read_request({"body": car_jpeg}, LIMITS, {"body": content_type})
+    assert info.value.status == status and content_type.split(";")[0].lower() in info.value.message
+
+
+@pytest.mark.parametrize("content_type", [None, "", "application/octet-stream", "image/jpeg", "image/png"])
+def test_binary_body_with_a_binary_content_type_is_read(car_jpeg, content_type):
+    image, _ = read_request({"body": car_jpeg}, LIMITS, {"body": content_type})
+    assert image.mode == "RGB"
+
+
+def test_multipart_part_content_type_is_the_one_checked(car_jpeg):
+    image, _ = read_request({"data": car_jpeg, "topk": b"3"}, LIMITS, {"data": "image/jpeg", "topk": "text/plain"})
+    assert image.mode == "RGB"
