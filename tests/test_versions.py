@@ -329,6 +329,21 @@ def test_set_default_routes_unversioned_predictions_to_v2(mv, vserver, image, re
     assert_matches(r.json(), reference[V2])
 
 
+def test_restart_brings_back_both_versions_and_the_default(mv, vserver, image, reference):
+    """TorchServe stopped and started again (restore from its snapshot): 1.0 and 2.0, with 2.0 the default."""
+    before = rows(mv)
+    assert [v for v, default, _ in before if default] == [V2]
+    vserver.stop()
+    assert not vserver.is_running()
+    why = vserver.start(restore=True)
+    assert why.startswith("restoring "), why
+    assert rows(mv) == before
+    r = predict_http(vserver, image)
+    assert r.status_code == 200, r.text
+    assert_matches(r.json(), reference[V2])
+    assert_matches(mv.predict(MODEL, image, version=V1, topk=TOPK), reference[V1])
+
+
 def test_rollback_makes_v1_the_default_again(mv, vserver, image, reference):
     result = cli(vserver, "rollback", MODEL)
     assert result.returncode == 0, result.stderr
