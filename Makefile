@@ -17,7 +17,7 @@ help:
 	@echo "make serve   - create the environment if needed, build the archive, start TorchServe, wait until READY"
 	@echo "make stop    - stop TorchServe"
 	@echo "make test    - lint + the whole test suite (what CI runs)"
-	@echo "make train   - train the default model on ../shared/stanford_cars, evaluate, export to $(EXPORT)"
+	@echo "make train   - train the default model on ../shared/stanford_cars, evaluate, export, calibrate int8 into $(EXPORT)"
 	@echo "make eda | tune | archive | lint | format | clean"
 
 # --- environment -------------------------------------------------------------------------
@@ -43,7 +43,7 @@ java:
 	fi
 
 # --- serving -----------------------------------------------------------------------------
-$(ARCHIVE): $(EXPORT)/$(MODEL).pth $(EXPORT)/index_to_name.json $(EXPORT)/config.yaml $(SERVING_SOURCES) scripts/build_mar.py | $(STAMP)
+$(ARCHIVE): $(EXPORT)/$(MODEL).pth $(EXPORT)/index_to_name.json $(EXPORT)/config.yaml $(wildcard $(EXPORT)/$(MODEL)_int8.*) $(SERVING_SOURCES) scripts/build_mar.py | $(STAMP)
 	$(PY) scripts/build_mar.py --export $(EXPORT) --version 1.0 --force
 
 archive: $(ARCHIVE)
@@ -74,6 +74,7 @@ train: $(STAMP)
 	$(PY) -m training.train --config configs/efficientnet_lite0.yaml
 	$(PY) -m training.evaluate --run runs/efficientnet_lite0
 	$(PY) -m training.export --run runs/efficientnet_lite0 --export_dir $(EXPORT)
+	$(PY) -m training.quantize --export $(EXPORT)
 
 eda: $(STAMP)
 	$(PY) -m training.eda --data_root ../shared/stanford_cars --out_dir reports/eda

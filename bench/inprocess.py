@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import Row
-from handler.fast_path import make_runner
+from handler.fast_path import int8_model_path, make_runner
 from handler.image_input import Limits, read_request
 from handler.model import load_model
 from training import config as config_lib
@@ -33,7 +33,8 @@ class Pipeline:
         self.cfg = config_lib.load(export / "config.yaml")
         weights = export / f"{self.cfg.model_name}.pth"
         model = load_model(export, weights, torch.device("cpu")).to(memory_format=torch.channels_last)
-        runner = make_runner(model, self.cfg.eval_size, backend, precision)  # the handler's own path
+        int8 = int8_model_path(export, self.cfg.model_name)
+        runner = make_runner(model, self.cfg.eval_size, backend, precision, int8)  # the handler's own path
         self.run, self.engine = runner.run, f"{runner.backend} {runner.precision}"
         self.preprocess = presets.eval_preset(self.cfg)
         self.limits = Limits()

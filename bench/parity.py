@@ -21,7 +21,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handler.fast_path import make_runner, torch_runner  # noqa: E402
+from handler.fast_path import int8_model_path, make_runner, torch_runner  # noqa: E402
 from handler.model import load_model  # noqa: E402
 from training import config as config_lib  # noqa: E402
 from training import data, presets  # noqa: E402
@@ -43,7 +43,8 @@ def measure(export: Path, split: str, data_root: str | None) -> dict:
     overrides = {"data_root": data_root} if data_root else None
     cfg = config_lib.load(export / "config.yaml", overrides)
     model = load_model(export, export / f"{cfg.model_name}.pth", "cpu")
-    runners = {"fp32": torch_runner(model), "fast": make_runner(model, cfg.eval_size)}
+    int8 = int8_model_path(export, cfg.model_name)  # the handler serves it when the archive has it
+    runners = {"fp32": torch_runner(model), "fast": make_runner(model, cfg.eval_size, int8_model=int8)}
     samples = held_out_samples(cfg, export, split)
     correct = dict.fromkeys(runners, 0)
     seconds = dict.fromkeys(runners, 0.0)

@@ -33,7 +33,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.image_classifier import ImageClassifier
 
 from handler.batch import Batch
-from handler.fast_path import make_runner
+from handler.fast_path import int8_model_path, make_runner
 from handler.image_input import InputError, Limits, read_request
 from handler.model import load_model
 from training import config as config_lib
@@ -82,7 +82,13 @@ class CarClassifier(ImageClassifier):
         self.model = self.model.to(memory_format=torch.channels_last)
         # Compiled and warmed up here: first-request latency belongs to model load, not to a user.
         backend = settings.get("backend", "auto") if self.device.type == "cpu" else "torch"  # OpenVINO: CPU only
-        self.runner = make_runner(self.model, self.cfg.eval_size, backend, settings.get("precision", "auto"))
+        self.runner = make_runner(
+            self.model,
+            self.cfg.eval_size,
+            backend,
+            settings.get("precision", "auto"),
+            int8_model_path(model_dir, self.cfg.model_name),
+        )
         logger.info(
             "%s ready: arch=%s classes=%d eval_size=%d backend=%s precision=%s limits=%s",
             context.model_name,

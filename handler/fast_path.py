@@ -1,13 +1,19 @@
-"""The CPU fast path: the same network compiled by OpenVINO, bf16 where the CPU has it.
+"""The CPU fast path: the same network compiled by OpenVINO; int8 where the export has a
+calibrated int8 model, else bf16 where the CPU has it, else fp32.
 
-Chosen by measurement on this project's 2-core AVX-512 machine (avx512_bf16, no AMX):
-OpenVINO bf16 ran the shipped model about 5x faster than eager fp32 over the test split
-(bench/parity.py, same top-1) and needs no compiler toolchain at load time, unlike torch.compile. The torch model stays
-the reference: explanations (gradients) use it, and `backend: torch` serves with it.
+Chosen by measurement on this project's 2-core AVX-512 machine (avx512_bf16 and VNNI, no AMX),
+in-process at batch 16 (bench/README.md, "int8"): the shipped Lite0 runs 185 img/s
+in OpenVINO fp32, 368 in bf16 and 464 in int8; ResNet-50 26 / 52 / 99. Held-out top-1 of the
+shipped model: fp32 86.53 %, bf16 86.04 %, int8 86.33 %. The int8 model is calibrated once, on
+training photos, by `python -m training.quantize` and travels in the export and the .mar, since
+the server has no photos to calibrate on. OpenVINO needs no compiler toolchain at load time,
+unlike torch.compile. The torch model stays the reference: explanations (gradients) use it,
+and `backend: torch` serves with it.
 
 Settings (model-config.yaml, `handler:` section):
     backend:   auto | openvino | torch    auto = openvino when it imports, else torch
-    precision: auto | bf16 | fp32         auto = bf16 when the CPU reports BF16, else fp32
+    precision: auto | int8 | bf16 | fp32  auto = int8 when the archive has the int8 model,
+                                          else bf16 when the CPU reports BF16, else fp32
 """
 
 from __future__ import annotations
@@ -15,12 +21,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "openvino", "torch")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "int8", "bf16", "fp32")
+
+
+def int8_model_path(model_dir: Path, model_name: str) -> Path:
+    """Where training.quantize writes the calibrated int8 model (OpenVINO IR: .xml + .bin)."""
+    return Path(model_dir) / f"{model_name}_int8.xml"
+
+
+def to_openvino(model: torch.nn.Module, image_size: int):
+    """The torch network as an OpenVINO model taking any batch size."""
+    import openvino as ov
+
+    with torch.no_grad():
+        ov_model = ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, image_size, image_size))
+    ov_model.reshape([-1, 3, image_size, image_size])  # any batch size TorchServe hands us
+    return ov_model
 
 
 @dataclass(frozen=True)
@@ -42,19 +64,23 @@ def torch_runner(model: torch.nn.Module) -> Runner:
     return Runner(run, "torch", "fp32")
 
 
-def openvino_runner(model: torch.nn.Module, image_size: int, precision: str = "auto") -> Runner:
+def openvino_runner(
+    model: torch.nn.Module, image_size: int, precision: str = "auto", int8_model: Path | None = None
+) -> Runner:
     import openvino as ov
 
     core = ov.Core()
+    has_int8 = int8_model is not None and Path(int8_model).is_file()
+    if precision == "int8" and not has_int8:
+        raise FileNotFoundError(f"precision int8 needs the calibrated model {int8_model} (python -m training.quantize)")
     if precision == "auto":
-        precision = "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "fp32"
-    example = torch.zeros(1, 3, image_size, image_size)
-    with torch.no_grad():
-        ov_model = ov.convert_model(model.eval(), example_input=example)
-    ov_model.reshape([-1, 3, image_size, image_size])  # any batch size TorchServe hands us
+        bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        precision = "int8" if has_int8 else "bf16" if bf16 else "fp32"
+    ov_model = core.read_model(int8_model) if precision == "int8" else to_openvino(model, image_size)
     compiled = core.compile_model(
         ov_model,
         "CPU",
+        # int8: quantized layers run in int8 (VNNI); the few left in float stay fp32 for accuracy.
         {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"},
     )
     request = compiled.create_infer_request()  # one per worker process: TorchServe calls us serially
@@ -66,14 +92,21 @@ def openvino_runner(model: torch.nn.Module, image_size: int, precision: str = "a
     return Runner(run, "openvino", precision)
 
 
-def make_runner(model: torch.nn.Module, image_size: int, backend: str = "auto", precision: str = "auto") -> Runner:
-    """The fastest available way to run `model` on this CPU, falling back to eager fp32."""
+def make_runner(
+    model: torch.nn.Module,
+    image_size: int,
+    backend: str = "auto",
+    precision: str = "auto",
+    int8_model: Path | None = None,
+) -> Runner:
+    """The fastest available way to run `model` on this CPU, falling back to eager fp32.
+    `int8_model`: the calibrated int8 IR of this model, if there is one."""
     if backend not in BACKENDS or precision not in PRECISIONS:
         raise ValueError(f"backend must be one of {BACKENDS} and precision one of {PRECISIONS}")
     if backend == "torch" or (precision == "fp32" and backend == "auto"):
         return torch_runner(model)
     try:
-        runner = openvino_runner(model, image_size, precision)
+        runner = openvino_runner(model, image_size, precision, int8_model)
     except ImportError:
         if backend == "openvino":
             raise

@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handler.fast_path import BACKENDS, PRECISIONS  # noqa: E402
+from handler.fast_path import BACKENDS, PRECISIONS, int8_model_path  # noqa: E402
 from handler.image_input import Limits  # noqa: E402
 from training import config as config_lib  # noqa: E402
 
@@ -72,6 +72,12 @@ def stage(export: Path, args, tmp: Path) -> tuple[Path, Path]:
             shutil.copy2(ROOT / package / name, extra / package / name)
     for name in ("index_to_name.json", "config.yaml"):
         shutil.copy2(export / name, extra / name)
+    int8 = int8_model_path(export, config_lib.load(export / "config.yaml").model_name)
+    if args.precision in ("auto", "int8") and int8.is_file():  # the calibrated int8 model (training.quantize)
+        for path in (int8, int8.with_suffix(".bin")):
+            shutil.copy2(path, extra / path.name)
+    elif args.precision == "int8":
+        raise BuildError(f"--precision int8 needs {int8}: run python -m training.quantize --export {export}")
     model_config_path = tmp / "model-config.yaml"
     model_config_path.write_text(yaml.safe_dump(model_config(args), sort_keys=False))
     return extra, model_config_path
@@ -157,7 +163,12 @@ def parse_args(argv=None):
     p.add_argument("--max_bytes", type=int, default=Limits.max_bytes)
     p.add_argument("--max_pixels", type=int, default=40_000_000)
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto = OpenVINO when installed")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto = bf16 when the CPU has it")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto = int8 when the export has the calibrated int8 model, else bf16 when the CPU has it",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing archive")
     return p.parse_args(argv)
 

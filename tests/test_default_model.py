@@ -14,7 +14,7 @@ import requests
 from conftest import DEFAULT_EXPORT
 from PIL import Image
 
-from handler.fast_path import make_runner
+from handler.fast_path import int8_model_path, make_runner
 from handler.model import load_model
 from training import config as config_lib
 from training.presets import eval_preset
@@ -49,7 +49,8 @@ def test_recorded_held_out_accuracy_is_that_of_a_real_model():
 def test_served_default_model_gets_held_out_photos_right(server, cars_root, held_out):
     cfg = config_lib.load(DEFAULT_EXPORT / "config.yaml")
     # the same fast path the handler uses by default, one image at a time like these requests
-    local = make_runner(load_model(DEFAULT_EXPORT, DEFAULT_EXPORT / f"{MODEL}.pth", "cpu"), cfg.eval_size)
+    model = load_model(DEFAULT_EXPORT, DEFAULT_EXPORT / f"{MODEL}.pth", "cpu")
+    local = make_runner(model, cfg.eval_size, int8_model=int8_model_path(DEFAULT_EXPORT, MODEL))
     preset = eval_preset(cfg)
     correct = 0
     for rel, true_name in held_out:

@@ -6,6 +6,8 @@ paths is measured by bench/parity.py (too slow for the suite on 2 cores).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import DEFAULT_EXPORT
@@ -67,3 +69,28 @@ def test_any_batch_size_is_served(shipped, photos, reference, batch):
 def test_unknown_settings_are_refused(shipped):
     with pytest.raises(ValueError, match="backend must be one of"):
         make_runner(shipped[1], 224, "tensorrt")
+
+
+# ---------------------------------------------------------------------------- int8 (training.quantize)
+
+
+INT8 = DEFAULT_EXPORT / "efficientnet_lite0_cars_int8.xml"
+
+
+def test_shipped_int8_model_agrees_with_fp32(shipped, photos, reference):
+    cfg, model = shipped
+    assert INT8.is_file() and INT8.with_suffix(".bin").is_file(), "the export ships its calibrated int8 model"
+    runner = make_runner(model, cfg.eval_size, int8_model=INT8)
+    assert (runner.backend, runner.precision) == ("openvino", "int8")  # auto picks int8 when it is there
+    logits = runner.run(photos)
+    agree = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+    assert agree >= 0.9, agree
+    quantization = json.loads((DEFAULT_EXPORT / "quantization.json").read_text())
+    assert quantization["calibration_split"] == "train"
+    assert quantization["top1_fp32"] - quantization["top1_int8"] <= 0.005
+
+
+def test_int8_without_the_calibrated_model_is_a_clear_error(shipped, tmp_path):
+    cfg, model = shipped
+    with pytest.raises(FileNotFoundError, match="training.quantize"):
+        make_runner(model, cfg.eval_size, "openvino", "int8", tmp_path / "missing_int8.xml")

@@ -55,6 +55,7 @@ def test_mar_holds_exactly_what_the_build_put_there(model_store):
         "index_to_name.json",
         "config.yaml",
         *(f"{package}/{name}" for package, names in SERVING_MODULES.items() for name in names),
+        *(p.name for p in DEFAULT_EXPORT.glob(f"{DEFAULT}_int8.*")),  # the calibrated int8 model, if exported
     }
     with zipfile.ZipFile(model_store / f"{DEFAULT}_v1.0.mar") as mar:
         names = set(mar.namelist())

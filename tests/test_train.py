@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,26 @@ def test_final_fit_trains_on_train_plus_val_and_keeps_the_last_epoch(cars_root, 
 def test_tune_refuses_a_final_fit_config(tmp_path):
     result = python("-m", "training.tune", "--fit_on", "train+val", "--output_dir", str(tmp_path))
     assert result.returncode == 2 and "--fit_on train" in result.stderr
+
+
+def test_quantize_adds_a_calibrated_int8_model_or_nothing(lite0, tmp_path):
+    export = tmp_path / "export"
+    shutil.copytree(lite0, export)
+    int8 = export / "efficientnet_lite0_cars_int8.xml"
+    # The smoke model is close to chance: its top-1 is noise, so any loss is allowed here.
+    result = python("-m", "training.quantize", "--export", str(export), "--images", "16", "--max_loss", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((export / "quantization.json").read_text())
+    assert report["calibration_images"] == 16 and report["calibration_split"] == "train"
+    assert 0 <= report["top1_int8"] <= 1 and report["held_out_images"] > 0
+    assert int8.is_file() and int8.with_suffix(".bin").is_file()
+
+    # A calibration that loses more than allowed is not kept (here: nothing is allowed to be lost at all).
+    result = python("-m", "training.quantize", "--export", str(export), "--images", "16", "--max_loss", "-1")
+    assert result.returncode == 2 and "not kept" in result.stderr, result.stderr[-3000:]
+    assert not int8.exists() and not int8.with_suffix(".bin").exists()
+
+
+def test_quantize_refuses_a_folder_that_is_not_an_export(tmp_path):
+    result = python("-m", "training.quantize", "--export", str(tmp_path))
+    assert result.returncode == 2 and "not a training.export directory" in result.stderr
