@@ -4,7 +4,7 @@ calibrated int8 model, else bf16 where the CPU has it, else fp32.
 Chosen by measurement on this project's 2-core AVX-512 machine (avx512_bf16 and VNNI, no AMX),
 in-process at batch 16 (bench/README.md, "int8"): the shipped Lite0 runs 185 img/s
 in OpenVINO fp32, 368 in bf16 and 464 in int8; ResNet-50 26 / 52 / 99. Held-out top-1 of the
-shipped model: fp32 86.53 %, bf16 86.04 %, int8 86.33 %. The int8 model is calibrated once, on
+shipped model: fp32 86.53 %, bf16 86.04 %, int8 86.62 %. The int8 model is calibrated once, on
 training photos, by `python -m training.quantize` and travels in the export and the .mar, since
 the server has no photos to calibrate on. OpenVINO needs no compiler toolchain at load time,
 unlike torch.compile. The torch model stays the reference: explanations (gradients) use it,

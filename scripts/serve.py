@@ -261,8 +261,8 @@ class Server:
             return None
         if r.status_code != 200:
             return None
-        for version in r.json():
-            meta = version.get("customizedMetadata")
+        for entry in r.json():
+            meta = entry.get("customizedMetadata")
             try:
                 meta = json.loads(meta) if isinstance(meta, str) else meta
             except ValueError:

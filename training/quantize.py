@@ -21,15 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from handler.fast_path import int8_model_path, openvino_runner, to_openvino, torch_runner
 from handler.model import load_model
 from training import config as config_lib
 from training import data, presets
 from training.evaluate import held_out_samples
+from training.train import make_loader
 
-log = logging.getLogger(__name__)
 MAX_LOSS = 0.005  # the project's acceptance rule for a fast path: at most half a point of top-1
 
 
@@ -44,14 +42,14 @@ def calibration_samples(cfg, count: int) -> list[data.Sample]:
     return samples[::step][:count]
 
 
-def top1(runner, samples, cfg, batch: int = 32) -> float:
-    transform = presets.eval_preset(cfg)
-    correct = 0
-    for start in range(0, len(samples), batch):
-        chunk = samples[start : start + batch]
-        images = torch.stack([transform(data.load_image(s, cfg.crop_to_bbox)) for s in chunk])
-        correct += int((runner.run(images).argmax(1) == torch.tensor([s.label for s in chunk])).sum())
-    return correct / max(1, len(samples))
+def held_out_top1(runners: dict, samples, cfg) -> dict[str, float]:
+    """Top-1 of each runner over the same photos, each photo decoded once."""
+    loader = make_loader(data.CarsDataset(samples, presets.eval_preset(cfg), cfg.crop_to_bbox), cfg, shuffle=False)
+    correct = dict.fromkeys(runners, 0)
+    for images, labels in loader:
+        for name, runner in runners.items():
+            correct[name] += int((runner.run(images).argmax(1) == labels).sum())
+    return {name: hits / max(1, len(samples)) for name, hits in correct.items()}
 
 
 def quantize_export(export: Path, data_root: str | None, images: int, max_loss: float, evaluate: bool = True) -> dict:
@@ -75,8 +73,8 @@ def quantize_export(export: Path, data_root: str | None, images: int, max_loss: 
 
     if evaluate:
         held_out = held_out_samples(cfg, export, "test")  # checked against the export's split.json
-        fp32 = top1(torch_runner(model), held_out, cfg)
-        int8 = top1(openvino_runner(model, cfg.eval_size, "int8", target), held_out, cfg)
+        runners = {"fp32": torch_runner(model), "int8": openvino_runner(model, cfg.eval_size, "int8", target)}
+        fp32, int8 = held_out_top1(runners, held_out, cfg).values()
         report.update(held_out_images=len(held_out), top1_fp32=round(fp32, 4), top1_int8=round(int8, 4))
         if fp32 - int8 > max_loss:
             target.unlink()
