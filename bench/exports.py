@@ -2,7 +2,9 @@
 
 `models/<name>` when the project ships it; otherwise, for `<arch>_cars`, an export with random
 weights made once into var/bench/exports/ - speed does not depend on what the weights learned.
-Its index_to_name.json and config.yaml follow the shipped model's, with the arch swapped.
+Its index_to_name.json and config.yaml follow the shipped model's, with the arch swapped, and it
+gets an int8 model calibrated on real training photos (training.quantize, no accuracy check: the
+weights are random), so the fast path it is served with is the one a trained export gets.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.common import BENCH_VAR, MODELS_DIR, BenchError
+from handler.fast_path import int8_model_path
 from training import config as config_lib
 from training.model import ARCHS, build_model
 
@@ -21,6 +24,7 @@ RANDOM_EXPORTS = BENCH_VAR / "exports"
 TEMPLATE_EXPORT = MODELS_DIR / "efficientnet_lite0_cars"  # class names and preprocessing defaults
 RANDOM_EVAL_SIZE = 224  # the size the stock handler feeds every model (Resize 256 + CenterCrop 224)
 SEED = 0
+CALIBRATION_IMAGES = 300  # speed does not depend on how many; accuracy is not measured for random weights
 NAME_SUFFIX = "_cars"
 
 
@@ -34,7 +38,21 @@ def resolve_export(model_name: str) -> Path:
     export = RANDOM_EXPORTS / model_name
     if not (export / f"{model_name}.pth").is_file():
         make_random_export(arch, export)
+    if not int8_model_path(export, model_name).is_file():
+        calibrate_int8(export)
     return export
+
+
+def calibrate_int8(export: Path) -> None:
+    from training.data import DatasetError
+    from training.quantize import quantize_export
+
+    try:
+        report = quantize_export(export, None, CALIBRATION_IMAGES, max_loss=1.0, evaluate=False)
+    except (ImportError, DatasetError) as err:  # no nncf, or no photos: served as bf16/fp32 instead
+        print(f"{export.name}: no int8 model ({err}); the fast path falls back to bf16/fp32")
+        return
+    print(f"{export.name}: int8 calibrated on {report['calibration_images']} training photos in {report['seconds']} s")
 
 
 def make_random_export(arch: str, export: Path) -> Path:

@@ -21,6 +21,8 @@ class Batch:
     topk: dict[int, int] = field(default_factory=dict)  # request index -> k
     errors: dict[int, InputError] = field(default_factory=dict)  # request index -> why it was refused
     logits: torch.Tensor | None = None
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
 
     def add(self, idx: int, tensor: torch.Tensor, topk: int) -> None:
         self.positions.append(idx)

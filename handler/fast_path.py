@@ -14,6 +14,8 @@ Settings (model-config.yaml, `handler:` section):
     backend:   auto | openvino | torch    auto = openvino when it imports, else torch
     precision: auto | int8 | bf16 | fp32  auto = int8 when the archive has the int8 model,
                                           else bf16 when the CPU reports BF16, else fp32
+    threads:   0 | N                      threads per worker; 0 = the library default (all cores).
+                                          With several workers, cores / workers avoids oversubscription.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class Runner:
     precision: str
 
 
-def torch_runner(model: torch.nn.Module) -> Runner:
+def torch_runner(model: torch.nn.Module, threads: int = 0) -> Runner:
+    if threads:
+        torch.set_num_threads(threads)
     device = next(model.parameters()).device
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
@@ -65,7 +69,11 @@ def torch_runner(model: torch.nn.Module) -> Runner:
 
 
 def openvino_runner(
-    model: torch.nn.Module, image_size: int, precision: str = "auto", int8_model: Path | None = None
+    model: torch.nn.Module,
+    image_size: int,
+    precision: str = "auto",
+    int8_model: Path | None = None,
+    threads: int = 0,
 ) -> Runner:
     import openvino as ov
 
@@ -77,12 +85,11 @@ def openvino_runner(
         bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         precision = "int8" if has_int8 else "bf16" if bf16 else "fp32"
     ov_model = core.read_model(int8_model) if precision == "int8" else to_openvino(model, image_size)
-    compiled = core.compile_model(
-        ov_model,
-        "CPU",
-        # int8: quantized layers run in int8 (VNNI); the few left in float stay fp32 for accuracy.
-        {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"},
-    )
+    # int8: quantized layers run in int8 (VNNI); the few left in float stay fp32 for accuracy.
+    properties = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        properties["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(ov_model, "CPU", properties)
     request = compiled.create_infer_request()  # one per worker process: TorchServe calls us serially
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
@@ -98,19 +105,20 @@ def make_runner(
     backend: str = "auto",
     precision: str = "auto",
     int8_model: Path | None = None,
+    threads: int = 0,
 ) -> Runner:
     """The fastest available way to run `model` on this CPU, falling back to eager fp32.
     `int8_model`: the calibrated int8 IR of this model, if there is one."""
     if backend not in BACKENDS or precision not in PRECISIONS:
         raise ValueError(f"backend must be one of {BACKENDS} and precision one of {PRECISIONS}")
     if backend == "torch" or (precision == "fp32" and backend == "auto"):
-        return torch_runner(model)
+        return torch_runner(model, threads)
     try:
-        runner = openvino_runner(model, image_size, precision, int8_model)
+        runner = openvino_runner(model, image_size, precision, int8_model, threads)
     except ImportError:
         if backend == "openvino":
             raise
         logger.warning("openvino is not installed: serving with eager fp32 torch")
-        return torch_runner(model)
+        return torch_runner(model, threads)
     runner.run(torch.zeros(2, 3, image_size, image_size))  # compile kernels now, not on a user's request
     return runner

@@ -59,6 +59,7 @@ def model_config(args) -> dict:
             "max_pixels": args.max_pixels,
             "backend": args.backend,
             "precision": args.precision,
+            "threads": args.threads,
         },
     }
 
@@ -156,8 +157,11 @@ def parse_args(argv=None):
     p.add_argument("--model_name", help="checked against the export's architecture (default: <arch>_cars)")
     p.add_argument("--model_store", default=str(ROOT / "model_store"))
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=4)
+    # Chosen by bench/run.py sweeps (bench/README.md, "Tuning"): batch 8 with 5 ms gives the most img/s
+    # under load short of adding latency to a lone request; 2 workers x 1 thread was slower on 2 cores.
+    p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_batch_delay", type=int, default=5, help="ms to wait to fill a batch")
+    p.add_argument("--threads", type=int, default=0, help="threads per worker (0 = all cores)")
     p.add_argument("--response_timeout", type=int, default=60, help="s before TorchServe gives up on a worker")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--max_bytes", type=int, default=Limits.max_bytes)

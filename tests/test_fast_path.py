@@ -94,3 +94,16 @@ def test_int8_without_the_calibrated_model_is_a_clear_error(shipped, tmp_path):
     cfg, model = shipped
     with pytest.raises(FileNotFoundError, match="training.quantize"):
         make_runner(model, cfg.eval_size, "openvino", "int8", tmp_path / "missing_int8.xml")
+
+
+@pytest.mark.parametrize("backend", ["openvino", "torch"])
+def test_threads_per_worker_change_speed_not_results(shipped, photos, reference, backend):
+    cfg, model = shipped
+    threads_before = torch.get_num_threads()
+    try:
+        runner = make_runner(model, cfg.eval_size, backend, "fp32", threads=1)
+        assert torch.allclose(runner.run(photos), reference, atol=1e-3, rtol=1e-3)
+        if backend == "torch":
+            assert torch.get_num_threads() == 1  # several workers on few cores: one thread each
+    finally:
+        torch.set_num_threads(threads_before)

@@ -431,7 +431,7 @@ def test_good_and_bad_requests_in_one_batch(batch_server, photos, corrupt):
     deadline = time.monotonic() + 15
     while "batch of 4 request(s), 2 refused" not in (text := log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    batches = [line for line in text.splitlines() if "preprocess: batch of" in line]
+    batches = [line for line in text.splitlines() if "batch of" in line and "refused" in line]
     assert any("batch of 4 request(s), 2 refused" in line for line in batches), batches
 
 

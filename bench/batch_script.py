@@ -1,0 +1,116 @@
+"""The batch script against the server's own throughput: does scripts/predict_dir.py keep the server busy?
+
+    python bench/batch_script.py                      # 1,000 photos, concurrency 32, the shipped model
+    python bench/batch_script.py --images 2000 --concurrency 16 --model resnet50_cars
+
+Starts this project's TorchServe with the model, measures its throughput with hey (one car JPEG,
+`--concurrency`, `--duration`), then runs `scripts/predict_dir.py` as a user would, over
+`--images` real photos from ../shared (spread over all classes; linked, not copied, into
+var/bench/batch_images/) at the same concurrency, and prints both and their ratio. The batch
+script is Python, so unlike hey it shares the server's two cores: the ratio includes what the
+client costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import loadgen  # noqa: E402
+from bench.common import BENCH_VAR, ROOT, SHARED_TRAIN, BenchError, pick_image  # noqa: E402
+from bench.exports import resolve_export  # noqa: E402
+from bench.run import RUN_DIRS, build_archive, key_value, parse_duration, warm_up  # noqa: E402
+from bench.servers import serving  # noqa: E402
+from training.data import IMAGE_EXTENSIONS  # noqa: E402
+
+IMAGES_DIR = BENCH_VAR / "batch_images"
+OUT_DIR = BENCH_VAR / "batch_out"
+
+
+def link_images(count: int, source: Path = SHARED_TRAIN, target: Path = IMAGES_DIR) -> list[Path]:
+    """`count` photos taken evenly from the sorted dataset, symlinked as <class>/<file>."""
+    if not source.is_dir():
+        raise BenchError(f"no photos at {source} (the Stanford Cars folder next to the project)")
+    photos = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if len(photos) < count:
+        raise BenchError(f"asked for {count} photos, {source} has {len(photos)}")
+    shutil.rmtree(target, ignore_errors=True)
+    chosen = photos[:: len(photos) // count][:count]
+    for photo in chosen:
+        link = target / photo.parent.name / photo.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(photo)
+    return chosen
+
+
+def run_batch_script(url: str, model: str, concurrency: int) -> tuple[dict, float]:
+    """scripts/predict_dir.py as a subprocess; its results JSON and the wall time including start-up."""
+    shutil.rmtree(OUT_DIR, ignore_errors=True)
+    cmd = [sys.executable, "scripts/predict_dir.py", str(IMAGES_DIR), "--model", model, "--url", url]
+    started = time.perf_counter()
+    done = subprocess.run(
+        [*cmd, "--concurrency", str(concurrency), "--quiet", "--out", str(OUT_DIR)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise BenchError(f"predict_dir.py failed ({done.returncode}): {done.stderr[-1000:]}")
+    results = json.loads(next(OUT_DIR.glob("*.json")).read_text())
+    return results, wall
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="efficientnet_lite0_cars", help="models/<name>, or <arch>_cars (random)")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration", type=parse_duration, default=parse_duration("15s"), help="the hey run")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--max_batch_delay", type=int, help="ms")
+    p.add_argument("--build_mar", nargs="+", type=key_value, default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    args.build_mar = dict(args.build_mar)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        loadgen.ensure_hey()
+        photos = link_images(args.images)
+        mean_kb = sum(p.stat().st_size for p in photos) / len(photos) / 1024
+        store, name, archive = build_archive("ours", resolve_export(args.model), args)
+        run_dir = RUN_DIRS / f"batch-{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with serving("ours", run_dir, store, name, archive) as served:
+            image = pick_image()
+            warm_up(served.predict_url, image)
+            hey = loadgen.run_hey(served.predict_url, image, args.concurrency, args.duration, None)
+            results, wall = run_batch_script(served.server.url("inference"), name, args.concurrency)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    script_img_s = results["images_per_second"]
+    photo_kb = image.stat().st_size / 1024
+    print(f"server ({name}, hey -c {args.concurrency}, one {photo_kb:.0f} kB photo): {hey.img_s:.1f} img/s")
+    print(
+        f"predict_dir.py over {len(photos)} photos (mean {mean_kb:.0f} kB), --concurrency {args.concurrency}: "
+        f"{script_img_s} img/s ({results['counts']['ok']} ok, {results['counts']['error']} failed), "
+        f"{wall:.1f} s wall including start-up"
+    )
+    print(f"batch script / server: {script_img_s / hey.img_s:.0%}")
+    return 0 if results["counts"]["error"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
