@@ -162,7 +162,7 @@ def profile_level(served, frontend: int, workers: list[int], image: Path, concur
 def report(model: str, settings: dict, p: StageProfile) -> str:
     cpu = p.cpu_core_ms_per_image
     lines = [
-        f"{model} c={p.concurrency}: {p.img_s} img/s, p50 {p.p50_ms} ms, {p.errors} errors; "
+        f"{model} c={p.concurrency}: {p.img_s} img/s, p50 {p.p50_ms or float('nan'):.1f} ms, {p.errors} errors; "
         f"{settings['workers']} worker(s) x batch {settings['batch_size']} (mean batch {p.mean_batch}), "
         f"delay {settings['max_batch_delay_ms']} ms, {settings['engine']}",
         "  per request (wall):",
