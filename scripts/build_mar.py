@@ -9,6 +9,7 @@ architecture's name is refused.
 
     python scripts/build_mar.py --export models/efficientnet_lite0_cars --version 1.0
     python scripts/build_mar.py --export exports/resnet50_cars --version 2.0 --batch_size 8
+    python scripts/build_mar.py --registered efficientnet_lite0_cars@production   # from the MLflow registry
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SERVING_MODULES = {
     "handler": ["__init__.py", "batch.py", "fast_path.py", "image_input.py", "model.py"],
 }
 DEFAULT_EXPORT = ROOT / "models" / "efficientnet_lite0_cars"
+DEFAULT_VERSION = "1.0"
 
 
 class BuildError(RuntimeError):
@@ -113,7 +115,28 @@ def check_weights(weights: Path) -> None:
 
 
 def build(args) -> Path:
-    export = Path(args.export).resolve()
+    if args.registered:  # the export folder registered by training.register, fetched from MLflow
+        with tempfile.TemporaryDirectory() as tmp:
+            export = download_registered(args, Path(tmp))
+            return build_from(export, args)
+    return build_from(Path(args.export).resolve(), args)
+
+
+def download_registered(args, dest: Path) -> Path:
+    from training import tracking
+
+    try:
+        found = tracking.model_version(args.registered)
+        if found is None:
+            raise BuildError(f"no registered model {args.registered!r} in {tracking.tracking_uri()}")
+        args.version = args.version or f"{found.version}.0"  # registry version 3 -> archive 3.0
+        return tracking.download_registered(args.registered, dest)
+    except tracking.TrackingError as err:
+        raise BuildError(str(err)) from err
+
+
+def build_from(export: Path, args) -> Path:
+    args.version = args.version or DEFAULT_VERSION
     model_name, weights = check_export(export, args.model_name)
     store = Path(args.model_store).resolve()
     store.mkdir(parents=True, exist_ok=True)
@@ -152,8 +175,14 @@ def build(args) -> Path:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", default=str(DEFAULT_EXPORT), help="training.export output directory")
-    p.add_argument("--version", default="1.0", help="model version recorded in the archive")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--export", default=str(DEFAULT_EXPORT), help="training.export output directory")
+    source.add_argument(
+        "--registered", help="NAME@ALIAS or NAME/VERSION from the MLflow registry (training.register) instead"
+    )
+    p.add_argument(
+        "--version", help=f"model version recorded in the archive (default {DEFAULT_VERSION}; the registry's version)"
+    )
     p.add_argument("--model_name", help="checked against the export's architecture (default: <arch>_cars)")
     p.add_argument("--model_store", default=str(ROOT / "model_store"))
     p.add_argument("--workers", type=int, default=1)

@@ -3,6 +3,7 @@ real .mar archives made by scripts/build_mar.py, real TorchServe processes on fr
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,14 @@ from scripts.serve import Server, free_ports  # noqa: E402
 
 SHARED_CARS = (ROOT / ".." / "shared" / "stanford_cars").resolve()
 DEFAULT_EXPORT = ROOT / "models" / "efficientnet_lite0_cars"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory) -> str:
+    """Everything the tests train, evaluate or register is tracked in a store of their own, never in mlruns/."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # inherited by the training subprocesses
+    return uri
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -40,6 +40,22 @@ def test_search_picks_the_trial_with_the_lowest_val_loss(cars_root, tmp_path):
     trial_config = Path(summary["best"]["run_dir"]) / "config.yaml"
     assert yaml.safe_load(trial_config.read_text())["lr"] == best.lr
 
+    # MLflow: one run per trial (Ray's MLflowLoggerCallback) with its params and epochs, plus the summary run
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs([tracking_experiment()], filter_string="tags.stage = 'tune'")
+    trial_runs = [r for r in runs if "lr" in r.data.params]
+    assert {float(r.data.params["lr"]) for r in trial_runs} >= {t["params"]["lr"] for t in trials}
+    assert all("val_loss" in r.data.metrics for r in trial_runs)
+    (summary_run,) = [r for r in runs if r.info.run_name == "tune"]
+    assert summary_run.data.metrics["best_val_loss"] == summary["best"]["val_loss"]
+
+
+def tracking_experiment() -> str:
+    from training import tracking
+
+    return tracking.experiment_id(tracking.client_mlflow(), config_lib.Config().experiment)
+
 
 def test_a_trial_bigger_than_the_machine_is_refused_instead_of_queued_forever(cars_root, tmp_path):
     result = python(

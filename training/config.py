@@ -86,6 +86,11 @@ class Config:
     tune_cpus_per_trial: float = 2.0
     tune_gpus_per_trial: float = 0.0
 
+    # --- experiment tracking (training/tracking.py) ---
+    # MLflow: the project's local store (mlruns/) unless MLFLOW_TRACKING_URI names another.
+    track: bool = True
+    experiment: str = "stanford-cars"
+
     extra: dict = field(default_factory=dict)  # free-form notes carried into the export
 
     @property

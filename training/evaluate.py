@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from training import config as config_lib
-from training import data, plots, presets
+from training import data, plots, presets, tracking
 from training import model as model_lib
 from training.train import make_loader, pick_device
 
@@ -123,6 +123,9 @@ def evaluate_run(run_dir: Path, split: str = "test", overrides: dict | None = No
         plots.confusion_matrix(np.nan_to_num(matrix / matrix.sum(1, keepdims=True)), out / f"confusion_{split}.png")
     metrics = {"split": split, "eval_size": cfg.eval_size, "arch": cfg.arch, "data_root": cfg.data_root, **metrics}
     (out / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
+    with tracking.tracked(run_dir, cfg.track, cfg.experiment, name=run_dir.name) as tracker:  # the training's run
+        tracker.metrics({f"{split}_{key}": metrics[key] for key in ("top1", "top5", "macro_f1", "num_images")})
+        tracker.artifacts(out / f"eval_{split}.json", out / f"confusion_{split}.png", folder=f"eval_{split}")
     return metrics
 
 
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     overrides = {k: v for k, v in {"eval_size": args.eval_size, "data_root": args.data_root}.items() if v is not None}
     try:
         metrics = evaluate_run(Path(args.run), args.split, overrides, Path(args.out) if args.out else None)
-    except (FileNotFoundError, data.DatasetError, config_lib.ConfigError) as err:
+    except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from training import config as config_lib
-from training import data
+from training import data, tracking
 from training.evaluate import evaluate_run, load_run
 
 EXPORT_FILES = ("index_to_name.json", "metrics.json", "config.yaml")
@@ -45,9 +45,11 @@ def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test
     metrics = {**metrics, "training": json.loads(summary.read_text()) if summary.is_file() else None}
     (export_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     cfg.save(export_dir / "config.yaml")
-    for extra in ("split.json", "curves.png", f"confusion_{split}.png", "metrics.csv"):
+    for extra in ("split.json", "curves.png", f"confusion_{split}.png", "metrics.csv", tracking.RUN_FILE):
         if (run_dir / extra).is_file():
             shutil.copy(run_dir / extra, export_dir / extra)
+    with tracking.tracked(export_dir, cfg.track, cfg.experiment, name=run_dir.name) as tracker:  # the training's run
+        tracker.directory(export_dir, tracking.EXPORT_ARTIFACT)
     return export_dir
 
 
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export_run(Path(args.run), Path(args.export_dir) if args.export_dir else None, args.split)
-    except (FileNotFoundError, data.DatasetError, config_lib.ConfigError) as err:
+    except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))

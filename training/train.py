@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training import config as config_lib
-from training import data, plots, presets
+from training import data, plots, presets, tracking
 from training import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -217,10 +217,31 @@ def make_loader(dataset, cfg, shuffle: bool, generator=None):
 # ----------------------------------------------------------------------------- fit
 
 
+RUN_ARTIFACTS = ("config.yaml", "split.json", "metrics.csv", "curves.png", "train_summary.json")
+
+
 def fit(cfg, report=None) -> dict:
-    """Train per `cfg`. `report(metrics_row)` is called after every epoch (Ray Tune uses it)."""
+    """Train per `cfg`, tracked in MLflow. `report(metrics_row)` is called after every epoch (Ray Tune uses it)."""
     model_lib.spec(cfg.arch)  # an unknown architecture fails before minutes of decoding
     out = Path(cfg.output_dir)
+    if not cfg.resume:  # a new training in an old folder is a new MLflow run; --resume continues its run
+        (out / tracking.RUN_FILE).unlink(missing_ok=True)
+    with tracking.tracked(out, cfg.track, cfg.experiment, name=out.name) as tracker:
+        tracker.params(cfg.to_dict())
+        tracker.tags({"stage": "train", "arch": cfg.arch, "fit_on": cfg.fit_on})
+
+        def after_epoch(row: dict) -> None:
+            tracker.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            if report is not None:
+                report(row)
+
+        summary = train(cfg, out, after_epoch)
+        tracker.metrics(summary)
+        tracker.artifacts(*(out / name for name in RUN_ARTIFACTS))
+    return summary
+
+
+def train(cfg, out: Path, report) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -362,8 +383,7 @@ def fit(cfg, report=None) -> dict:
             row["seconds"],
             " *" if improved and not final_fit else "",
         )
-        if report is not None:
-            report(row)
+        report(row)
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             log.info("early stop: val loss has not improved for %d epochs", stale)
             break
@@ -393,7 +413,13 @@ def main(argv=None) -> int:
     try:
         cfg = config_lib.from_args(args)
         summary = fit(cfg)
-    except (data.DatasetError, config_lib.ConfigError, model_lib.PretrainedWeightsError, ValueError) as err:
+    except (
+        data.DatasetError,
+        config_lib.ConfigError,
+        model_lib.PretrainedWeightsError,
+        tracking.TrackingError,
+        ValueError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

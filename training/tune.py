@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from training import config as config_lib
-from training import data
+from training import data, tracking
 from training import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def trainable(params: dict, base: dict) -> None:
     cfg = config_lib.from_dict({**base, **params})
     cfg.output_dir = tune.get_context().get_trial_dir()
     cfg.progress = False
+    cfg.track = False  # Ray's MLflowLoggerCallback logs each trial (run_search)
     fit(cfg, report=lambda row: tune.report(row))
 
 
@@ -89,7 +90,9 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
         ),
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=cfg.tune_samples, scheduler=scheduler),
-        run_config=tune.RunConfig(name="tune", storage_path=str(storage.resolve()), verbose=1),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(storage.resolve()), verbose=1, callbacks=mlflow_callbacks(cfg)
+        ),
     )
     results = tuner.fit()
     best = results.get_best_result(metric="val_loss", mode="min", scope="all")
@@ -117,7 +120,27 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
     best_cfg = dataclasses.replace(config_lib.from_dict({**base, **summary["best"]["params"]}), epochs=cfg.epochs)
     best_cfg.save(storage / "best_config.yaml")
     ray.shutdown()
+    with tracking.tracked(storage, cfg.track, cfg.experiment, name="tune") as tracker:
+        tracker.params({f"best.{k}": v for k, v in summary["best"]["params"].items()})
+        tracker.metrics({"best_val_loss": summary["best"]["val_loss"], "trials": len(trials)})
+        tracker.tags({"stage": "tune"})
+        tracker.artifacts(storage / "tune_results.json", storage / "best_config.yaml")
     return summary
+
+
+def mlflow_callbacks(cfg) -> list:
+    """One MLflow run per trial: its parameters and every epoch's metrics (Ray's own integration)."""
+    if not cfg.track:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    mlflow = tracking.client_mlflow()
+    tracking.experiment_id(mlflow, cfg.experiment)  # created with the project's artifact location
+    return [
+        MLflowLoggerCallback(
+            tracking_uri=tracking.tracking_uri(), experiment_name=cfg.experiment, tags={"stage": "tune"}
+        )
+    ]
 
 
 def main(argv=None) -> int:
@@ -137,7 +160,7 @@ def main(argv=None) -> int:
         data.scan(cfg.data_root, cfg.layout)  # fail on a wrong path before starting Ray
         space = search_space(args.lr_range, args.batch_sizes, args.unfreeze_choices)
         summary = run_search(cfg, space, Path(cfg.output_dir))
-    except (data.DatasetError, config_lib.ConfigError, ValueError) as err:
+    except (data.DatasetError, config_lib.ConfigError, tracking.TrackingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     best = summary["best"]
