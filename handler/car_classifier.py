@@ -148,7 +148,12 @@ class CarClassifier(ImageClassifier):
             return err
 
     def _headers(self, idx: int) -> dict:
-        return (self.context.get_all_request_header(idx) if self.context is not None else None) or {}
+        return (self.context.get_all_request_header(idx) if self._is_request(idx) else None) or {}
+
+    def _is_request(self, idx: int) -> bool:
+        """Under a KServe envelope one request carries several images: the items past the first have
+        no HTTP request of their own (no headers, no status; their errors go in the response body)."""
+        return self.context is not None and idx < len(self.context.request_processor or [])
 
     def _with_header_topk(self, headers: dict, row):
         """TorchServe 0.12 does not pass query strings to handlers: `X-Top-K` works with curl -T."""
@@ -188,7 +193,8 @@ class CarClassifier(ImageClassifier):
         return {"class_id": class_id, "class_name": self.mapping[str(class_id)], "probability": round(probability, 6)}
 
     def _error_response(self, idx: int, err: InputError) -> dict:
-        self.context.set_response_status(err.status, err.message, idx)
+        if self._is_request(idx):
+            self.context.set_response_status(err.status, err.message, idx)
         self._metrics().add_counter("InputErrors", 1, None, [Dimension("Status", str(err.status))])
         return err.to_json()
 

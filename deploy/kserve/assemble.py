@@ -1,0 +1,108 @@
+"""Assemble the storage folder KServe's TorchServe runtime mounts at /mnt/models:
+
+    <out>/config/config.properties   deploy/kserve/config/config.properties + this model's snapshot
+    <out>/model-store/<archive>.mar  copied from model_store/
+
+    python deploy/kserve/assemble.py                                  # v2, the default .mar
+    python deploy/kserve/assemble.py --protocol v1 --archive model_store/resnet50_cars_v2.0.mar
+    aws s3 sync var/kserve/v2 s3://your-bucket/car-classifier/v2      # then kubectl apply -f ...
+
+The protocol picks TorchServe's request envelope (v1: `kserve`, v2: `kservev2`); the model's
+workers and timeout come from the .mar's own model-config.yaml, as with `make serve`, but not its
+batching: the envelopes handle one request per batch (send several inputs per request instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = Path(__file__).resolve().parent / "config" / "config.properties"
+DEFAULT_ARCHIVE = ROOT / "model_store" / "efficientnet_lite0_cars_v1.0.mar"
+ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
+
+
+class AssembleError(RuntimeError):
+    pass
+
+
+def read_manifest(archive: Path) -> tuple[dict, dict]:
+    """The archive's MANIFEST.json and model-config.yaml (built by scripts/build_mar.py)."""
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+            name = manifest["model"].get("configFile")
+            model_config = yaml.safe_load(mar.read(name)) if name else {}
+    except (OSError, zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:
+        raise AssembleError(f"{archive} is not a readable .mar: {err}") from err
+    return manifest, model_config or {}
+
+
+def snapshot(archive: Path) -> str:
+    """TorchServe's model_snapshot: load this archive at start-up, with its own worker settings."""
+    manifest, model_config = read_manifest(archive)
+    model = manifest["model"]
+    entry = {
+        "defaultVersion": True,
+        "marName": archive.name,
+        "minWorkers": model_config.get("minWorkers", 1),
+        "maxWorkers": model_config.get("maxWorkers", 1),
+        # TorchServe's KServe envelopes read only the first request of a batch: one request per
+        # batch, and a client batches by sending several inputs (instances) in one request.
+        "batchSize": 1,
+        "maxBatchDelay": 0,
+        "responseTimeout": model_config.get("responseTimeout", 120),
+    }
+    models = {model["modelName"]: {model.get("modelVersion", "1.0"): entry}}
+    return json.dumps({"name": "startup.cfg", "modelCount": 1, "models": models}, separators=(",", ":"))
+
+
+def render_config(template: str, protocol: str, archive: Path) -> str:
+    values = {"service_envelope": ENVELOPES[protocol], "model_snapshot": snapshot(archive)}
+    lines = []
+    for line in template.splitlines():
+        key = line.split("=", 1)[0].strip()
+        lines.append(f"{key}={values.pop(key)}" if key in values and not line.lstrip().startswith("#") else line)
+    lines += [f"{key}={value}" for key, value in values.items()]  # template without the keys
+    return "\n".join(lines) + "\n"
+
+
+def assemble(archive: Path, out: Path, protocol: str = "v2") -> Path:
+    if protocol not in ENVELOPES:
+        raise AssembleError(f"protocol must be one of {sorted(ENVELOPES)}, got {protocol!r}")
+    if not archive.is_file():
+        raise AssembleError(f"archive not found: {archive} (build it: make archive)")
+    config = render_config(TEMPLATE.read_text(), protocol, archive)
+    shutil.rmtree(out / "model-store", ignore_errors=True)
+    (out / "config").mkdir(parents=True, exist_ok=True)
+    (out / "model-store").mkdir(parents=True)
+    shutil.copy(archive, out / "model-store" / archive.name)
+    (out / "config" / "config.properties").write_text(config)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="a .mar built by scripts/build_mar.py")
+    parser.add_argument("--protocol", default="v2", choices=sorted(ENVELOPES))
+    parser.add_argument("--out", type=Path, help="default: var/kserve/<protocol>")
+    args = parser.parse_args(argv)
+    out = args.out or ROOT / "var" / "kserve" / args.protocol
+    try:
+        assemble(args.archive, out, args.protocol)
+    except AssembleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"KServe storage for {args.protocol} in {out}: config/config.properties, model-store/{args.archive.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
