@@ -2,6 +2,7 @@
 
     python scripts/serve.py start                      # the shipped default model, loopback only
     python scripts/serve.py start --profile hardened   # token auth on, model API off
+    python scripts/serve.py start --profile container --fresh --foreground   # the Docker image's process
     python scripts/serve.py status
     python scripts/serve.py stop
 
@@ -13,6 +14,7 @@ still in the model store; a stale snapshot is moved aside and the default model 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -21,13 +23,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = {"default": ROOT / "config.properties", "hardened": ROOT / "config" / "hardened.properties"}
+PROFILES = {
+    "default": ROOT / "config.properties",
+    "hardened": ROOT / "config" / "hardened.properties",
+    "container": ROOT / "config" / "container.properties",
+}
 DEFAULT_MODEL = "efficientnet_lite0_cars"
 DEFAULT_ARCHIVE = f"{DEFAULT_MODEL}_v1.0.mar"
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
@@ -86,6 +93,7 @@ class Server:
     model_store: Path = ROOT / "model_store"
     ports: dict[str, int] | None = None  # {"inference": 8080, ...}: tests pass free ports
     overrides: dict[str, str] = field(default_factory=dict)
+    config: Path | None = None  # a config.properties of its own instead of a profile's (deploy/kserve)
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir).resolve()
@@ -98,7 +106,7 @@ class Server:
     def _render_props(self) -> dict[str, str]:
         if self.profile not in PROFILES:
             raise ServeError(f"unknown profile {self.profile!r}: {', '.join(PROFILES)}")
-        props = read_properties(PROFILES[self.profile])
+        props = read_properties(Path(self.config) if self.config else PROFILES[self.profile])
         props["model_store"] = str(self.model_store)
         if "metrics_config" in props:
             props["metrics_config"] = str(ROOT / props["metrics_config"])
@@ -332,6 +340,29 @@ TorchServe is up; {model} is READY.
 """)
 
 
+def run_foreground(server: Server, start: Callable[[], None]) -> int:
+    """`start()` TorchServe and stay while it runs (a container's main process). SIGTERM or SIGINT (docker stop,
+    Ctrl-C), during the start too, stops it cleanly and returns 0; TorchServe exiting on its own returns 1."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM is Ctrl-C from here on
+    try:
+        start()
+        pid = int((server.run_dir / "tmp" / ".model_server.pid").read_text())
+        while _alive(pid):
+            with contextlib.suppress(ChildProcessError):  # as PID 1, TorchServe's orphaned processes are ours to reap
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the stop short
+        print("stopping TorchServe", flush=True)
+        server.stop()
+        print("TorchServe stopped", flush=True)
+        return 0
+    print(f"error: TorchServe exited; see {server.run_dir / 'logs'}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["start", "stop", "status"])
@@ -343,6 +374,10 @@ def main(argv=None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore the last snapshot")
     parser.add_argument("--timeout", type=float, default=180)
     parser.add_argument("--run_dir", default=str(ROOT / "var" / "run"), help="state: rendered config, logs, pid")
+    parser.add_argument(
+        "--foreground", action="store_true", help="start: stay until TorchServe exits; SIGTERM/SIGINT stop it"
+    )
+    parser.add_argument("--host", help="listen on this address instead of the profile's (e.g. 127.0.0.1)")
     for api in ADDRESS_KEYS:
         parser.add_argument(f"--{api}_port", type=int, help=f"default: the profile's {ADDRESS_KEYS[api]}")
     args = parser.parse_args(argv)
@@ -350,6 +385,9 @@ def main(argv=None) -> int:
     if args.command != "start" and not ports:
         ports = rendered_ports(Path(args.run_dir))  # stop/status talk to the instance start rendered
     server = Server(run_dir=Path(args.run_dir), profile=args.profile, model_store=Path(args.model_store), ports=ports)
+    if args.host:  # the host part of the three addresses; scheme and port stay
+        for key in ADDRESS_KEYS.values():
+            server.props[key] = re.sub(r"(?<=//)[^/]+(?=:\d+$)", args.host, server.props[key])
     try:
         if args.command == "stop":
             server.stop()
@@ -362,9 +400,16 @@ def main(argv=None) -> int:
                 print(f"TorchServe is already running at {server.url('inference')} (make stop first)")
                 return 0
             models = dict(m.split("=", 1) for m in args.model) if args.model else None
-            why = server.start(models, restore=not args.fresh, timeout=args.timeout)
-            print(f"started ({why})")
-            print_examples(server, next(iter(models)) if models else DEFAULT_MODEL)
+
+            def start() -> None:
+                why = server.start(models, restore=not args.fresh, timeout=args.timeout)
+                print(f"started ({why})")
+                print_examples(server, next(iter(models)) if models else DEFAULT_MODEL)
+                sys.stdout.flush()
+
+            if args.foreground:
+                return run_foreground(server, start)
+            start()
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
