@@ -11,13 +11,15 @@ EXPORT := models/$(MODEL)
 ARCHIVE := model_store/$(MODEL)_v1.0.mar
 SERVING_SOURCES := $(wildcard handler/*.py) training/__init__.py training/config.py training/presets.py training/model.py
 
-.PHONY: help env java serve stop status test lint format archive train evaluate export eda tune clean bench
+.PHONY: help env java serve stop status test lint format archive train evaluate export eda tune clean bench \
+	gate register promote fetch release-archive kserve image
 
 help:
 	@echo "make serve   - create the environment if needed, build the archive, start TorchServe, wait until READY"
 	@echo "make stop    - stop TorchServe"
 	@echo "make test    - lint + the whole test suite (what CI runs)"
 	@echo "make train   - train the default model on ../shared/stanford_cars, evaluate, export, calibrate int8 into $(EXPORT)"
+	@echo "make gate | register | promote | release-archive | kserve | image - the release pipeline (README)"
 	@echo "make eda | tune | archive | lint | format | clean"
 
 # --- environment -------------------------------------------------------------------------
@@ -81,6 +83,38 @@ eda: $(STAMP)
 
 tune: $(STAMP)
 	$(PY) -m training.tune --config configs/resnet50.yaml
+
+# --- release pipeline (README "From training run to deployed image"; CI: .github/workflows) ---
+# MLflow store: mlruns/ here, $$MLFLOW_TRACKING_URI (a team server) in CI.
+GATE_FLAGS ?=
+ALIAS ?= candidate
+IMAGE ?= car-classifier
+IMAGE_TAG ?= dev
+
+gate: $(STAMP)
+	$(PY) -m training.gate --metrics $(EXPORT)/metrics.json --baseline models:/$(MODEL)@production $(GATE_FLAGS)
+
+register: $(STAMP)
+	$(PY) -m training.register --export $(EXPORT) --alias $(ALIAS)
+
+promote: $(STAMP)
+	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=<registry version>"; exit 2; }
+	$(PY) -m training.register --name $(MODEL) --version $(VERSION) --alias production
+
+# A registered version's export into $(EXPORT), where `make archive` and the Dockerfile take it from.
+fetch: $(STAMP)
+	$(PY) -m training.register --name $(MODEL) --alias $(ALIAS) --download $(EXPORT)
+
+# The archive of a registered version (default: the candidate), versioned like the registry.
+release-archive: $(STAMP)
+	$(PY) scripts/build_mar.py --registered $(MODEL)@$(ALIAS) --force
+
+kserve: $(ARCHIVE)
+	$(PY) deploy/kserve/assemble.py --archive $(ARCHIVE) --protocol v1
+	$(PY) deploy/kserve/assemble.py --archive $(ARCHIVE) --protocol v2
+
+image:
+	docker build -t $(IMAGE):$(IMAGE_TAG) .
 
 clean:
 	-$(PY) scripts/serve.py stop
