@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import loadgen  # noqa: E402
 from bench.common import BENCH_VAR, ROOT, SHARED_TRAIN, BenchError, pick_image  # noqa: E402
 from bench.exports import resolve_export  # noqa: E402
-from bench.run import RUN_DIRS, build_archive, key_value, parse_duration, warm_up  # noqa: E402
-from bench.servers import serving  # noqa: E402
+from bench.run import add_ours_arguments, fresh_server, parse_duration, warm_up  # noqa: E402
 from training.data import IMAGE_EXTENSIONS  # noqa: E402
 
 IMAGES_DIR = BENCH_VAR / "batch_images"
@@ -74,13 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=parse_duration, default=parse_duration("15s"), help="the hey run")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--batch_size", type=int)
-    p.add_argument("--max_batch_delay", type=int, help="ms")
-    p.add_argument("--build_mar", nargs="+", type=key_value, default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    args.build_mar = dict(args.build_mar)
-    return args
+    add_ours_arguments(p)
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -89,10 +83,8 @@ def main(argv=None) -> int:
         loadgen.ensure_hey()
         photos = link_images(args.images)
         mean_kb = sum(p.stat().st_size for p in photos) / len(photos) / 1024
-        store, name, archive = build_archive("ours", resolve_export(args.model), args)
-        run_dir = RUN_DIRS / f"batch-{name}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with serving("ours", run_dir, store, name, archive) as served:
+        with fresh_server("ours", resolve_export(args.model), args, label="batch") as served:
+            name = served.name
             image = pick_image()
             warm_up(served.predict_url, image)
             hey = loadgen.run_hey(served.predict_url, image, args.concurrency, args.duration, None)

@@ -15,6 +15,7 @@ One TorchServe at a time; run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -69,12 +70,38 @@ def key_value(text: str) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ HTTP setups
 
 
+def add_ours_arguments(parser) -> None:
+    """Our server's settings, passed to scripts/build_mar.py (bench/run.py, stages.py, batch_script.py)."""
+    ours = parser.add_argument_group("ours: passed to scripts/build_mar.py (default: its defaults)")
+    ours.add_argument("--workers", type=int)
+    ours.add_argument("--batch_size", type=int)
+    ours.add_argument("--max_batch_delay", type=int, help="ms")
+    ours.add_argument(
+        "--build_mar",
+        nargs="+",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="more build_mar.py flags, e.g. backend=torch precision=fp32 (backend/precision: inprocess too)",
+    )
+
+
 def build_archive(setup: str, export: Path, args) -> tuple[Path, str, str]:
     store = STORES / setup
     if setup == "stock":
         return store, *archives.build_stock(export, store)
     settings = {"workers": args.workers, "batch_size": args.batch_size, "max_batch_delay": args.max_batch_delay}
-    return store, *archives.build_ours(export, store, {**settings, **args.build_mar})
+    return store, *archives.build_ours(export, store, {**settings, **dict(args.build_mar)})
+
+
+@contextlib.contextmanager
+def fresh_server(setup: str, export: Path, args, label: str | None = None):
+    """Build the setup's archive, start it in an emptied state folder, yield the ServedModel, stop it."""
+    store, name, archive = build_archive(setup, export, args)
+    run_dir = RUN_DIRS / f"{label or setup}-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with serving(setup, run_dir, store, name, archive) as served:
+        yield served
 
 
 def warm_up(url: str, image: Path) -> None:
@@ -125,12 +152,9 @@ def level_row(model: str, setup: str, concurrency: int, result: loadgen.HeyResul
 
 
 def http_rows(setup: str, model: str, export: Path, image: Path, args) -> list[Row]:
-    store, name, archive = build_archive(setup, export, args)
     size = STOCK_INPUT_SIZE if setup == "stock" else config_lib.load(export / "config.yaml").eval_size
-    run_dir = RUN_DIRS / f"{setup}-{name}"
-    shutil.rmtree(run_dir, ignore_errors=True)
     rows = []
-    with serving(setup, run_dir, store, name, archive) as served:
+    with fresh_server(setup, export, args) as served:
         server = {**served.settings(), "engine": served.engine(), "input_size": size}
         print(f"  {setup}: {server['workers']} worker(s) x {server['batch_size']}, {server['engine']}", flush=True)
         warm_up(served.predict_url, image)
@@ -213,18 +237,7 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=SETUPS, default=SETUPS, help="which setups to run")
     p.add_argument("--image", type=Path, help="request body (default: a ~500x300 car from ../shared)")
     p.add_argument("--out", type=Path, help="results folder (default: var/bench/results/<timestamp>)")
-    ours = p.add_argument_group("ours: passed to scripts/build_mar.py (default: its defaults)")
-    ours.add_argument("--workers", type=int)
-    ours.add_argument("--batch_size", type=int)
-    ours.add_argument("--max_batch_delay", type=int, help="ms")
-    ours.add_argument(
-        "--build_mar",
-        nargs="+",
-        type=key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="more build_mar.py flags, e.g. backend=torch precision=fp32 (backend/precision: inprocess too)",
-    )
+    add_ours_arguments(p)
     quiet = p.add_argument_group("a quiet machine")
     quiet.add_argument("--quiet_pct", type=float, default=DEFAULT_QUIET_PCT, help="others' CPU, %% of one core")
     quiet.add_argument("--quiet_timeout", type=float, default=DEFAULT_QUIET_TIMEOUT_S, help="s to wait, per level")

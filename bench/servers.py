@@ -78,6 +78,7 @@ class ServedModel:
         pids = [w.get("pid") for w in info.get("workers", []) if w.get("pid")]
         return {
             "workers": len(info.get("workers", [])),
+            "worker_pids": pids,
             "worker_omp_num_threads": worker_env(pids[0], "OMP_NUM_THREADS") if pids else None,
             "batch_size": info.get("batchSize"),
             "max_batch_delay_ms": info.get("maxBatchDelay"),

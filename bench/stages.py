@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import loadgen  # noqa: E402
 from bench.common import BENCH_VAR, BenchError, pick_image, timestamp  # noqa: E402
 from bench.exports import resolve_export  # noqa: E402
-from bench.run import RUN_DIRS, build_archive, key_value, parse_duration, warm_up  # noqa: E402
-from bench.servers import serving  # noqa: E402
+from bench.run import add_ours_arguments, fresh_server, parse_duration, warm_up  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BATCH_LINE = re.compile(r"batch of (\d+) request\(s\), (\d+) refused: preprocess ([\d.]+) ms, inference ([\d.]+) ms")
@@ -185,13 +183,8 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 32])
     p.add_argument("--duration", type=parse_duration, default=parse_duration("15s"), help="per level")
     p.add_argument("--image", type=Path, help="request body (default: the benchmark's car)")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--batch_size", type=int)
-    p.add_argument("--max_batch_delay", type=int, help="ms")
-    p.add_argument("--build_mar", nargs="+", type=key_value, default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    args.build_mar = dict(args.build_mar)
-    return args
+    add_ours_arguments(p)
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -199,19 +192,14 @@ def main(argv=None) -> int:
     try:
         loadgen.ensure_hey()
         image = (args.image or pick_image()).resolve()
-        export = resolve_export(args.model)
-        store, name, archive = build_archive("ours", export, args)
-        run_dir = RUN_DIRS / f"profile-{name}"
-        shutil.rmtree(run_dir, ignore_errors=True)
         profiles = []
-        with serving("ours", run_dir, store, name, archive) as served:
-            info = requests.get(f"{served.server.url('management')}/models/{name}", timeout=HTTP_TIMEOUT_S).json()[0]
-            workers = [w["pid"] for w in info["workers"] if w.get("pid")]
-            frontend = int((run_dir / "tmp" / ".model_server.pid").read_text())
+        with fresh_server("ours", resolve_export(args.model), args, label="profile") as served:
+            name = served.name
+            frontend = int((served.server.run_dir / "tmp" / ".model_server.pid").read_text())
             settings = {**served.settings(), "engine": served.engine()}
             warm_up(served.predict_url, image)
             for concurrency in args.concurrency:
-                profiles.append(profile_level(served, frontend, workers, image, concurrency, args))
+                profiles.append(profile_level(served, frontend, settings["worker_pids"], image, concurrency, args))
                 print(report(name, settings, profiles[-1]) + "\n", flush=True)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -126,13 +126,11 @@ def download_registered(args, dest: Path) -> Path:
     from training import tracking
 
     try:
-        found = tracking.model_version(args.registered)
-        if found is None:
-            raise BuildError(f"no registered model {args.registered!r} in {tracking.tracking_uri()}")
-        args.version = args.version or f"{found.version}.0"  # registry version 3 -> archive 3.0
-        return tracking.download_registered(args.registered, dest)
+        export, version = tracking.download_registered(args.registered, dest)
     except tracking.TrackingError as err:
         raise BuildError(str(err)) from err
+    args.version = args.version or f"{version}.0"  # registry version 3 -> archive 3.0
+    return export
 
 
 def build_from(export: Path, args) -> Path:

@@ -94,6 +94,7 @@ class Server:
     ports: dict[str, int] | None = None  # {"inference": 8080, ...}: tests pass free ports
     overrides: dict[str, str] = field(default_factory=dict)
     config: Path | None = None  # a config.properties of its own instead of a profile's (deploy/kserve)
+    host: str | None = None  # listen here instead of the config's host (scheme and ports stay)
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir).resolve()
@@ -110,11 +111,11 @@ class Server:
         props["model_store"] = str(self.model_store)
         if "metrics_config" in props:
             props["metrics_config"] = str(ROOT / props["metrics_config"])
-        for name, port in (self.ports or {}).items():
-            if name not in ADDRESS_KEYS:
-                continue
-            scheme_host = props[ADDRESS_KEYS[name]].rsplit(":", 1)[0]
-            props[ADDRESS_KEYS[name]] = f"{scheme_host}:{port}"
+        for name, key in ADDRESS_KEYS.items():
+            scheme_host, port = props[key].rsplit(":", 1)
+            if self.host:
+                scheme_host = f"{scheme_host.split('//', 1)[0]}//{self.host}"
+            props[key] = f"{scheme_host}:{(self.ports or {}).get(name, port)}"
         if self.ports:  # tests: keep gRPC off the fixed ports too
             props["grpc_inference_port"] = str(self.ports.get("grpc_inference") or _free_port())
             props["grpc_management_port"] = str(self.ports.get("grpc_management") or _free_port())
@@ -384,10 +385,13 @@ def main(argv=None) -> int:
     ports = {api: getattr(args, f"{api}_port") for api in ADDRESS_KEYS if getattr(args, f"{api}_port")}
     if args.command != "start" and not ports:
         ports = rendered_ports(Path(args.run_dir))  # stop/status talk to the instance start rendered
-    server = Server(run_dir=Path(args.run_dir), profile=args.profile, model_store=Path(args.model_store), ports=ports)
-    if args.host:  # the host part of the three addresses; scheme and port stay
-        for key in ADDRESS_KEYS.values():
-            server.props[key] = re.sub(r"(?<=//)[^/]+(?=:\d+$)", args.host, server.props[key])
+    server = Server(
+        run_dir=Path(args.run_dir),
+        profile=args.profile,
+        model_store=Path(args.model_store),
+        ports=ports,
+        host=args.host,
+    )
     try:
         if args.command == "stop":
             server.stop()

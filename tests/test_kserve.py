@@ -40,12 +40,13 @@ def layouts(tmp_path_factory, model_store) -> dict[str, Path]:
 
 def kserve_server(layout: Path, run_dir: Path) -> Server:
     """TorchServe with the layout's own config.properties; only the addresses move to free loopback ports."""
-    ports = free_ports()
-    addresses = {f"{api}_address": f"http://127.0.0.1:{ports[api]}" for api in ("inference", "management", "metrics")}
     server = Server(
-        run_dir=run_dir, model_store=layout / "model-store", ports=ports, config=layout / "config" / "config.properties"
+        run_dir=run_dir,
+        model_store=layout / "model-store",
+        ports=free_ports(),
+        config=layout / "config" / "config.properties",
+        host="127.0.0.1",
     )
-    server.props.update(addresses)
     try:
         server.start({}, restore=False)  # no --models: the config's model_snapshot loads the archive
         server.wait_ready([MODEL])

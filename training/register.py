@@ -26,7 +26,7 @@ from training import tracking
 def download(reference: str, dest: Path) -> None:
     """Replace `dest` with the registered export (fetched next to it first, so a failure leaves it alone)."""
     with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.is_dir() else None) as tmp:
-        fetched = tracking.download_registered(reference, Path(tmp))
+        fetched, _ = tracking.download_registered(reference, Path(tmp))
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(fetched, dest)
 

@@ -201,11 +201,11 @@ def model_version(reference: str):
         return None
 
 
-def download_registered(reference: str, dest: Path) -> Path:
-    """The export folder of a registered version, downloaded into `dest`."""
+def download_registered(reference: str, dest: Path) -> tuple[Path, str]:
+    """The export folder of a registered version, downloaded into `dest`, and that version's number."""
     found = model_version(reference)
     if found is None:
         raise TrackingError(f"no registered model {reference!r} in {tracking_uri()}")
     mlflow = client_mlflow()
     path = mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=str(dest))
-    return Path(path)
+    return Path(path), str(found.version)
