@@ -150,9 +150,10 @@ class Server:
     def token(self, kind: str = "inference") -> str | None:
         """The key TorchServe generated for this instance (hardened profile), or None."""
         key_file = self.run_dir / "key_file.json"
-        if not key_file.is_file():
+        try:
+            keys = json.loads(key_file.read_text())
+        except (FileNotFoundError, ValueError):  # not there yet, or TorchServe is still writing it
             return None
-        keys = json.loads(key_file.read_text())
         return keys[kind]["key"]
 
     def headers(self, kind: str = "inference") -> dict[str, str]:
