@@ -39,9 +39,8 @@ RUN python -m venv /opt/venv \
     && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && rm -rf "$site/torch/test" "$site/torch/include" "$site"/torch/bin/test_* \
     && python -m pip uninstall --yes --quiet pip
-COPY handler/ handler/
-COPY training/__init__.py training/config.py training/presets.py training/model.py training/data.py training/
-COPY scripts/ scripts/
+COPY carmodel/ carmodel/
+COPY serving/ serving/
 COPY config/ config/
 COPY config.properties ./
 COPY models/efficientnet_lite0_cars/ models/efficientnet_lite0_cars/
@@ -73,8 +72,10 @@ COPY --from=build /app/model_store/ model_store/
 COPY config.properties ./
 COPY config/ config/
 COPY scripts/ scripts/
-COPY handler/ handler/
-COPY training/__init__.py training/config.py training/presets.py training/model.py training/data.py training/
+# The packages serving and the batch client run (python -m from /app); training/ stays out of the image.
+COPY carmodel/ carmodel/
+COPY serving/ serving/
+COPY client/ client/
 USER 10001:10001
 # Inference, management, metrics. They listen on 0.0.0.0 inside the container only (its own network
 # namespace; config/container.properties): publish them on the host's loopback, not on every interface:

@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 MODEL := efficientnet_lite0_cars
 EXPORT := models/$(MODEL)
 ARCHIVE := model_store/$(MODEL)_v1.0.mar
-SERVING_SOURCES := $(wildcard handler/*.py) training/__init__.py training/config.py training/presets.py training/model.py
+# The archive packs these two packages whole (serving/archive.py).
+SERVING_SOURCES := $(wildcard carmodel/*.py serving/*.py)
 
 .PHONY: help env java serve stop status test lint format archive train evaluate export eda tune clean bench \
 	gate register promote fetch release-archive kserve image
@@ -25,10 +26,11 @@ help:
 # --- environment -------------------------------------------------------------------------
 # torch/torchvision first, with --isolated: a pip configuration that offers a CPU-only "+cpu"
 # torch wheel (find-links) would otherwise win, and PyPI's torchvision cannot load on it.
-$(STAMP): requirements/torch.txt requirements/serve.txt requirements/train.txt requirements/dev.txt
+$(STAMP): requirements/torch.txt requirements/serve.txt requirements/train.txt requirements/dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --isolated -r requirements/torch.txt
 	$(PIP) install --quiet -r requirements/dev.txt
+	$(PIP) install --quiet --no-deps -e .  # the project itself: its packages and commands (serve, build-mar, ...)
 	$(PY) -c "import torch, torchvision; torchvision.ops.nms" # fails fast on a mismatched pair
 	touch $@
 
@@ -45,19 +47,19 @@ java:
 	fi
 
 # --- serving -----------------------------------------------------------------------------
-$(ARCHIVE): $(EXPORT)/$(MODEL).pth $(EXPORT)/index_to_name.json $(EXPORT)/config.yaml $(wildcard $(EXPORT)/$(MODEL)_int8.*) $(SERVING_SOURCES) scripts/build_mar.py | $(STAMP)
-	$(PY) scripts/build_mar.py --export $(EXPORT) --version 1.0 --force
+$(ARCHIVE): $(EXPORT)/$(MODEL).pth $(EXPORT)/index_to_name.json $(EXPORT)/model.yaml $(wildcard $(EXPORT)/$(MODEL)_int8.*) $(SERVING_SOURCES) | $(STAMP)
+	$(VENV)/bin/build-mar --export $(EXPORT) --version 1.0 --force
 
 archive: $(ARCHIVE)
 
 serve: env $(ARCHIVE)
-	$(PY) scripts/serve.py start
+	$(VENV)/bin/serve start
 
 stop:
-	$(PY) scripts/serve.py stop
+	$(VENV)/bin/serve stop
 
 status:
-	$(PY) scripts/serve.py status
+	$(VENV)/bin/serve status
 
 # --- quality -----------------------------------------------------------------------------
 lint: $(STAMP)
@@ -107,20 +109,20 @@ fetch: $(STAMP)
 
 # The archive of a registered version (default: the candidate), versioned like the registry.
 release-archive: $(STAMP)
-	$(PY) scripts/build_mar.py --registered $(MODEL)@$(ALIAS) --force
+	$(VENV)/bin/build-mar --registered $(MODEL)@$(ALIAS) --force
 
 kserve: $(ARCHIVE)
-	$(PY) deploy/kserve/assemble.py --archive $(ARCHIVE) --protocol v1
-	$(PY) deploy/kserve/assemble.py --archive $(ARCHIVE) --protocol v2
+	$(PY) -m serving.kserve --archive $(ARCHIVE) --protocol v1
+	$(PY) -m serving.kserve --archive $(ARCHIVE) --protocol v2
 
 image:
 	docker build -t $(IMAGE):$(IMAGE_TAG) .
 
 clean:
-	-$(PY) scripts/serve.py stop
+	-$(VENV)/bin/serve stop
 	rm -rf var model_store/*.mar .pytest_cache
 
 # --- benchmark (see bench/README.md) ---------------------------------------------------------
 # Stock TorchServe handler vs ours vs the in-process ceiling; run on an idle machine (~8 min).
 bench: env
-	$(PY) bench/run.py
+	$(PY) -m bench.run

@@ -3,10 +3,10 @@
 # (tests/test_container.py runs every subcommand against the project's virtualenv):
 #
 #   scripts/container.sh install    # pip: CPU-only torch/torchvision, then requirements/serve.txt
-#   scripts/container.sh archive    # the default model's .mar into $MODEL_STORE (extra args: build_mar.py's)
+#   scripts/container.sh archive    # the default model's .mar into $MODEL_STORE (extra args: build-mar's)
 #   scripts/container.sh start      # TorchServe in the foreground until SIGTERM/SIGINT (the image's CMD)
 #   scripts/container.sh predict    # start, classify every image under $IN_DIR into $OUT_DIR, stop
-#                                   # (extra args: predict_dir.py's, e.g. --csv --topk 3 --quiet)
+#                                   # (extra args: predict-dir's, e.g. --csv --topk 3 --quiet)
 #
 # Environment (defaults in brackets):
 #   PYTHON [python3]  PIP ["$PYTHON -m pip"]
@@ -17,13 +17,13 @@
 #   INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT [8080, 8081, 8082]
 #   IN_DIR [/data/in]  OUT_DIR [/data/out]  MODEL [efficientnet_lite0_cars]
 #
-# predict exits with scripts/predict_dir.py's status: 0 all classified, 1 some files failed,
-# 2 no images (checked before TorchServe starts), 3 TorchServe unreachable (also: it did not
-# start), 4 model not registered.
+# predict exits with predict-dir's status: 0 all classified, 1 some files failed,
+# 2 no images (checked before TorchServe starts), 3 TorchServe unreachable or the key refused
+# (also: it did not start), 4 TorchServe answered with an error (e.g. model not registered).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$ROOT" # python -m finds the project's packages here (the image does not pip-install the project)
 
 PYTHON="${PYTHON:-python3}"
 read -r -a PIP_CMD <<<"${PIP:-$PYTHON -m pip}"
@@ -37,7 +37,7 @@ usage() {
     exit 64
 }
 
-# scripts/serve.py's flags for this instance (profile, store, state, host, ports).
+# serve's flags for this instance (profile, store, state, host, ports).
 serve_flags() {
     SERVE=(--profile container --model_store "$MODEL_STORE" --run_dir "$RUN_DIR")
     if [[ -n "${BIND_HOST:-}" ]]; then SERVE+=(--host "$BIND_HOST"); fi
@@ -65,16 +65,16 @@ do_install() {
 }
 
 do_archive() {
-    "$PYTHON" scripts/build_mar.py --export "models/$MODEL" --version 1.0 --model_store "$MODEL_STORE" --force "$@"
+    "$PYTHON" -m serving.archive --export "models/$MODEL" --version 1.0 --model_store "$MODEL_STORE" --force "$@"
 }
 
 do_start() {
     serve_flags
     mkdir -p "$RUN_DIR"
-    # serve.py appends TorchServe's output to torchserve.out: here, that is our stdout (docker logs; a
+    # serve appends TorchServe's output to torchserve.out: here, that is our stdout (docker logs; a
     # pipe there - outside Docker, redirect with >> so that both writers append).
     ln -sfn /proc/self/fd/1 "$RUN_DIR/torchserve.out"
-    exec "$PYTHON" scripts/serve.py start "${SERVE[@]}" --fresh --foreground "$@"
+    exec "$PYTHON" -m serving.serve start "${SERVE[@]}" --fresh --foreground "$@"
 }
 
 do_predict() {
@@ -84,7 +84,7 @@ do_predict() {
     # shellcheck disable=SC2016 # the $PWD in the message is for the user's shell
     "$PYTHON" -c '
 import sys
-from scripts.predict_dir import NoImagesError, find_images
+from client.predict_dir import NoImagesError, find_images
 try:
     find_images(sys.argv[1])
 except NoImagesError as err:
@@ -92,12 +92,12 @@ except NoImagesError as err:
 ' "$in_dir" || exit 2
     serve_flags
     mkdir -p "$RUN_DIR"
-    if ! "$PYTHON" scripts/serve.py start "${SERVE[@]}" --fresh >&2; then
+    if ! "$PYTHON" -m serving.serve start "${SERVE[@]}" --fresh >&2; then
         tail -n 30 "$RUN_DIR/torchserve.out" >&2 || true
         exit 3
     fi
-    trap '"$PYTHON" scripts/serve.py stop "${SERVE[@]}" >&2' EXIT
-    "$PYTHON" scripts/predict_dir.py "$in_dir" --model "$MODEL" --out "${OUT_DIR:-/data/out}" \
+    trap '"$PYTHON" -m serving.serve stop "${SERVE[@]}" >&2' EXIT
+    "$PYTHON" -m client.predict_dir "$in_dir" --model "$MODEL" --out "${OUT_DIR:-/data/out}" \
         --url "http://$host:${INFERENCE_PORT:-8080}" "$@" &
     child=$!
     # docker stop (SIGTERM to PID 1) or Ctrl-C: end the batch run, then the EXIT trap stops TorchServe.

@@ -8,23 +8,17 @@
 
 `pretrained` is "imagenet", "none" (random, on purpose) or a path to a weights file. The init
 actually used is returned and logged; a failed ImageNet download never falls back to random.
-
-    python -m training.model --arch efficientnet_lite0 --unfreeze 5
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-
-from training import config as config_lib
 
 log = logging.getLogger(__name__)
 
@@ -197,28 +191,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config_lib.add_arguments(parser)
-    parser.add_argument("--num_classes", type=int, default=196)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = config_lib.from_args(args)
-    try:
-        model, init = build_model(cfg.arch, args.num_classes, cfg.pretrained, cfg.dropout)
-    except PretrainedWeightsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    frozen = freeze(model, cfg.arch, cfg.unfreeze)
-    total, trainable = count_parameters(model)
-    blocks = len(spec(cfg.arch).blocks(model))
-    print(
-        f"{cfg.arch}: init={init} params={total:,} trainable={trainable:,} blocks={blocks} frozen_blocks={len(frozen)}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

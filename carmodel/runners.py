@@ -1,21 +1,15 @@
-"""The CPU fast path: the same network compiled by OpenVINO; int8 where the export has a
-calibrated int8 model, else bf16 where the CPU has it, else fp32.
+"""Runners: `run(batch) -> logits` for a network, the fastest way this CPU allows.
 
-Chosen by measurement on this project's 2-core AVX-512 machine (avx512_bf16 and VNNI, no AMX),
-in-process at batch 16 (bench/README.md, "int8"): the shipped Lite0 runs 185 img/s
-in OpenVINO fp32, 368 in bf16 and 464 in int8; ResNet-50 26 / 52 / 99. Held-out top-1 of the
-shipped model: fp32 86.53 %, bf16 86.04 %, int8 86.62 %. The int8 model is calibrated once, on
-training photos, by `python -m training.quantize` and travels in the export and the .mar, since
-the server has no photos to calibrate on. OpenVINO needs no compiler toolchain at load time,
-unlike torch.compile. The torch model stays the reference: explanations (gradients) use it,
-and `backend: torch` serves with it.
+The same network compiled by OpenVINO: int8 where the export has a calibrated int8 model
+(training.quantize; the server has no photos to calibrate on), else bf16 where the CPU has it,
+else fp32 - chosen by measurement (bench/README.md, "int8"). OpenVINO needs no compiler
+toolchain at load time, unlike torch.compile. The eager torch model stays the reference: the
+fp32 runner, explanations (gradients) and `backend: torch` use it.
 
-Settings (model-config.yaml, `handler:` section):
     backend:   auto | openvino | torch    auto = openvino when it imports, else torch
-    precision: auto | int8 | bf16 | fp32  auto = int8 when the archive has the int8 model,
+    precision: auto | int8 | bf16 | fp32  auto = int8 when there is an int8 model,
                                           else bf16 when the CPU reports BF16, else fp32
-    threads:   0 | N                      threads per worker; 0 = the library default (all cores).
-                                          With several workers, cores / workers avoids oversubscription.
+    threads:   0 | N                      0 = the library default (all cores)
 """
 
 from __future__ import annotations
@@ -30,11 +24,6 @@ import torch
 logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "openvino", "torch")
 PRECISIONS = ("auto", "int8", "bf16", "fp32")
-
-
-def int8_model_path(model_dir: Path, model_name: str) -> Path:
-    """Where training.quantize writes the calibrated int8 model (OpenVINO IR: .xml + .bin)."""
-    return Path(model_dir) / f"{model_name}_int8.xml"
 
 
 def to_openvino(model: torch.nn.Module, image_size: int):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from handler.image_input import InputError
+from carmodel.images import InputError
 
 
 @dataclass
@@ -21,8 +21,6 @@ class Batch:
     topk: dict[int, int] = field(default_factory=dict)  # request index -> k
     errors: dict[int, InputError] = field(default_factory=dict)  # request index -> why it was refused
     logits: torch.Tensor | None = None
-    preprocess_ms: float = 0.0
-    inference_ms: float = 0.0
 
     def add(self, idx: int, tensor: torch.Tensor, topk: int) -> None:
         self.positions.append(idx)

@@ -1,21 +1,18 @@
-"""TorchServe handler for the Stanford Cars classifier.
+"""TorchServe handler for the Stanford Cars classifier: the TorchServe adapter, nothing more.
 
-Subclasses the stock `ImageClassifier` and overrides only what differs:
+Subclasses the stock `ImageClassifier` and overrides only what differs. The inference chain
+itself (eval preset, runner, top-k) is carmodel's `Predictor`; here is what TorchServe adds:
 
-* model loading: the architecture from the export's config (handler/model.py), weights_only;
-* preprocessing: `training.presets.ClassificationPresetEval`, the exact transform used to
-  evaluate the model, read from the packed training code - never a second copy;
-* input handling: raw body, multipart field or base64 JSON, any image mode, EXIF orientation,
-  size and pixel limits (handler/image_input.py); each bad item in a batch gets its own 4xx
-  JSON error while its neighbours get their predictions;
-* response: top-k `[{class_id, class_name, probability}]`, best first; per request via an
-  `X-Top-K` header, or a `topk` multipart/JSON field;
+* loading from the unpacked archive (carmodel.export.ExportDir), weights_only; a model that
+  cannot load answers 503 with the reason instead of restarting forever;
+* request rows -> images (serving/requests.py): raw body, multipart field or base64 JSON; each
+  bad item in a batch gets its own 4xx JSON error while its neighbours get their predictions;
+* top-k per request: an `X-Top-K` header, or a `topk` multipart/JSON field;
 * explanations: Integrated Gradients per image as a 2-D heat map;
-* inference: the fast path of handler/fast_path.py (OpenVINO, bf16 where the CPU has it),
-  compiled at load; the torch model stays for explanations;
-* metrics: preprocess/inference time, predictions per class, top-1 confidence, input errors.
+* metrics (config/metrics.yaml) and a description (`GET /models/<name>?customized=true`) with
+  the engine and settings in use.
 
-Settings come from the `handler:` section of the model's model-config.yaml.
+Settings: the `handler:` section of the archive's model-config.yaml (serving/settings.py).
 """
 
 from __future__ import annotations
@@ -34,12 +31,12 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.image_classifier import ImageClassifier
 
-from handler.batch import Batch
-from handler.fast_path import int8_model_path, make_runner
-from handler.image_input import InputError, Limits, read_request
-from handler.model import load_model
-from training import config as config_lib
-from training import presets
+from carmodel.export import ExportDir
+from carmodel.images import InputError
+from carmodel.predictor import Predictor
+from serving.batch import Batch
+from serving.requests import read_request
+from serving.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 TOPK_HEADER = "x-top-k"
@@ -52,14 +49,15 @@ def content_types(headers: dict) -> dict[str, str]:
 
 class CarClassifier(ImageClassifier):
     load_error: str | None = None
+    predictor: Predictor | None = None
 
     def initialize(self, context):
         """Load the model; if that fails, stay up and answer every request with a 503 that says why.
 
         TorchServe 0.12 restarts a worker whose initialize raises, forever, and requests queued for
         the model wait for it with no answer (seen: clients hanging until their own timeout). A
-        worker that reports the failure answers them at once, and `scripts/serve.py` reads the
-        reason from the model's description (`GET /models/<name>?customized=true`).
+        worker that reports the failure answers them at once, and serving/torchserve.py reads the
+        reason from the model's description.
         """
         try:
             self._load(context)
@@ -70,41 +68,41 @@ class CarClassifier(ImageClassifier):
             self.initialized = True
 
     def _load(self, context):
-        model_dir = Path(context.system_properties["model_dir"])
-        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
-        limit_fields = {f.name for f in dataclasses.fields(Limits)}
-        self.limits = Limits(**{k: v for k, v in settings.items() if k in limit_fields})
-        self.topk = int(settings.get("topk", 5))
-        self.ig_steps = int(settings.get("ig_steps", 16))
-        self.cfg = config_lib.load(model_dir / "config.yaml")
-        self.image_processing = presets.eval_preset(self.cfg)
-        super().initialize(context)
+        self.settings = HandlerSettings.from_section((getattr(context, "model_yaml_config", None) or {}).get("handler"))
+        self.export = ExportDir(Path(context.system_properties["model_dir"]))
+        super().initialize(context)  # device, then our _load_pickled_model, then captum's IG
         # VisionHandler lifts PIL's decompression-bomb guard; put it back at our own limit.
-        Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
-        self.model = self.model.to(memory_format=torch.channels_last)
+        Image.MAX_IMAGE_PIXELS = self.settings.max_pixels
+        backend = self.settings.backend if self.device.type == "cpu" else "torch"  # OpenVINO: CPU only
         # Compiled and warmed up here: first-request latency belongs to model load, not to a user.
-        backend = settings.get("backend", "auto") if self.device.type == "cpu" else "torch"  # OpenVINO: CPU only
-        threads = int(settings.get("threads", 0))
-        self.decode_pool = ThreadPoolExecutor(threads or os.cpu_count() or 1, thread_name_prefix="decode")
-        self.runner = make_runner(
-            self.model,
-            self.cfg.eval_size,
-            backend,
-            settings.get("precision", "auto"),
-            int8_model_path(model_dir, self.cfg.model_name),
-            threads,
+        self.predictor = Predictor.for_export(
+            self.export, backend, self.settings.precision, self.settings.threads, model=self.model
         )
-        logger.info(
-            "%s ready: arch=%s classes=%d eval_size=%d backend=%s precision=%s threads=%s limits=%s",
-            context.model_name,
-            self.cfg.arch,
-            len(self.mapping),
-            self.cfg.eval_size,
-            self.runner.backend,
-            self.runner.precision,
-            threads or "all",
-            self.limits,
-        )
+        self.model = self.predictor.model
+        self.max_topk = self.settings.max_topk or len(self.predictor.classes)
+        self.decode_pool = ThreadPoolExecutor(self.settings.threads or os.cpu_count() or 1, thread_name_prefix="decode")
+        logger.info("%s ready: %s", context.model_name, self.description())
+
+    def _load_pickled_model(self, model_dir, model_file, model_pt_path):
+        return self.export.load_model(self.device)
+
+    def description(self) -> dict:
+        """What `GET /models/<name>?customized=true` shows: the engine and settings in use, or why loading failed."""
+        if self.predictor is None:
+            return {"load_error": self.load_error}
+        return {
+            "load_error": None,
+            "arch": self.predictor.config.arch,
+            "classes": len(self.predictor.classes),
+            "eval_size": self.predictor.config.eval_size,
+            "backend": self.predictor.runner.backend,
+            "precision": self.predictor.runner.precision,
+            "pid": os.getpid(),
+            "settings": dataclasses.asdict(self.settings),
+        }
+
+    def describe_handle(self):
+        return self.description()
 
     def handle(self, data, context):
         if self.load_error is None:
@@ -118,12 +116,6 @@ class CarClassifier(ImageClassifier):
         self.context.set_response_status(503, self.load_error, idx)
         return {"code": 503, "type": "ModelLoadError", "message": self.load_error}
 
-    def describe_handle(self):
-        return {"load_error": self.load_error}
-
-    def _load_pickled_model(self, model_dir, model_file, model_pt_path):
-        return load_model(model_dir, model_pt_path, self.device)
-
     # ------------------------------------------------------------------ request -> tensors
 
     def preprocess(self, data):
@@ -136,14 +128,16 @@ class CarClassifier(ImageClassifier):
                 batch.errors[idx] = prepared
             else:
                 batch.add(idx, *prepared)
-        batch.preprocess_ms = self._add_time("PreprocessTime", started)
+        self._add_stage_time("preprocess", started, len(data))
         return batch
 
     def _prepare(self, idx: int, row) -> tuple[torch.Tensor, int] | InputError:
         try:
             headers = self._headers(idx)
-            image, topk = read_request(self._with_header_topk(headers, row), self.limits, content_types(headers))
-            return self.image_processing(image), min(topk or self.topk, len(self.mapping))
+            image, topk = read_request(
+                self._with_header_topk(headers, row), self.settings.image_limits, self.max_topk, content_types(headers)
+            )
+            return self.predictor.preprocess(image), topk or self.settings.topk
         except InputError as err:
             return err
 
@@ -165,8 +159,8 @@ class CarClassifier(ImageClassifier):
     def inference(self, batch: Batch, *args, **kwargs):
         if batch.tensors:
             started = time.perf_counter()
-            batch.logits = self.runner.run(torch.stack(batch.tensors))
-            batch.inference_ms = self._add_time("InferenceTime", started)
+            batch.logits = self.predictor.logits(batch.tensors)
+            self._add_stage_time("inference", started, len(batch.tensors))
         return batch
 
     # ------------------------------------------------------------------ tensors -> responses
@@ -174,23 +168,13 @@ class CarClassifier(ImageClassifier):
     def postprocess(self, batch: Batch):
         responses = {idx: self._error_response(idx, err) for idx, err in batch.errors.items()}
         if batch.logits is not None:
-            probabilities = F.softmax(batch.logits, dim=1)
-            for row, idx in enumerate(batch.positions):
-                probs, classes = torch.topk(probabilities[row], batch.topk[idx])
-                responses[idx] = [self._prediction(int(c), float(p)) for p, c in zip(probs, classes, strict=True)]
-                self._record_prediction(responses[idx][0])
-        # One line per batch; bench/stages.py reads it to split a worker's time between stages.
-        logger.info(
-            "batch of %d request(s), %d refused: preprocess %.1f ms, inference %.1f ms",
-            batch.size,
-            len(batch.errors),
-            batch.preprocess_ms,
-            batch.inference_ms,
-        )
+            answers = self.predictor.top_k(batch.logits, [batch.topk[idx] for idx in batch.positions])
+            for idx, answer in zip(batch.positions, answers, strict=True):
+                responses[idx] = [p.to_dict() for p in answer]
+                self._record_prediction(answer[0])
+        # For people reading the log (how requests met in batches); stage timings are on the metrics endpoint.
+        logger.info("batch of %d request(s), %d refused", batch.size, len(batch.errors))
         return [responses[idx] for idx in range(batch.size)]
-
-    def _prediction(self, class_id: int, probability: float) -> dict:
-        return {"class_id": class_id, "class_name": self.mapping[str(class_id)], "probability": round(probability, 6)}
 
     def _error_response(self, idx: int, err: InputError) -> dict:
         if self._is_request(idx):
@@ -207,11 +191,14 @@ class CarClassifier(ImageClassifier):
         for row, idx in enumerate(batch.positions):
             target = self._explain_target(raw_data[idx], batch.logits[row])
             inputs = batch.tensors[row].unsqueeze(0).to(self.device).requires_grad_()
-            attributions = self.ig.attribute(inputs, target=target, n_steps=self.ig_steps)
+            attributions = self.ig.attribute(inputs, target=target, n_steps=self.settings.ig_steps)
             heatmap = attributions.squeeze(0).abs().sum(0)
             heatmap = heatmap / heatmap.max().clamp_min(1e-12)
+            probability = float(F.softmax(batch.logits[row].float(), 0)[target])
             results[idx] = {
-                **self._prediction(target, float(F.softmax(batch.logits[row], 0)[target])),
+                "class_id": target,
+                "class_name": self.predictor.classes[target],
+                "probability": round(probability, 6),
                 "heatmap": [[round(v, 4) for v in line] for line in heatmap.tolist()],
             }
         return [results[idx] for idx in range(batch.size)]
@@ -222,20 +209,26 @@ class CarClassifier(ImageClassifier):
             target = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
         except (TypeError, ValueError):
             return int(logits.argmax())
-        return target if 0 <= target < len(self.mapping) else int(logits.argmax())
+        return target if 0 <= target < len(self.predictor.classes) else int(logits.argmax())
 
     # ------------------------------------------------------------------ metrics
 
     def _metrics(self):
         return self.context.metrics
 
-    def _add_time(self, name: str, started: float) -> float:
+    def _add_stage_time(self, stage: str, started: float, images: int) -> None:
+        """A gauge of the last batch for dashboards, plus running totals (counters) from which a
+        scraper such as bench/stages.py derives the time per image and the batch size of each stage."""
         elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-        if self.context is not None:
-            self._metrics().add_time(name, elapsed_ms, None, "ms")
-        return elapsed_ms
+        if self.context is None:
+            return
+        metrics, dims = self._metrics(), [Dimension("Stage", stage)]
+        metrics.add_time("PreprocessTime" if stage == "preprocess" else "InferenceTime", elapsed_ms, None, "ms")
+        metrics.add_counter("StageMilliseconds", elapsed_ms, None, dims)
+        metrics.add_counter("StageImages", images, None, dims)
+        metrics.add_counter("StageBatches", 1, None, dims)
 
-    def _record_prediction(self, top1: dict):
+    def _record_prediction(self, top1):
         metrics = self._metrics()
-        metrics.add_counter("PredictionsPerClass", 1, None, [Dimension("ClassName", top1["class_name"])])
-        metrics.add_metric("Top1Confidence", top1["probability"], "percent", None, [], MetricTypes.HISTOGRAM)
+        metrics.add_counter("PredictionsPerClass", 1, None, [Dimension("ClassName", top1.class_name)])
+        metrics.add_metric("Top1Confidence", top1.probability, "percent", None, [], MetricTypes.HISTOGRAM)

@@ -3,8 +3,8 @@
     <out>/config/config.properties   deploy/kserve/config/config.properties + this model's snapshot
     <out>/model-store/<archive>.mar  copied from model_store/
 
-    python deploy/kserve/assemble.py                                  # v2, the default .mar
-    python deploy/kserve/assemble.py --protocol v1 --archive model_store/resnet50_cars_v2.0.mar
+    python -m serving.kserve                                          # v2, the default .mar
+    python -m serving.kserve --protocol v1 --archive model_store/resnet50_cars_v2.0.mar
     aws s3 sync var/kserve/v2 s3://your-bucket/car-classifier/v2      # then kubectl apply -f ...
 
 The protocol picks TorchServe's request envelope (v1: `kserve`, v2: `kservev2`); the model's
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = Path(__file__).resolve().parent / "config" / "config.properties"
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "deploy" / "kserve" / "config" / "config.properties"
 DEFAULT_ARCHIVE = ROOT / "model_store" / "efficientnet_lite0_cars_v1.0.mar"
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
 
@@ -34,7 +34,7 @@ class AssembleError(RuntimeError):
 
 
 def read_manifest(archive: Path) -> tuple[dict, dict]:
-    """The archive's MANIFEST.json and model-config.yaml (built by scripts/build_mar.py)."""
+    """The archive's MANIFEST.json and model-config.yaml (built by build-mar)."""
     try:
         with zipfile.ZipFile(archive) as mar:
             manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
@@ -90,7 +90,7 @@ def assemble(archive: Path, out: Path, protocol: str = "v2") -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="a .mar built by scripts/build_mar.py")
+    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="a .mar built by build-mar")
     parser.add_argument("--protocol", default="v2", choices=sorted(ENVELOPES))
     parser.add_argument("--out", type=Path, help="default: var/kserve/<protocol>")
     args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 """Image transforms, after torchvision's references/classification/presets.py.
 
 `ClassificationPresetEval` is the only definition of inference preprocessing in the project:
-the TorchServe handler imports it from this module (packed into the .mar), so training-time
-evaluation and serving can never drift apart.
+training's evaluation, the predictor (carmodel/predictor.py) and so the TorchServe handler all
+take it from here, so evaluation and serving can never drift apart.
 
 Stanford Cars images are cropped to the car, so they are wide (about 2:1). Evaluation squashes
 the whole image to a square instead of centre-cropping it, which would cut off the front and the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from training.config import IMAGENET_MEAN, IMAGENET_STD
+from carmodel.config import IMAGENET_MEAN, IMAGENET_STD
 
 _AUTO_AUGMENT = {
     "ta_wide": lambda interp: v2.TrivialAugmentWide(interpolation=interp),
@@ -78,16 +78,19 @@ class ClassificationPresetEval:
         return self.transforms(img)
 
 
-def train_preset(cfg) -> ClassificationPresetTrain:
+def train_preset(augment, model) -> ClassificationPresetTrain:
+    """`augment`: training's augmentation settings (train_size, hflip_prob, auto_augment, min_crop_scale);
+    `model`: a ModelConfig (or anything with mean and std)."""
     return ClassificationPresetTrain(
-        crop_size=cfg.train_size,
-        mean=cfg.mean,
-        std=cfg.std,
-        hflip_prob=cfg.hflip_prob,
-        auto_augment=cfg.auto_augment,
-        min_crop_scale=cfg.min_crop_scale,
+        crop_size=augment.train_size,
+        mean=model.mean,
+        std=model.std,
+        hflip_prob=augment.hflip_prob,
+        auto_augment=augment.auto_augment,
+        min_crop_scale=augment.min_crop_scale,
     )
 
 
 def eval_preset(cfg) -> ClassificationPresetEval:
+    """`cfg`: a ModelConfig (or anything with eval_size, mean and std)."""
     return ClassificationPresetEval(size=cfg.eval_size, mean=cfg.mean, std=cfg.std)

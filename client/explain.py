@@ -1,17 +1,18 @@
 """Ask TorchServe why the classifier picked a class, and draw the answer over the photo.
 
-    python scripts/explain.py car.jpg --model efficientnet_lite0_cars
-    python scripts/explain.py car.jpg --model efficientnet_lite0_cars --target 3 --out heatmap.png --json
-    python scripts/explain.py car.jpg --model efficientnet_lite0_cars --url https://host:8443 --token "$TOKEN"
+    explain car.jpg --model efficientnet_lite0_cars
+    explain car.jpg --model efficientnet_lite0_cars --target 3 --out heatmap.png --json
+    explain car.jpg --model efficientnet_lite0_cars --url https://host:8443 --token "$TOKEN"
 
 The image goes to ``{url}/explanations/{model}``; the handler answers with the top-1 class (or
 ``--target``) and an Integrated Gradients heat map of the model's input size, normalised to
 [0, 1]. The PNG shows the plain photo next to the photo with the heat map stretched over it.
 Stretching is right, not an approximation: the evaluation transform squashes the whole photo
-to a square (training/presets.py), so heat-map pixel (i, j) covers the same fraction of the
+to a square (carmodel/presets.py), so heat-map pixel (i, j) covers the same fraction of the
 photo in both directions.
 
-Exit status: 0 done, 2 bad local input, 3 server unreachable, 4 the server refused or failed.
+Exit status: 0 done; 2 bad local input; 3 TorchServe not reachable (or refused the token);
+4 TorchServe answered with an error (or no heat map, or nothing within --timeout).
 """
 
 from __future__ import annotations
@@ -23,25 +24,24 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-import requests
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-matplotlib.use("Agg")  # no display on servers and CI; must be chosen before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
+from client import add_server_arguments, server_client
+from serving.client import EXIT_SERVER, EXIT_USAGE, TorchServeClient, TorchServeError
 
-DEFAULT_URL = "http://127.0.0.1:8080"
-EXIT_LOCAL, EXIT_UNREACHABLE, EXIT_SERVER = 2, 3, 4
 # Perceptually uniform and dark at zero, so unimportant regions stay close to the photo's colours.
 COLORMAP = "inferno"
 # Matplotlib resamples to the figure's pixels anyway; capping the photo keeps 24-megapixel
 # uploads from costing seconds and hundreds of MB for no visible gain.
 MAX_DISPLAY_SIDE = 1024
+EXPLAIN_TIMEOUT_S = 120  # Integrated Gradients runs the model ig_steps times
 
 
 class ExplainError(Exception):
-    """A failure with the exit status that tells scripts which side was at fault."""
+    """A failure of this tool's own (a local file, an answer without a heat map), with its exit status."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -53,11 +53,11 @@ class ExplainError(Exception):
 
 def read_image_bytes(path: Path) -> bytes:
     if not path.is_file():
-        raise ExplainError(f"image not found: {path}", EXIT_LOCAL)
+        raise ExplainError(f"image not found: {path}", EXIT_USAGE)
     try:
         return path.read_bytes()
     except OSError as err:
-        raise ExplainError(f"cannot read {path}: {err.strerror or err}", EXIT_LOCAL) from None
+        raise ExplainError(f"cannot read {path}: {err.strerror or err}", EXIT_USAGE) from None
 
 
 def load_display_image(data: bytes, name: str) -> Image.Image:
@@ -66,7 +66,7 @@ def load_display_image(data: bytes, name: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ExplainError(f"cannot decode {name} locally for drawing: {err}", EXIT_LOCAL) from None
+        raise ExplainError(f"cannot decode {name} locally for drawing: {err}", EXIT_USAGE) from None
     # The handler keeps a photo whose EXIF block is broken, unrotated; so does this drawing.
     with contextlib.suppress(Exception):
         img = ImageOps.exif_transpose(img)
@@ -76,66 +76,14 @@ def load_display_image(data: bytes, name: str) -> Image.Image:
 # ---------------------------------------------------------------------- HTTP
 
 
-def explanations_url(base_url: str, model: str) -> str:
-    return f"{base_url.rstrip('/')}/explanations/{model}"
-
-
-def server_error_message(response: requests.Response) -> str:
-    """TorchServe and the handler both answer errors as {"code", "type", "message"}."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and body.get("message"):
-        kind = f"{body['type']}: " if body.get("type") else ""
-        return f"{kind}{body['message']}"
-    text = response.text.strip()
-    return text[:500] if text else response.reason or "no message"
-
-
 def request_explanation(
-    url: str,
-    model: str,
-    image: bytes,
-    filename: str = "image.jpg",
-    target: int | None = None,
-    token: str | None = None,
-    timeout: float = 120,
+    client: TorchServeClient, model: str, image: bytes, filename: str = "image.jpg", target: int | None = None
 ) -> dict:
-    """POST the image to the explanations API; returns the JSON object for this one image."""
-    endpoint = explanations_url(url, model)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    if target is None:
-        # Raw body, as with `curl -T car.jpg`: the simplest request the handler accepts.
-        request = {"data": image, "headers": {**headers, "Content-Type": "application/octet-stream"}}
-    else:
-        # A raw body has no room for a second value, so the target travels as a form field.
-        request = {
-            "files": {"data": (filename, image, "application/octet-stream")},
-            "data": {"target": str(target)},
-            "headers": headers,
-        }
-    try:
-        response = requests.post(endpoint, timeout=timeout, **request)
-    except requests.exceptions.ReadTimeout:
-        # Connected, but IG did not finish in time: the server is up, so it is not exit 3.
-        raise ExplainError(f"{endpoint} sent no answer within {timeout:g} s", EXIT_SERVER) from None
-    except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL):
-        raise ExplainError(f"not a usable URL: {endpoint} (expected e.g. {DEFAULT_URL})", EXIT_LOCAL) from None
-    except requests.RequestException as err:
-        raise ExplainError(
-            f"cannot reach {endpoint} ({type(err).__name__}); is TorchServe running? (make serve)", EXIT_UNREACHABLE
-        ) from None
-    if response.status_code >= 400:
-        raise ExplainError(f"server answered {response.status_code}: {server_error_message(response)}", EXIT_SERVER)
-    return parse_explanation(response)
+    """The handler's explanation of one image: {class_id, class_name, probability, heatmap}."""
+    return parse_explanation(client.explain(model, image, target=target, filename=filename))
 
 
-def parse_explanation(response: requests.Response) -> dict:
-    try:
-        body = response.json()
-    except ValueError:
-        raise ExplainError(f"server answered {response.status_code} with non-JSON content", EXIT_SERVER) from None
+def parse_explanation(body) -> dict:
     # One image in, one object out; a one-element list is accepted should a batching setup wrap it.
     if isinstance(body, list) and len(body) == 1:
         body = body[0]
@@ -183,7 +131,10 @@ def render_overlay(image: Image.Image, heatmap, title: str, out_path: Path, alph
     # Two panels side by side; width follows the photo's aspect so wide car crops are not letterboxed.
     panel_height = 4.0
     panel_width = panel_height * image.width / image.height
-    fig, (plain_ax, overlay_ax) = plt.subplots(1, 2, figsize=(2 * panel_width + 1.2, panel_height + 0.9))
+    # A Figure of its own on the Agg canvas: no pyplot, so no global figure state and no display needed.
+    fig = Figure(figsize=(2 * panel_width + 1.2, panel_height + 0.9))
+    FigureCanvasAgg(fig)
+    plain_ax, overlay_ax = fig.subplots(1, 2)
     plain_ax.imshow(image)
     plain_ax.set_title("image", fontsize=10)
     overlay_ax.imshow(image)
@@ -197,7 +148,6 @@ def render_overlay(image: Image.Image, heatmap, title: str, out_path: Path, alph
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110, format="png")
-    plt.close(fig)  # figures are global state in pyplot; a loop over many images would leak them
     return out_path
 
 
@@ -221,26 +171,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", type=Path, help="a JPEG, PNG, WebP, ... photo of a car")
     parser.add_argument("--model", required=True, help="model name registered in TorchServe")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"inference API address (default {DEFAULT_URL})")
     parser.add_argument("--target", type=int, help="class id to explain instead of the top-1 prediction")
     parser.add_argument("--out", type=Path, help="PNG to write (default: <image stem>_explained.png here)")
     parser.add_argument("--json", action="store_true", help="also write the server's answer next to the PNG")
-    parser.add_argument("--token", help="inference API key, when token authorization is on")
-    parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the answer (default 120)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in [0, 1] (default 0.5)")
+    add_server_arguments(parser, timeout=EXPLAIN_TIMEOUT_S)
     args = parser.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be between 0 and 1, got {args.alpha}")
-    if args.timeout <= 0:
-        parser.error(f"--timeout must be positive, got {args.timeout}")
     return args
 
 
 def explain(args: argparse.Namespace) -> Path:
     data = read_image_bytes(args.image)
-    explanation = request_explanation(
-        args.url, args.model, data, args.image.name, target=args.target, token=args.token, timeout=args.timeout
-    )
+    with server_client(args) as client:
+        explanation = request_explanation(client, args.model, data, args.image.name, target=args.target)
     heatmap = heatmap_array(explanation)
     image = load_display_image(data, str(args.image))
     out_path = args.out or default_out_path(args.image)
@@ -257,15 +202,15 @@ def explain(args: argparse.Namespace) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)  # argparse itself exits 2 on bad flags, matching EXIT_LOCAL
+    args = parse_args(argv)  # argparse itself exits 2 (EXIT_USAGE) on bad flags
     try:
         explain(args)
-    except ExplainError as err:
+    except (ExplainError, TorchServeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:  # writing the PNG/JSON: a missing permission is the user's to fix
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_LOCAL
+        return EXIT_USAGE
     return 0
 
 

@@ -1,11 +1,8 @@
-"""Start and stop TorchServe with this project's configuration, and wait until models are READY.
+"""One TorchServe instance: its rendered .properties, its state folder, start/stop, readiness.
 
-    python scripts/serve.py start                      # the shipped default model, loopback only
-    python scripts/serve.py start --profile hardened   # token auth on, model API off
-    python scripts/serve.py start --profile container --fresh --foreground   # the Docker image's process
-    python scripts/serve.py status
-    python scripts/serve.py stop
-
+The library behind `serve` (serving/serve.py), the tests and the benchmarks. Every HTTP request
+(readiness, load errors) goes through `Server.client()`, a serving.client.TorchServeClient with
+this instance's addresses and keys.
 State lives under ``var/run/`` (rendered config, logs, pid file, snapshots). On start, the last
 snapshot (models, versions, default versions) is restored only if every archive it names is
 still in the model store; a stale snapshot is moved aside and the default model is loaded.
@@ -13,8 +10,6 @@ still in the model store; a stale snapshot is moved aside and the default model 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
 import re
@@ -23,11 +18,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
+from serving.client import TorchServeClient, TorchServeError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = {
@@ -95,6 +89,8 @@ class Server:
     overrides: dict[str, str] = field(default_factory=dict)
     config: Path | None = None  # a config.properties of its own instead of a profile's (deploy/kserve)
     host: str | None = None  # listen here instead of the config's host (scheme and ports stay)
+    # Complete properties, used as they are (bench's stock TorchServe); only model_store is set here.
+    properties: dict[str, str] | None = None
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir).resolve()
@@ -105,6 +101,8 @@ class Server:
     # -------------------------------------------------------------- configuration
 
     def _render_props(self) -> dict[str, str]:
+        if self.properties is not None:
+            return {**self.properties, "model_store": str(self.model_store), **self.overrides}
         if self.profile not in PROFILES:
             raise ServeError(f"unknown profile {self.profile!r}: {', '.join(PROFILES)}")
         props = read_properties(Path(self.config) if self.config else PROFILES[self.profile])
@@ -117,8 +115,8 @@ class Server:
                 scheme_host = f"{scheme_host.split('//', 1)[0]}//{self.host}"
             props[key] = f"{scheme_host}:{(self.ports or {}).get(name, port)}"
         if self.ports:  # tests: keep gRPC off the fixed ports too
-            props["grpc_inference_port"] = str(self.ports.get("grpc_inference") or _free_port())
-            props["grpc_management_port"] = str(self.ports.get("grpc_management") or _free_port())
+            props["grpc_inference_port"] = str(self.ports.get("grpc_inference") or free_port())
+            props["grpc_management_port"] = str(self.ports.get("grpc_management") or free_port())
         props.update(self.overrides)
         return props
 
@@ -156,10 +154,6 @@ class Server:
             return None
         return keys[kind]["key"]
 
-    def headers(self, kind: str = "inference") -> dict[str, str]:
-        token = self.token(kind)
-        return {"Authorization": f"Bearer {token}"} if token else {}
-
     # -------------------------------------------------------------- snapshots
 
     def latest_snapshot(self) -> Path | None:
@@ -186,16 +180,20 @@ class Server:
 
     # -------------------------------------------------------------- lifecycle
 
-    def is_running(self) -> bool:
-        try:
-            # With token auth on (hardened), /ping needs the inference key too (400 without it).
-            r = requests.get(f"{self.url('inference')}/ping", headers=self.headers(), timeout=2, **self._tls())
-            return r.status_code == 200
-        except requests.RequestException:
-            return False
+    def client(self) -> TorchServeClient:
+        """A client for this instance: its addresses, and its tokens when token auth is on (read from
+        the key file, which TorchServe writes anew at every start: ask again after a restart)."""
+        return TorchServeClient(
+            inference_url=self.url("inference"),
+            management_url=self.url("management"),
+            metrics_url=self.url("metrics"),
+            inference_token=self.token("inference"),
+            management_token=self.token("management"),
+        )
 
-    def _tls(self) -> dict:
-        return {"verify": False} if self.url("inference").startswith("https") else {}
+    def is_running(self) -> bool:
+        with self.client() as client:
+            return client.ping()
 
     def start(self, models: dict[str, str] | None = None, restore: bool = True, timeout: float = 180) -> str:
         """Start TorchServe; `models` maps name -> archive file in the model store."""
@@ -233,8 +231,10 @@ class Server:
     def wait_ready(self, models: list[str], timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.is_running() and all(self.model_ready(m) for m in models):
-                failed = {m: err for m in models if (err := self.load_error(m))}
+            with self.client() as client:  # a fresh one each round: the key file appears during the start
+                ready = client.ping() and all(client.model_ready(m) for m in models)
+                failed = {m: err for m in models if (err := _load_error(client, m))} if ready else {}
+            if ready:
                 if failed:
                     raise ServeError(
                         "; ".join(f"{m}: {err}" for m, err in failed.items()) + f" (see {self.run_dir / 'logs'})"
@@ -244,55 +244,35 @@ class Server:
         raise ServeError(f"TorchServe not ready within {timeout:.0f}s; see {self.run_dir / 'logs'}")
 
     def model_ready(self, model: str) -> bool:
-        try:
-            r = requests.get(
-                f"{self.url('management')}/models/{model}", headers=self.headers("management"), timeout=5, **self._tls()
-            )
-        except requests.RequestException:
-            return False
-        if r.status_code != 200:
-            return False
-        versions = r.json()
-        return any(w["status"] == "READY" for v in versions for w in v.get("workers", []))
+        with self.client() as client:
+            return client.model_ready(model)
 
     def load_error(self, model: str, version: str | None = None) -> str | None:
         """Why a worker could not load the model (its default version, or `version`), as the handler
         reports it; None when it loaded fine."""
-        path = f"/models/{model}/{version}" if version else f"/models/{model}"
-        try:
-            r = requests.get(
-                f"{self.url('management')}{path}",
-                params={"customized": "true"},
-                headers=self.headers("management"),
-                timeout=30,
-                **self._tls(),
-            )
-        except requests.RequestException:
-            return None
-        if r.status_code != 200:
-            return None
-        for entry in r.json():
-            meta = entry.get("customizedMetadata")
-            try:
-                meta = json.loads(meta) if isinstance(meta, str) else meta
-            except ValueError:
-                continue
-            if isinstance(meta, dict) and meta.get("load_error"):
-                return meta["load_error"]
-        return None
+        with self.client() as client:
+            return _load_error(client, model, version)
 
     def stop(self, timeout: float = 60) -> None:
         pid_file = self.run_dir / "tmp" / ".model_server.pid"
         pid = int(pid_file.read_text()) if pid_file.is_file() else None
         subprocess.run(["torchserve", "--stop"], cwd=self.run_dir, env=self.env, capture_output=True)
         deadline = time.monotonic() + timeout
-        while pid and _alive(pid) and time.monotonic() < deadline:
+        while pid and is_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if pid and _alive(pid):
+        if pid and is_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def _load_error(client: TorchServeClient, model: str, version: str | None = None) -> str | None:
+    try:
+        description = client.handler_description(model, version)
+    except TorchServeError:
+        return None
+    return (description or {}).get("load_error")
+
+
+def is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -304,7 +284,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -322,104 +302,4 @@ def rendered_ports(run_dir: Path) -> dict[str, int]:
 
 
 def free_ports() -> dict[str, int]:
-    return {name: _free_port() for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
-
-
-def print_examples(server: Server, model: str) -> None:
-    inf, mgmt, met = server.url("inference"), server.url("management"), server.url("metrics")
-    auth = ' -H "Authorization: Bearer $(jq -r .inference.key var/run/key_file.json)"' if server.token() else ""
-    print(f"""
-TorchServe is up; {model} is READY.
-
-  curl{auth} -T car.jpg {inf}/predictions/{model}
-  curl{auth} -T car.jpg -H "X-Top-K: 3" {inf}/predictions/{model}
-  curl{auth} -F data=@car.jpg {inf}/predictions/{model}
-  python scripts/explain.py car.jpg --model {model} --out heatmap.png
-  python scripts/predict_dir.py path/to/images --model {model}
-  python scripts/versions.py list {model}          # management API: {mgmt}
-  curl -s {met}/metrics | grep ts_inference
-  make stop
-""")
-
-
-def run_foreground(server: Server, start: Callable[[], None]) -> int:
-    """`start()` TorchServe and stay while it runs (a container's main process). SIGTERM or SIGINT (docker stop,
-    Ctrl-C), during the start too, stops it cleanly and returns 0; TorchServe exiting on its own returns 1."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM is Ctrl-C from here on
-    try:
-        start()
-        pid = int((server.run_dir / "tmp" / ".model_server.pid").read_text())
-        while _alive(pid):
-            with contextlib.suppress(ChildProcessError):  # as PID 1, TorchServe's orphaned processes are ours to reap
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the stop short
-        print("stopping TorchServe", flush=True)
-        server.stop()
-        print("TorchServe stopped", flush=True)
-        return 0
-    print(f"error: TorchServe exited; see {server.run_dir / 'logs'}", file=sys.stderr)
-    return 1
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--profile", default="default", choices=list(PROFILES))
-    parser.add_argument("--model_store", default=str(ROOT / "model_store"))
-    parser.add_argument(
-        "--model", action="append", help="name=archive.mar to load (repeatable); default: the shipped model"
-    )
-    parser.add_argument("--fresh", action="store_true", help="ignore the last snapshot")
-    parser.add_argument("--timeout", type=float, default=180)
-    parser.add_argument("--run_dir", default=str(ROOT / "var" / "run"), help="state: rendered config, logs, pid")
-    parser.add_argument(
-        "--foreground", action="store_true", help="start: stay until TorchServe exits; SIGTERM/SIGINT stop it"
-    )
-    parser.add_argument("--host", help="listen on this address instead of the profile's (e.g. 127.0.0.1)")
-    for api in ADDRESS_KEYS:
-        parser.add_argument(f"--{api}_port", type=int, help=f"default: the profile's {ADDRESS_KEYS[api]}")
-    args = parser.parse_args(argv)
-    ports = {api: getattr(args, f"{api}_port") for api in ADDRESS_KEYS if getattr(args, f"{api}_port")}
-    if args.command != "start" and not ports:
-        ports = rendered_ports(Path(args.run_dir))  # stop/status talk to the instance start rendered
-    server = Server(
-        run_dir=Path(args.run_dir),
-        profile=args.profile,
-        model_store=Path(args.model_store),
-        ports=ports,
-        host=args.host,
-    )
-    try:
-        if args.command == "stop":
-            server.stop()
-            print("TorchServe stopped")
-        elif args.command == "status":
-            print("running" if server.is_running() else "not running")
-            return 0 if server.is_running() else 1
-        else:
-            if server.is_running():
-                print(f"TorchServe is already running at {server.url('inference')} (make stop first)")
-                return 0
-            models = dict(m.split("=", 1) for m in args.model) if args.model else None
-
-            def start() -> None:
-                why = server.start(models, restore=not args.fresh, timeout=args.timeout)
-                print(f"started ({why})")
-                print_examples(server, next(iter(models)) if models else DEFAULT_MODEL)
-                sys.stdout.flush()
-
-            if args.foreground:
-                return run_foreground(server, start)
-            start()
-    except ServeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}

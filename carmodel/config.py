@@ -1,0 +1,48 @@
+"""`ModelConfig`: what a trained model needs at inference, and the only configuration that ships.
+
+Training has many more knobs (training/config.py); an export keeps just these in `model.yaml`,
+so the archive and the server never see data paths, optimiser settings or tune addresses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "efficientnet_lite0"
+    dropout: float = 0.2  # part of the architecture's definition (inactive at inference)
+    eval_size: int = 224  # the square the eval preset resizes to
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def model_name(self) -> str:
+        """The served name follows the architecture: never one arch under another's name."""
+        return f"{self.arch}_cars"
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        values = {k: tuple(float(x) for x in v) if k in ("mean", "std") else v for k, v in values.items()}
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})

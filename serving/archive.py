@@ -1,0 +1,180 @@
+"""Build a TorchServe .mar from an export directory (carmodel/export.py's contract).
+
+The archive holds exactly: the handler, the export's serving files (weights, index_to_name.json,
+model.yaml, the int8 model when it is served), a model-config.yaml (serving/settings.py) and the
+modules of carmodel/ and serving/ that the handler imports, found from its imports - nothing else.
+
+The model name is derived from the export's architecture (`<arch>_cars`); asking for another
+architecture's name is refused.
+
+    build-mar --export models/efficientnet_lite0_cars --version 1.0
+    build-mar --export exports/resnet50_cars --version 2.0 --batch_size 8
+    build-mar --registered efficientnet_lite0_cars@production   # from the MLflow registry
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+import carmodel
+import serving
+from carmodel import registry
+from carmodel.export import ExportDir, ExportError
+from serving import settings as settings_lib
+from serving.settings import HandlerSettings, WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRST_PARTY = ("carmodel", "serving")  # the packages the handler may import from this repository
+HANDLER = Path(serving.__file__).parent / "handler.py"
+# TorchServe's eager-model path wants a model file; our handler builds the network from
+# model.yaml (carmodel.models), so the architecture registry is that file.
+MODEL_FILE = Path(carmodel.__file__).parent / "models.py"
+DEFAULT_EXPORT = ROOT / "models" / "efficientnet_lite0_cars"
+DEFAULT_VERSION = "1.0"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def archive_name(model_name: str, version: str) -> str:
+    return f"{model_name}_v{version}.mar"
+
+
+def model_config(workers: WorkerSettings, handler: HandlerSettings) -> dict:
+    """model-config.yaml: TorchServe's per-model settings plus our handler's own section."""
+    return {**workers.to_model_config(), "handler": settings_lib.to_dict(handler)}
+
+
+def handler_modules(handler: Path = HANDLER) -> list[Path]:
+    """The handler's own import closure within FIRST_PARTY, package __init__ files included: what the
+    archive must carry, found by reading the imports rather than kept as a list."""
+    found, todo = set(), [handler]
+    while todo:
+        source = todo.pop()
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.split(".")[0] not in FIRST_PARTY:
+                    continue
+                for path in module_files(name):
+                    if path not in found:
+                        found.add(path)
+                        todo.append(path)
+    return sorted(found - {handler})
+
+
+def module_files(name: str) -> list[Path]:
+    """The file of module `name` and the __init__.py of each package above it (none if `name` is not a module)."""
+    parts = name.split(".")
+    files = [ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts) + 1)]
+    files.append(ROOT.joinpath(*parts).with_suffix(".py"))
+    return [f for f in files if f.is_file()]
+
+
+def stage(export: ExportDir, workers: WorkerSettings, handler: HandlerSettings, tmp: Path) -> tuple[Path, Path]:
+    """Copy what the archive needs into a staging folder; returns (extra-files dir, model-config)."""
+    extra = tmp / "extra"
+    for module in handler_modules():
+        target = extra / module.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, target)
+    if handler.precision == "int8" and not export.has_int8:
+        raise BuildError(
+            f"--precision int8 needs {export.int8_xml}: run python -m training.quantize --export {export.path}"
+        )
+    for path in export.serving_files(with_int8=handler.precision in ("auto", "int8")):
+        if path != export.weights:  # the weights travel as the archive's serialized file
+            shutil.copy2(path, extra / path.name)
+    model_config_path = tmp / "model-config.yaml"
+    model_config_path.write_text(yaml.safe_dump(model_config(workers, handler), sort_keys=False))
+    return extra, model_config_path
+
+
+def build(args) -> Path:
+    if args.registered:  # the export folder registered by training.register, fetched from MLflow
+        with tempfile.TemporaryDirectory() as tmp:
+            return build_from(download_registered(args, Path(tmp)), args)
+    return build_from(ExportDir(Path(args.export).resolve()), args)
+
+
+def download_registered(args, dest: Path) -> ExportDir:
+    try:
+        export, version = registry.download_registered(args.registered, dest)
+    except registry.RegistryError as err:
+        raise BuildError(str(err)) from err
+    args.version = args.version or f"{version}.0"  # registry version 3 -> archive 3.0
+    return ExportDir(export)
+
+
+def build_from(export: ExportDir, args) -> Path:
+    version = args.version or DEFAULT_VERSION
+    try:
+        export.validate(args.model_name)
+    except ExportError as err:
+        raise BuildError(str(err)) from err
+    store = Path(args.model_store).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    target = store / archive_name(export.model_name, version)
+    if target.exists() and not args.force:
+        raise BuildError(f"{target} exists (use --force to rebuild)")
+    workers = settings_lib.from_args(args, WorkerSettings)
+    handler = settings_lib.from_args(args, HandlerSettings)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        extra, model_config_path = stage(export, workers, handler, tmp)
+        cmd = [
+            str(Path(sys.executable).parent / "torch-model-archiver"),
+            *("--model-name", export.model_name, "--version", version),
+            *("--model-file", str(MODEL_FILE), "--serialized-file", str(export.weights)),
+            *("--handler", str(HANDLER), "--extra-files", str(extra), "--config-file", str(model_config_path)),
+            *("--export-path", str(tmp), "--force"),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BuildError(f"torch-model-archiver failed:\n{result.stdout}{result.stderr}")
+        shutil.move(tmp / f"{export.model_name}.mar", target)
+    return target
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--export", default=str(DEFAULT_EXPORT), help="training.export output directory")
+    source.add_argument(
+        "--registered", help="NAME@ALIAS or NAME/VERSION from the MLflow registry (training.register) instead"
+    )
+    p.add_argument(
+        "--version", help=f"model version recorded in the archive (default {DEFAULT_VERSION}; the registry's version)"
+    )
+    p.add_argument("--model_name", help="checked against the export's architecture (default: <arch>_cars)")
+    p.add_argument("--model_store", default=str(ROOT / "model_store"))
+    p.add_argument("--force", action="store_true", help="overwrite an existing archive")
+    settings_lib.add_arguments(p, WorkerSettings)
+    settings_lib.add_arguments(p, HandlerSettings)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        target = build(args)
+    except BuildError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"built {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Turn one TorchServe request row into image bytes and a top-k, or an `InputError` that says why not.
+
+Pure functions with no TorchServe imports, so they are tested and fuzzed in-process
+(tests/test_requests.py). Decoding the bytes is carmodel.images'; the statuses added here:
+
+    400 malformed request (bad base64, bad JSON, no image field, bad topk)
+    415 a binary body that claims to be text
+
+A request row is what TorchServe's Python worker hands the handler: a dict of parameter name
+to value, where the value is bytes (raw body, multipart file, query parameter), str (a text
+body) or an already-parsed JSON body (dict).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from PIL import Image
+
+from carmodel.images import ImageLimits, InputError, decode_image
+
+# Where TorchServe puts the image: "body" for a raw body (curl -T / --data-binary), "data" for
+# the stock clients' multipart field; "file"/"image" are the names people reach for in forms.
+IMAGE_FIELDS = ("data", "body", "file", "image")
+JSON_IMAGE_FIELDS = ("image", "data", "b64", "image_b64")
+
+
+@dataclass
+class ParsedRequest:
+    image_bytes: bytes
+    topk: int | None
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def parse_topk(value, max_topk: int) -> int | None:
+    if value is None:
+        return None
+    text = _text(value).strip()
+    try:
+        topk = int(text)
+    except ValueError:
+        raise InputError(400, f"topk must be an integer, got {text[:20]!r}") from None
+    if not 1 <= topk <= max_topk:
+        raise InputError(400, f"topk must be between 1 and {max_topk}, got {topk}")
+    return topk
+
+
+def decode_base64(text: str, limits: ImageLimits) -> bytes:
+    if "," in text[:100] and text.lstrip().startswith("data:"):
+        text = text.split(",", 1)[1]  # a data: URL, as browsers produce
+    if len(text) > limits.max_bytes * 4 // 3 + 4:
+        raise InputError(413, f"base64 image is larger than the {limits.max_bytes} byte limit")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(400, "image field is not valid base64") from None
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_binary_content_type(content_type: str | None) -> None:
+    """A binary body must not claim to be text: a client that says JSON or text and sends bytes is confused."""
+    media_type = _media_type(content_type)
+    if media_type == "application/json":
+        raise InputError(400, "Content-Type is application/json but the body is not valid JSON")
+    if media_type.startswith("text/"):
+        raise InputError(
+            415,
+            f"Content-Type is {media_type} but the body is binary: send images as application/octet-stream or image/*",
+        )
+
+
+def parse_request(
+    row: dict, limits: ImageLimits, max_topk: int, content_types: dict[str, str] | None = None
+) -> ParsedRequest:
+    """`content_types`: the Content-Type TorchServe recorded for each field (the body's or a multipart part's)."""
+    if not isinstance(row, dict):
+        raise InputError(400, "unexpected request format")
+    topk = parse_topk(row.get("topk"), max_topk)
+    field = next((name for name in IMAGE_FIELDS if row.get(name) is not None), None)
+    if field is None:
+        raise InputError(
+            400,
+            "no image in the request: send it as the body (curl -T car.jpg), as a multipart "
+            "field named 'data', or base64 in a JSON field 'image'",
+        )
+    value = row[field]
+    if isinstance(value, dict):  # a JSON body, parsed by the worker
+        key = next((k for k in JSON_IMAGE_FIELDS if k in value), None)
+        if key is None or not isinstance(value[key], str):
+            raise InputError(400, "JSON body needs a base64 string in the field 'image'")
+        if topk is None and "topk" in value:
+            topk = parse_topk(value["topk"], max_topk)
+        return ParsedRequest(decode_base64(value[key], limits), topk)
+    if isinstance(value, str):  # a text body: base64, as the stock handler accepts
+        return ParsedRequest(decode_base64(value, limits), topk)
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+        if data[:1] in (b"{", b"["):
+            raise InputError(400, "body looks like JSON but is not valid JSON with an 'image' field")
+        check_binary_content_type((content_types or {}).get(field))
+        return ParsedRequest(data, topk)
+    if isinstance(value, list):
+        raise InputError(400, "JSON body must be an object with a base64 'image' field, not a list")
+    raise InputError(400, f"unsupported request value of type {type(value).__name__}")
+
+
+def read_request(
+    row: dict, limits: ImageLimits, max_topk: int, content_types: dict[str, str] | None = None
+) -> tuple[Image.Image, int | None]:
+    parsed = parse_request(row, limits, max_topk, content_types)
+    return decode_image(parsed.image_bytes, limits), parsed.topk
