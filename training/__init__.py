@@ -1,5 +1,4 @@
 """Stanford Cars training pipeline: data -> model -> train -> tune -> evaluate -> export.
 
-Kept import-free on purpose: the TorchServe handler imports `training.presets` and
-`training.model` from inside the .mar, and must not pull in Ray, matplotlib or scikit-learn.
+Built on carmodel (the model's own code); nothing in carmodel, serving or client imports it.
 """

@@ -28,9 +28,9 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from carmodel.images import IMAGE_SUFFIXES
 from training import config as config_lib
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # Folder names cannot hold "/", so "Ram C/V Cargo Van Minivan 2012" is stored with a "-".
 _PATH_SAFE = str.maketrans({"/": "-"})
 
@@ -55,7 +55,7 @@ class CarsIndex:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -256,8 +256,9 @@ def _cap_per_class(samples: list[Sample], cap: int | None) -> list[Sample]:
     return kept
 
 
-def make_splits(index: CarsIndex, cfg) -> dict[str, list[Sample]]:
-    """train/val/test. Without a labelled test split in the dataset, test is carved from train."""
+def make_splits(index: CarsIndex, cfg: config_lib.DataConfig) -> dict[str, list[Sample]]:
+    """train/val/test per `cfg`'s fractions and seed. Without a labelled test split in the dataset,
+    test is carved from train."""
     pool = _cap_per_class(index.train, cfg.max_images_per_class)
     if index.test is not None:
         test = _cap_per_class(index.test, cfg.max_images_per_class)
@@ -292,14 +293,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_lib.from_args(args)
-        index = scan(cfg.data_root, cfg.layout)
-        splits = make_splits(index, cfg)
+        index = scan(cfg.data.data_root, cfg.data.layout)
+        splits = make_splits(index, cfg.data)
         if args.verify:
-            decode_all([s for items in splits.values() for s in items], cfg.crop_to_bbox, cfg.progress)
+            decode_all([s for items in splits.values() for s in items], cfg.data.crop_to_bbox, cfg.runtime.progress)
     except (DatasetError, config_lib.ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    manifest = split_manifest(index, splits, cfg.data_root)
+    manifest = split_manifest(index, splits, cfg.data.data_root)
     print(
         f"layout={index.layout} classes={len(index.classes)} "
         + " ".join(f"{k}={v}" for k, v in manifest["counts"].items())

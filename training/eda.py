@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_lib.from_args(args)
-        report = run_eda(cfg.data_root, cfg.layout, args.out_dir, cfg.progress)
+        report = run_eda(cfg.data.data_root, cfg.data.layout, args.out_dir, cfg.runtime.progress)
     except (DatasetError, config_lib.ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,15 +15,19 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import top_k_accuracy_score
 from tqdm import tqdm
 
+from carmodel import models as model_lib
+from carmodel.predictor import Predictor
+from carmodel.runners import torch_runner
 from training import config as config_lib
-from training import data, plots, presets, tracking
-from training import model as model_lib
+from training import data, plots, tracking
 from training.train import make_loader, pick_device
 
 log = logging.getLogger(__name__)
@@ -37,18 +41,18 @@ def load_run(run_dir: Path, overrides: dict | None = None):
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished training run?")
     cfg = config_lib.load(run_dir / "config.yaml", overrides)
     classes = json.loads((run_dir / "classes.json").read_text())
-    model, _ = model_lib.build_model(cfg.arch, len(classes), "none", cfg.dropout)
+    model, _ = model_lib.build_model(cfg.model.arch, len(classes), "none", cfg.model.dropout)
     model.load_state_dict(torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True))
     return cfg, classes, model
 
 
 def held_out_samples(cfg, run_dir: Path, split: str) -> list[data.Sample]:
-    index = data.scan(cfg.data_root, cfg.layout)
-    samples = data.make_splits(index, cfg)[split]
+    index = data.scan(cfg.data.data_root, cfg.data.layout)
+    samples = data.make_splits(index, cfg.data)[split]
     recorded = run_dir / "split.json"
     if recorded.is_file():
         expected = json.loads(recorded.read_text())["files"][split]
-        actual = data.split_manifest(index, {split: samples}, cfg.data_root)["files"][split]
+        actual = data.split_manifest(index, {split: samples}, cfg.data.data_root)["files"][split]
         if expected != actual:
             raise data.DatasetError(
                 f"the {split} split differs from the one recorded in {recorded}: has the data changed?"
@@ -56,26 +60,50 @@ def held_out_samples(cfg, run_dir: Path, split: str) -> list[data.Sample]:
     return samples
 
 
-@torch.no_grad()
-def predict(model, samples, cfg, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) with the evaluation preset, in fp32: the reference that serving's fast path
-    (bf16, bench/parity.py) is held to."""
-    device = device or pick_device(cfg.device)
-    model.eval().to(device)
-    loader = make_loader(data.CarsDataset(samples, presets.eval_preset(cfg), cfg.crop_to_bbox), cfg, shuffle=False)
+def reference_predictor(model, cfg, classes: list[str], device=None) -> Predictor:
+    """The fp32 eager model behind carmodel's inference chain: what every fast path is held to."""
+    model = model.eval().to(device or pick_device(cfg.runtime.device))
+    return Predictor(model, cfg.model, classes, torch_runner(model))
+
+
+def held_out_batches(predictor: Predictor, samples, cfg):
+    """(images, labels) batches of `samples`, each photo decoded once, with the predictor's preprocessing."""
+    dataset = data.CarsDataset(samples, predictor.preprocess, cfg.data.crop_to_bbox)
+    loader = make_loader(dataset, cfg, shuffle=False)
+    return tqdm(loader, desc="evaluating", disable=not cfg.runtime.progress, leave=False)
+
+
+def predict(predictor: Predictor, samples, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) over `samples`."""
     logits, labels = [], []
-    for inputs, targets in tqdm(loader, desc="evaluating", disable=not cfg.progress, leave=False):
-        inputs = inputs.to(device)
-        if cfg.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        logits.append(model(inputs).float().cpu())
+    for inputs, targets in held_out_batches(predictor, samples, cfg):
+        logits.append(predictor.logits(inputs))
         labels.append(targets)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
+def compare_top1(predictors: dict[str, Predictor], samples, cfg) -> dict:
+    """Top-1 of each predictor over the same photos (decoded once, with the first one's preprocessing,
+    which they share), how often each agrees with the first, and its forward time in images/s."""
+    names = list(predictors)
+    correct, agree, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+    for images, labels in held_out_batches(predictors[names[0]], samples, cfg):
+        top1 = {}
+        for name, predictor in predictors.items():
+            started = time.perf_counter()
+            top1[name] = predictor.logits(images).argmax(1)
+            seconds[name] += time.perf_counter() - started
+            correct[name] += int((top1[name] == labels).sum())
+            agree[name] += int((top1[name] == top1[names[0]]).sum())
+    n = max(1, len(samples))
+    return {
+        name: {"top1": correct[name] / n, "agreement": agree[name] / n, "img_per_s": n / max(seconds[name], 1e-9)}
+        for name in names
+    }
+
+
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    topk = np.argsort(-logits, axis=1)[:, :k]
-    return float((topk == labels[:, None]).any(axis=1).mean())
+    return float(top_k_accuracy_score(labels, logits, k=k, labels=np.arange(logits.shape[1])))
 
 
 def most_confused_pairs(matrix: np.ndarray, classes: list[str], n: int = MOST_CONFUSED) -> list[dict]:
@@ -114,16 +142,18 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) 
 def evaluate_run(run_dir: Path, split: str = "test", overrides: dict | None = None, out: Path | None = None) -> dict:
     cfg, classes, model = load_run(run_dir, overrides)
     samples = held_out_samples(cfg, run_dir, split)
-    logits, labels = predict(model, samples, cfg)
+    logits, labels = predict(reference_predictor(model, cfg, classes), samples, cfg)
     metrics = compute_metrics(logits, labels, classes)
     matrix = metrics.pop("_confusion_matrix")
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
     with np.errstate(invalid="ignore"):
         plots.confusion_matrix(np.nan_to_num(matrix / matrix.sum(1, keepdims=True)), out / f"confusion_{split}.png")
-    metrics = {"split": split, "eval_size": cfg.eval_size, "arch": cfg.arch, "data_root": cfg.data_root, **metrics}
+    run = {"split": split, "eval_size": cfg.model.eval_size, "arch": cfg.model.arch, "data_root": cfg.data.data_root}
+    metrics = {**run, **metrics}
     (out / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
-    with tracking.tracked(run_dir, cfg.track, cfg.experiment, name=run_dir.name) as tracker:  # the training's run
+    # logged to the training's run
+    with tracking.tracked(run_dir, cfg.tracking.enabled, cfg.tracking.experiment, name=run_dir.name) as tracker:
         tracker.metrics({f"{split}_{key}": metrics[key] for key in ("top1", "top5", "macro_f1", "num_images")})
         tracker.artifacts(out / f"eval_{split}.json", out / f"confusion_{split}.png", folder=f"eval_{split}")
     return metrics

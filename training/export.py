@@ -1,10 +1,8 @@
-"""Export a trained run for serving: the directory the archive builder consumes.
+"""Export a trained run for serving: the export folder of carmodel/export.py.
 
-<export_dir>/<arch>_cars.pth       state_dict only (torch.load(..., weights_only=True))
-<export_dir>/index_to_name.json    {"0": "AM General Hummer SUV 2000", ...}: official names
-<export_dir>/metrics.json          the held-out evaluation of exactly these weights
-<export_dir>/config.yaml           the config used (the handler reads its preprocessing from it)
-<export_dir>/split.json            which files were train/val/test, so held-out checks stay held out
+The serving files (weights, index_to_name.json, model.yaml), then training's record beside them:
+metrics.json (the held-out evaluation of exactly these weights), config.yaml (the whole training
+config), split.json (which files were train/val/test, so held-out checks stay held out), plots.
 
 python -m training.export --run runs/efficientnet_lite0 --export_dir models/efficientnet_lite0_cars
 """
@@ -18,17 +16,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
+from carmodel.export import METRICS, SPLIT, TRAINING_CONFIG, ExportDir
 from training import config as config_lib
 from training import data, tracking
 from training.evaluate import evaluate_run, load_run
-
-EXPORT_FILES = ("index_to_name.json", "metrics.json", "config.yaml")
-
-
-def weights_filename(cfg) -> str:
-    return f"{cfg.model_name}.pth"
 
 
 def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test") -> Path:
@@ -37,18 +28,17 @@ def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test
     metrics_file = run_dir / f"eval_{split}.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else evaluate_run(run_dir, split)
 
-    export_dir.mkdir(parents=True, exist_ok=True)
-    weights = export_dir / weights_filename(cfg)
-    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    (export_dir / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(classes)}, indent=1))
+    export = ExportDir(export_dir)
+    export.save(model, classes, cfg.model)
     summary = run_dir / "train_summary.json"
     metrics = {**metrics, "training": json.loads(summary.read_text()) if summary.is_file() else None}
-    (export_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    cfg.save(export_dir / "config.yaml")
-    for extra in ("split.json", "curves.png", f"confusion_{split}.png", "metrics.csv", tracking.RUN_FILE):
+    export.record(METRICS).write_text(json.dumps(metrics, indent=1))
+    cfg.save(export.record(TRAINING_CONFIG))
+    for extra in (SPLIT, "curves.png", f"confusion_{split}.png", "metrics.csv", tracking.RUN_FILE):
         if (run_dir / extra).is_file():
             shutil.copy(run_dir / extra, export_dir / extra)
-    with tracking.tracked(export_dir, cfg.track, cfg.experiment, name=run_dir.name) as tracker:  # the training's run
+    # logged to the training's run
+    with tracking.tracked(export_dir, cfg.tracking.enabled, cfg.tracking.experiment, name=run_dir.name) as tracker:
         tracker.directory(export_dir, tracking.EXPORT_ARTIFACT)
     return export_dir
 

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from training import tracking
+from carmodel import registry
 
 APPROVED, REJECTED, CANNOT_DECIDE = 0, 1, 2
 
@@ -67,7 +67,7 @@ def baseline_top1(reference: str | None) -> tuple[float | None, str]:
     if not reference:
         return None, "no baseline given"
     if reference.startswith("models:/"):
-        version = tracking.model_version(reference)
+        version = registry.model_version(reference)
         if version is None:
             return None, f"no {reference} yet"
         if "top1" not in version.tags:
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     rules = GateRules(**{rule.name: getattr(args, rule.name) for rule in fields(GateRules)})
     try:
         verdict = decide(read_metrics(args.metrics), rules, baseline_top1(args.baseline))
-    except (GateError, tracking.TrackingError) as err:
+    except (GateError, registry.RegistryError) as err:
         print(f"ERROR: {err}")
         return CANNOT_DECIDE
     print(verdict.line)

@@ -2,7 +2,7 @@
 
 Post-training quantization with NNCF on real training photos (never the held-out ones): the
 export's network, converted to OpenVINO exactly as the handler converts it, is quantized and
-saved next to the weights as ``<name>_int8.xml/.bin``. build_mar.py packs it; the handler serves
+saved next to the weights as ``<name>_int8.xml/.bin``. build-mar packs it; the handler serves
 it when present (precision auto). Then the held-out top-1 of int8 vs fp32 is measured and
 written to ``quantization.json``; a loss of more than ``--max_loss`` is an error and removes
 the int8 files, so a bad calibration never ships.
@@ -14,19 +14,18 @@ the int8 files, so a bad calibration never ships.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from handler.fast_path import int8_model_path, openvino_runner, to_openvino, torch_runner
-from handler.model import load_model
+from carmodel.export import QUANTIZATION, SPLIT, TRAINING_CONFIG, ExportDir, ExportError
+from carmodel.predictor import Predictor
+from carmodel.runners import to_openvino
 from training import config as config_lib
-from training import data, presets
-from training.evaluate import held_out_samples
-from training.train import make_loader
+from training import data
+from training.evaluate import compare_top1, held_out_samples
 
 MAX_LOSS = 0.005  # the project's acceptance rule for a fast path: at most half a point of top-1
 
@@ -37,52 +36,54 @@ class QuantizeError(RuntimeError):
 
 def calibration_samples(cfg, count: int) -> list[data.Sample]:
     """`count` photos spread evenly over the training split (the same seeded split as training)."""
-    samples = data.make_splits(data.scan(cfg.data_root, cfg.layout), cfg)["train"]
+    samples = data.make_splits(data.scan(cfg.data.data_root, cfg.data.layout), cfg.data)["train"]
     step = max(1, len(samples) // count)
     return samples[::step][:count]
 
 
-def held_out_top1(runners: dict, samples, cfg) -> dict[str, float]:
-    """Top-1 of each runner over the same photos, each photo decoded once."""
-    loader = make_loader(data.CarsDataset(samples, presets.eval_preset(cfg), cfg.crop_to_bbox), cfg, shuffle=False)
-    correct = dict.fromkeys(runners, 0)
-    for images, labels in loader:
-        for name, runner in runners.items():
-            correct[name] += int((runner.run(images).argmax(1) == labels).sum())
-    return {name: hits / max(1, len(samples)) for name, hits in correct.items()}
+def training_config(export: ExportDir, data_root: str | None):
+    """The config the export was trained with (its data, split and loader settings)."""
+    return config_lib.load(export.record(TRAINING_CONFIG), {"data_root": data_root} if data_root else None)
 
 
-def quantize_export(export: Path, data_root: str | None, images: int, max_loss: float, evaluate: bool = True) -> dict:
+def check_against_fp32(export: ExportDir, cfg, max_loss: float) -> dict:
+    """Held-out top-1 of the int8 model vs fp32; removes the int8 files and raises if it lost too much."""
+    predictors = {
+        "fp32": Predictor.for_export(export, backend="torch"),
+        "int8": Predictor.for_export(export, backend="openvino", precision="int8"),
+    }
+    held_out = held_out_samples(cfg, export.path, "test")  # checked against the export's split.json
+    top1 = {name: result["top1"] for name, result in compare_top1(predictors, held_out, cfg).items()}
+    if top1["fp32"] - top1["int8"] > max_loss:
+        for path in export.int8_files:
+            path.unlink()
+        raise QuantizeError(
+            f"int8 top-1 {top1['int8']:.2%} is {top1['fp32'] - top1['int8']:.2%} below fp32 {top1['fp32']:.2%} "
+            f"(allowed {max_loss:.2%}): not kept"
+        )
+    return {"held_out_images": len(held_out), "top1_fp32": round(top1["fp32"], 4), "top1_int8": round(top1["int8"], 4)}
+
+
+def quantize_export(
+    export: ExportDir, data_root: str | None, images: int, max_loss: float, evaluate: bool = True
+) -> dict:
     import nncf
     import openvino as ov
 
-    cfg = config_lib.load(export / "config.yaml")
-    if data_root:
-        cfg = dataclasses.replace(cfg, data_root=data_root)
-    model = load_model(export, export / f"{cfg.model_name}.pth", "cpu")
-    transform = presets.eval_preset(cfg)
+    cfg = training_config(export, data_root)
+    reference = Predictor.for_export(export, backend="torch")
     calib = calibration_samples(cfg, images)
-    tensors = [transform(data.load_image(s, cfg.crop_to_bbox)).unsqueeze(0).numpy() for s in calib]
+    tensors = [reference.preprocess(data.load_image(s, cfg.data.crop_to_bbox)).unsqueeze(0).numpy() for s in calib]
 
     started = time.perf_counter()
-    quantized = nncf.quantize(to_openvino(model, cfg.eval_size), nncf.Dataset(tensors), subset_size=len(tensors))
+    ov_model = to_openvino(reference.model, reference.config.eval_size)
+    quantized = nncf.quantize(ov_model, nncf.Dataset(tensors), subset_size=len(tensors))
     seconds = time.perf_counter() - started
-    target = int8_model_path(export, cfg.model_name)
-    ov.save_model(quantized, target, compress_to_fp16=False)
+    ov.save_model(quantized, export.int8_xml, compress_to_fp16=False)
     report = {"calibration_images": len(tensors), "calibration_split": "train", "seconds": round(seconds, 1)}
-
     if evaluate:
-        held_out = held_out_samples(cfg, export, "test")  # checked against the export's split.json
-        runners = {"fp32": torch_runner(model), "int8": openvino_runner(model, cfg.eval_size, "int8", target)}
-        fp32, int8 = held_out_top1(runners, held_out, cfg).values()
-        report.update(held_out_images=len(held_out), top1_fp32=round(fp32, 4), top1_int8=round(int8, 4))
-        if fp32 - int8 > max_loss:
-            target.unlink()
-            target.with_suffix(".bin").unlink()
-            raise QuantizeError(
-                f"int8 top-1 {int8:.2%} is {fp32 - int8:.2%} below fp32 {fp32:.2%} (allowed {max_loss:.2%}): not kept"
-            )
-    (export / "quantization.json").write_text(json.dumps(report, indent=1))
+        report.update(check_against_fp32(export, cfg, max_loss))
+    export.record(QUANTIZATION).write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -95,12 +96,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no_evaluate", action="store_true", help="skip the held-out int8 vs fp32 check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    export = Path(args.export)
+    export = ExportDir(Path(args.export))
     try:
-        if not (export / "config.yaml").is_file() or not (export / "split.json").is_file():
-            raise QuantizeError(f"{export} is not a training.export directory (needs config.yaml and split.json)")
+        if not export.record(TRAINING_CONFIG).is_file() or not export.record(SPLIT).is_file():
+            raise QuantizeError(f"{export.path} is not a training.export directory (needs config.yaml and split.json)")
         report = quantize_export(export, args.data_root, args.images, args.max_loss, not args.no_evaluate)
-    except (QuantizeError, data.DatasetError, config_lib.ConfigError) as err:
+    except (QuantizeError, ExportError, data.DatasetError, config_lib.ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(report))

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from carmodel import registry
 from training import config as config_lib
 from training import tracking
 
@@ -26,7 +27,7 @@ from training import tracking
 def download(reference: str, dest: Path) -> None:
     """Replace `dest` with the registered export (fetched next to it first, so a failure leaves it alone)."""
     with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.is_dir() else None) as tmp:
-        fetched, _ = tracking.download_registered(reference, Path(tmp))
+        fetched, _ = registry.download_registered(reference, Path(tmp))
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(fetched, dest)
 
@@ -47,11 +48,11 @@ def main(argv=None) -> int:
             return 0
         if args.export:
             cfg = config_lib.load(args.export / "config.yaml")
-            name = args.name or cfg.model_name
-            version = tracking.register_export(args.export, name, args.alias, cfg.experiment)
+            name = args.name or cfg.model.model_name
+            version = tracking.register_export(args.export, name, args.alias, cfg.tracking.experiment)
         elif args.name and args.version and args.alias:
             name, version = args.name, args.version
-            if tracking.model_version(f"{name}/{version}") is None:
+            if registry.model_version(f"{name}/{version}") is None:
                 raise tracking.TrackingError(f"{name} has no version {version} in {tracking.tracking_uri()}")
             tracking.set_alias(name, version, args.alias)
         else:

@@ -7,8 +7,8 @@ MLFLOW_TRACKING_URI names another - a team server, say. A run directory (and the
 from it) remembers its MLflow run in `mlflow_run.json`, so evaluate, export and register add to
 the run that trained the model instead of scattering one model over several runs.
 
-Registered models are the export folder itself (weights, index_to_name.json, config.yaml,
-metrics, int8 model), so `scripts/build_mar.py --registered NAME@ALIAS` builds the same archive
+Registered models are the export folder itself (weights, index_to_name.json, model.yaml,
+metrics, int8 model), so `build-mar --registered NAME@ALIAS` builds the same archive
 from the registry that `--export` builds from a folder.
 """
 
@@ -17,43 +17,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-LOCAL_STORE = ROOT / "mlruns"
-URI_ENV = "MLFLOW_TRACKING_URI"
+# The registry's read side (references, versions, downloads) is carmodel's: the archive builder uses it too.
+from carmodel.registry import RegistryError as TrackingError
+from carmodel.registry import client_mlflow, tracking_uri
+
 RUN_FILE = "mlflow_run.json"
 EXPORT_ARTIFACT = "export"  # where a registered export lives inside its run's artifacts
 REGISTRY_METRICS = ("top1", "top5", "macro_f1", "num_images")  # copied onto the model version as tags
-REFERENCE = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 log = logging.getLogger(__name__)
-
-
-class TrackingError(RuntimeError):
-    pass
-
-
-def tracking_uri() -> str:
-    return os.environ.get(URI_ENV) or f"sqlite:///{LOCAL_STORE / 'mlflow.db'}"
-
-
-def client_mlflow():
-    """mlflow, pointed at the project's store (or $MLFLOW_TRACKING_URI)."""
-    try:
-        import mlflow
-    except ImportError as err:
-        raise TrackingError("mlflow is not installed: pip install -r requirements/train.txt") from err
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow
 
 
 def experiment_id(mlflow, name: str) -> str:
@@ -144,14 +120,6 @@ def tracked(
 # ------------------------------------------------------------------------------ registry
 
 
-def parse_reference(text: str) -> tuple[str, str | None, str | None]:
-    """NAME@ALIAS or NAME/VERSION (optionally as models:/...) -> (name, alias, version)."""
-    match = REFERENCE.match(text.strip())
-    if not match:
-        raise TrackingError(f"a registered model is NAME@ALIAS or NAME/VERSION, got {text!r}")
-    return match["name"], match["alias"], match["version"]
-
-
 def register_export(export: Path, name: str, alias: str | None = None, experiment: str = "stanford-cars") -> str:
     """Log the export folder to its run and register it as a new version of `name`; returns the version."""
     export = Path(export)
@@ -185,27 +153,3 @@ def set_alias(name: str, version: str, alias: str) -> None:
 
     client_mlflow()
     MlflowClient().set_registered_model_alias(name, alias, str(version))
-
-
-def model_version(reference: str):
-    """The registry's ModelVersion for NAME@ALIAS or NAME/VERSION, or None if there is none."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    name, alias, version = parse_reference(reference)
-    client_mlflow()
-    client = MlflowClient()
-    try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException:
-        return None
-
-
-def download_registered(reference: str, dest: Path) -> tuple[Path, str]:
-    """The export folder of a registered version, downloaded into `dest`, and that version's number."""
-    found = model_version(reference)
-    if found is None:
-        raise TrackingError(f"no registered model {reference!r} in {tracking_uri()}")
-    mlflow = client_mlflow()
-    path = mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=str(dest))
-    return Path(path), str(found.version)

@@ -18,34 +18,41 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 import time
+import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim import lr_scheduler
 from tqdm import tqdm
 
+from carmodel import models as model_lib
+from carmodel import presets
 from training import config as config_lib
-from training import data, plots, presets, tracking
-from training import model as model_lib
+from training import data, plots, tracking
+from training.config import Config, OptimConfig, RuntimeConfig
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+BEST_WEIGHTS = "best.pth"
+RUN_ARTIFACTS = ("config.yaml", "split.json", "metrics.csv", "curves.png", "train_summary.json")
 
 
 # ----------------------------------------------------------------------------- runtime
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: the machine's accelerator (CUDA, MPS, ...) when there is one, else the CPU."""
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
 
 
 def cpu_supports_bf16() -> bool:
@@ -67,8 +74,25 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+@dataclass(frozen=True)
+class Hardware:
+    """Where and how the network runs: the runtime settings resolved against this machine."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # autocast's dtype; None runs in float32
+    channels_last: bool
+
+    @classmethod
+    def resolve(cls, runtime: RuntimeConfig) -> Hardware:
+        device = pick_device(runtime.device)
+        return cls(device, amp_dtype(runtime.amp, device), runtime.channels_last and device.type != "mps")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
+    def batch(self, inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        inputs = inputs.to(self.device, non_blocking=True)
+        return inputs.contiguous(memory_format=torch.channels_last) if channels_last and inputs.dim() == 4 else inputs
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -78,81 +102,240 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- pieces
+# ----------------------------------------------------------------------------- data
 
 
-def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+def is_final_fit(cfg: Config) -> bool:
+    """train+val: nothing is held out to select on; the schedule's last epoch is the model."""
+    return cfg.data.fit_on == "train+val"
+
+
+def prepare_data(cfg: Config):
+    """Scan, split and (optionally) decode once. Every data problem surfaces here, not mid-epoch."""
+    index = data.scan(cfg.data.data_root, cfg.data.layout)
+    splits = data.make_splits(index, cfg.data)
+    if is_final_fit(cfg):
+        splits = {"train": splits["train"] + splits["val"], "val": [], "test": splits["test"]}
+    images = {}
+    for name in ("train", "val"):
+        decoded = data.decode_all(splits[name], cfg.data.crop_to_bbox, cfg.runtime.progress)
+        # without the cache, everything is still decoded once so a corrupt file is found now, not in epoch 7
+        images[name] = decoded if cfg.data.cache_images else None
+    return index, splits, images
+
+
+def write_run_record(cfg: Config, index: data.CarsIndex, splits: dict, out: Path) -> None:
+    """config.yaml, classes.json, split.json: what the run was, before it starts."""
+    cfg.save(out / "config.yaml")
+    (out / "classes.json").write_text(json.dumps(index.classes, indent=1))
+    (out / "split.json").write_text(json.dumps(data.split_manifest(index, splits, cfg.data.data_root), indent=1))
+
+
+def make_loader(dataset, cfg: Config, shuffle: bool, generator=None) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.optim.batch_size,
+        shuffle=shuffle,
+        num_workers=cfg.runtime.num_workers,
+        generator=generator,
+        persistent_workers=cfg.runtime.num_workers > 0,
+    )
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def setup_model(cfg: Config, num_classes: int, hw: Hardware) -> tuple[nn.Module, list[nn.Module], str]:
+    """(model on its device, its frozen blocks, the init actually used)."""
+    model, init = model_lib.build_model(cfg.model.arch, num_classes, cfg.finetune.pretrained, cfg.model.dropout)
+    frozen = model_lib.freeze(model, cfg.model.arch, cfg.finetune.unfreeze)
+    model.to(hw.device)
+    if hw.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    total, trainable = model_lib.count_parameters(model)
+    log.info(
+        "device=%s amp=%s channels_last=%s params=%s trainable=%s init=%s",
+        hw.device,
+        hw.dtype,
+        hw.channels_last,
+        f"{total:,}",
+        f"{trainable:,}",
+        init,
+    )
+    return model, frozen, init
+
+
+@dataclass
+class Loop:
+    """What the epochs run: the network that trains (the whole model, or only its head on cached
+    trunk features) and the batches it sees. `val_loader` is None in a final fit."""
+
+    net: nn.Module
+    frozen: list[nn.Module]  # blocks kept in eval mode while the rest trains
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    channels_last: bool
+
+
+def make_loop(cfg: Config, model, frozen, splits, images, hw: Hardware, generator) -> Loop:
+    if cfg.finetune.unfreeze == 0 and cfg.optim.cache_features:
+        return head_on_cached_features(cfg, model, splits, images, hw, generator)
+    train_set = data.CarsDataset(
+        splits["train"], presets.train_preset(cfg.augment, cfg.model), cfg.data.crop_to_bbox, images["train"]
+    )
+    val_set = data.CarsDataset(splits["val"], presets.eval_preset(cfg.model), cfg.data.crop_to_bbox, images["val"])
+    return Loop(
+        net=model,
+        frozen=frozen,
+        train_loader=make_loader(train_set, cfg, shuffle=True, generator=generator),
+        val_loader=None if is_final_fit(cfg) else make_loader(val_set, cfg, shuffle=False),
+        channels_last=hw.channels_last,
+    )
+
+
+def head_on_cached_features(cfg: Config, model, splits, images, hw: Hardware, generator) -> Loop:
+    """A frozen trunk gives the same features every epoch (given no augmentation): compute them
+    once and train the head on them, at a tiny fraction of the cost."""
+    head_path = model_lib.spec(cfg.model.arch).head
+    head = model_lib.head_module(model, cfg.model.arch)
+
+    def features(split: str) -> torch.utils.data.TensorDataset:
+        dataset = data.CarsDataset(splits[split], presets.eval_preset(cfg.model), cfg.data.crop_to_bbox, images[split])
+        return extract_features(model, make_loader(dataset, cfg, shuffle=False), hw, cfg.runtime.progress)
+
+    model.set_submodule(head_path, nn.Identity())
+    try:
+        train_features = features("train")
+        val_features = None if is_final_fit(cfg) else features("val")
+    finally:
+        model.set_submodule(head_path, head)
+    log.info("trunk frozen: trained the head on cached features")
+    return Loop(
+        net=head,
+        frozen=[],
+        train_loader=make_loader(train_features, cfg, shuffle=True, generator=generator),
+        val_loader=None if val_features is None else make_loader(val_features, cfg, shuffle=False),
+        channels_last=False,
+    )
+
+
+@torch.no_grad()
+def extract_features(trunk, loader, hw: Hardware, progress: bool) -> torch.utils.data.TensorDataset:
+    """Run a frozen trunk once over `loader`."""
+    trunk.eval()
+    feats, labels = [], []
+    for inputs, targets in tqdm(loader, desc="caching trunk features", disable=not progress, leave=False):
+        with hw.autocast():
+            feats.append(trunk(hw.batch(inputs, hw.channels_last)).float().cpu())
+        labels.append(targets)
+    return torch.utils.data.TensorDataset(torch.cat(feats), torch.cat(labels))
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(optim: OptimConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer must be adam, adamw or sgd; got {cfg.optimizer!r}")
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=True
+        )
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    raise ValueError(f"optimizer must be adam, adamw or sgd; got {optim.optimizer!r}")
 
 
-def make_scheduler(cfg, optimizer, steps_per_epoch: int):
-    """Per-step schedule: linear warm-up, then cosine / step / constant."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    total = max(1, cfg.epochs * steps_per_epoch)
+def make_scheduler(optim: OptimConfig, optimizer, steps_per_epoch: int) -> lr_scheduler.LRScheduler:
+    """Stepped once per batch: linear warm-up from lr/warmup_steps to lr over `warmup_epochs`, then
+    cosine to zero at the end of the run, step decay, or constant."""
+    warmup = optim.warmup_epochs * steps_per_epoch
+    total = max(1, optim.epochs * steps_per_epoch)
+    if optim.lr_schedule == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    elif optim.lr_schedule == "step":
+        # every lr_step_epochs epochs counted from the start of the run, warm-up included
+        every = optim.lr_step_epochs * steps_per_epoch
+        decays = [max(0, step - warmup) for step in range(every, total + 1, every)]
+        main = lr_scheduler.MultiStepLR(optimizer, milestones=decays, gamma=optim.lr_gamma)
+    elif optim.lr_schedule == "constant":
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    else:
+        raise ValueError(f"lr_schedule must be cosine, step or constant; got {optim.lr_schedule!r}")
+    if not warmup:
+        return main
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
+    return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.lr_schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if cfg.lr_schedule == "step":
-            return cfg.lr_gamma ** ((step // steps_per_epoch) // cfg.lr_step_epochs)
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        raise ValueError(f"lr_schedule must be cosine, step or constant; got {cfg.lr_schedule!r}")
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+@dataclass
+class Optimization:
+    """What updates the weights: the loss, the optimiser, its per-step LR schedule, fp16 loss scaling."""
+
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def create(cls, optim: OptimConfig, loop: Loop, hw: Hardware) -> Optimization:
+        # Val loss is this same objective (label smoothing included), as in torchvision's references:
+        # plain cross-entropy rises as a smoothed model keeps getting more photos right, so early
+        # stopping on it stopped our first full run at 81 % val accuracy while accuracy was still climbing.
+        optimizer = make_optimizer(optim, loop.net.parameters())
+        return cls(
+            criterion=nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing),
+            optimizer=optimizer,
+            scheduler=make_scheduler(optim, optimizer, len(loop.train_loader)),
+            scaler=torch.amp.GradScaler(hw.device.type) if hw.dtype == torch.float16 else None,
+        )
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+# ----------------------------------------------------------------------------- epochs
 
 
 def run_epoch(
-    model,
+    loop: Loop,
     loader,
     criterion,
-    device,
-    dtype,
+    hw: Hardware,
     *,
-    optimizer=None,
-    scheduler=None,
-    scaler=None,
-    channels_last=False,
-    frozen=(),
-    desc="",
-    progress=True,
+    optimization: Optimization | None = None,
+    desc: str = "",
+    progress: bool = True,
 ) -> tuple[float, float]:
-    """One pass over `loader`; trains when an optimizer is given. Returns (mean loss, top-1)."""
-    training = optimizer is not None
+    """One pass over `loader`; trains when `optimization` is given. Returns (mean loss, top-1)."""
+    training = optimization is not None
     if training:
-        model_lib.train_mode(model, list(frozen))
+        model_lib.train_mode(loop.net, list(loop.frozen))
     else:
-        model.eval()
+        loop.net.eval()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     with torch.set_grad_enabled(training):
         for inputs, targets in bar:
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if channels_last and inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                logits = model(inputs)
+            inputs, targets = hw.batch(inputs, loop.channels_last), targets.to(hw.device, non_blocking=True)
+            with hw.autocast():
+                logits = loop.net(inputs)
             loss = criterion(logits.float(), targets)
             if training:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                scheduler.step()
+                optimization.step(loss)
             total_loss += loss.item() * len(targets)
             correct += (logits.argmax(1) == targets).sum().item()
             seen += len(targets)
@@ -160,19 +343,97 @@ def run_epoch(
     return total_loss / max(1, seen), correct / max(1, seen)
 
 
-@torch.no_grad()
-def extract_features(trunk, loader, device, dtype, channels_last, progress) -> torch.utils.data.TensorDataset:
-    """Run a frozen trunk once; the head then trains on its outputs at a tiny fraction of the cost."""
-    trunk.eval()
-    feats, labels = [], []
-    for inputs, targets in tqdm(loader, desc="caching trunk features", disable=not progress, leave=False):
-        inputs = inputs.to(device)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            feats.append(trunk(inputs).float().cpu())
-        labels.append(targets)
-    return torch.utils.data.TensorDataset(torch.cat(feats), torch.cat(labels))
+def train_and_validate(
+    epoch: int, cfg: Config, loop: Loop, opt: Optimization, hw: Hardware
+) -> tuple[dict, float | None]:
+    """Train, then validate (unless a final fit). Returns (the epoch's metrics row, the unrounded val loss)."""
+    started = time.perf_counter()
+    progress = cfg.runtime.progress
+    desc = f"epoch {epoch}/{cfg.optim.epochs}"
+    train_loss, train_acc = run_epoch(
+        loop, loop.train_loader, opt.criterion, hw, optimization=opt, desc=desc, progress=progress
+    )
+    val_loss = val_acc = None
+    if loop.val_loader is not None:
+        val_loss, val_acc = run_epoch(loop, loop.val_loader, opt.criterion, hw, desc="val", progress=progress)
+    row = {
+        "epoch": epoch,
+        "lr": opt.lr,
+        "train_loss": round(train_loss, 5),
+        "train_acc": round(train_acc, 5),
+        "val_loss": None if val_loss is None else round(val_loss, 5),
+        "val_acc": None if val_acc is None else round(val_acc, 5),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return row, val_loss
+
+
+@dataclass
+class Progress:
+    """The epochs run so far and early stopping's state: what a checkpoint holds besides the weights."""
+
+    history: list[dict] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    stale: int = 0  # epochs since val loss last improved
+
+    @property
+    def epoch(self) -> int:
+        """The last finished epoch (0 before the first)."""
+        return self.history[-1]["epoch"] if self.history else 0
+
+    def add(self, row: dict, val_loss: float | None) -> bool:
+        """Record an epoch; True when its weights are the ones to keep (in a final fit, always: the last wins)."""
+        self.history.append(row)
+        if val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.stale = (math.inf if val_loss is None else val_loss), 0
+            return True
+        self.stale += 1
+        return False
+
+    def should_stop(self, patience: int) -> bool:
+        return bool(patience) and self.stale >= patience
+
+    def best(self) -> dict:
+        if self.history[-1]["val_loss"] is None:  # final fit
+            return self.history[-1]
+        return min(self.history, key=lambda r: r["val_loss"])
+
+
+def save_checkpoint(path: Path, model, opt: Optimization, progress: Progress) -> None:
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "epoch": progress.epoch,
+            "history": progress.history,
+            "best_val_loss": progress.best_val_loss,
+            "stale": progress.stale,
+        },
+        path,
+    )
+
+
+def resume(path: str | Path, model, opt: Optimization, device) -> Progress:
+    """Load a checkpoint into `model` and `opt`; returns where the run had got to."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    advance_schedule(opt.scheduler, ckpt["scheduler"]["last_epoch"])
+    opt.optimizer.load_state_dict(ckpt["optimizer"])
+    for group, lr in zip(opt.optimizer.param_groups, opt.scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # the schedule's, which may differ from the checkpoint's when --epochs changed
+    log.info("resumed from %s at epoch %d", path, ckpt["epoch"] + 1)
+    return Progress(ckpt["history"], ckpt["best_val_loss"], ckpt["stale"])
+
+
+def advance_schedule(scheduler: lr_scheduler.LRScheduler, steps: int) -> None:
+    """Move this run's schedule to the checkpoint's step. The schedule is rebuilt from the config rather
+    than loaded from the checkpoint (which only supplies the step): a resumed run may be given more
+    --epochs, and a loaded state would keep the old run's cosine length and decay steps."""
+    with warnings.catch_warnings():  # no optimizer.step() yet, on purpose: the weights are the checkpoint's
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"), UserWarning)
+        for _ in range(steps):
+            scheduler.step()
 
 
 def write_history(history: list[dict], out: Path) -> None:
@@ -184,51 +445,66 @@ def write_history(history: list[dict], out: Path) -> None:
     plots.training_curves(history, out / "curves.png")
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def prepare_data(cfg):
-    """Scan, split and (optionally) decode once. Every data problem surfaces here, not mid-epoch."""
-    index = data.scan(cfg.data_root, cfg.layout)
-    splits = data.make_splits(index, cfg)
-    if cfg.fit_on == "train+val":
-        splits = {"train": splits["train"] + splits["val"], "val": [], "test": splits["test"]}
-    images = {}
-    for name in ("train", "val"):
-        if cfg.cache_images:
-            images[name] = data.decode_all(splits[name], cfg.crop_to_bbox, cfg.progress)
-        else:  # still decode everything once so a corrupt file is found now, not in epoch 7
-            data.decode_all(splits[name], cfg.crop_to_bbox, cfg.progress)
-            images[name] = None
-    return index, splits, images
-
-
-def make_loader(dataset, cfg, shuffle: bool, generator=None):
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=shuffle,
-        num_workers=cfg.num_workers,
-        generator=generator,
-        persistent_workers=cfg.num_workers > 0,
+def log_epoch(row: dict, best: bool) -> None:
+    if row["val_loss"] is None:
+        val = "no val (train+val fit)"
+    else:
+        val = f"val loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}"
+    log.info(
+        "epoch %d: train loss %.3f acc %.3f | %s | %.0fs%s",
+        row["epoch"],
+        row["train_loss"],
+        row["train_acc"],
+        val,
+        row["seconds"],
+        " *" if best else "",
     )
+
+
+def run_epochs(cfg: Config, model, loop: Loop, opt: Optimization, hw: Hardware, progress: Progress, out: Path, report):
+    """From where `progress` left off to cfg.optim.epochs, each epoch written down and checkpointed;
+    stops early once val loss has not improved for `early_stopping_patience` epochs."""
+    for epoch in range(progress.epoch + 1, cfg.optim.epochs + 1):
+        row, val_loss = train_and_validate(epoch, cfg, loop, opt, hw)
+        keep = progress.add(row, val_loss)
+        if keep:
+            torch.save(model.state_dict(), out / BEST_WEIGHTS)
+        write_history(progress.history, out)
+        save_checkpoint(out / CHECKPOINT, model, opt, progress)
+        log_epoch(row, best=keep and val_loss is not None)
+        report(row)
+        if progress.should_stop(cfg.optim.early_stopping_patience):
+            log.info("early stop: val loss has not improved for %d epochs", progress.stale)
+            break
+
+
+def summarize(cfg: Config, progress: Progress, train_images: int, init: str, hw: Hardware) -> dict:
+    best = progress.best()
+    return {
+        "fit_on": cfg.data.fit_on,
+        "train_images": train_images,
+        "best_epoch": best["epoch"],
+        "best_val_loss": best["val_loss"],
+        "best_val_acc": best["val_acc"],
+        "epochs_run": len(progress.history),
+        "init": init,
+        "device": str(hw.device),
+        "amp": str(hw.dtype),
+        "train_seconds": round(sum(r["seconds"] for r in progress.history), 1),
+    }
 
 
 # ----------------------------------------------------------------------------- fit
 
 
-RUN_ARTIFACTS = ("config.yaml", "split.json", "metrics.csv", "curves.png", "train_summary.json")
-
-
-def fit(cfg, report=None) -> dict:
+def fit(cfg: Config, report=None) -> dict:
     """Train per `cfg`, tracked in MLflow. `report(metrics_row)` is called after every epoch (Ray Tune uses it)."""
-    model_lib.spec(cfg.arch)  # an unknown architecture fails before minutes of decoding
-    out = Path(cfg.output_dir)
-    if not cfg.resume:  # a new training in an old folder is a new MLflow run; --resume continues its run
+    out = Path(cfg.runtime.output_dir)
+    if not cfg.runtime.resume:  # a new training in an old folder is a new MLflow run; --resume continues its run
         (out / tracking.RUN_FILE).unlink(missing_ok=True)
-    with tracking.tracked(out, cfg.track, cfg.experiment, name=out.name) as tracker:
-        tracker.params(cfg.to_dict())
-        tracker.tags({"stage": "train", "arch": cfg.arch, "fit_on": cfg.fit_on})
+    with tracking.tracked(out, cfg.tracking.enabled, cfg.tracking.experiment, name=out.name) as tracker:
+        tracker.params(cfg.to_flat_dict())
+        tracker.tags({"stage": "train", "arch": cfg.model.arch, "fit_on": cfg.data.fit_on})
 
         def after_epoch(row: dict) -> None:
             tracker.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
@@ -241,166 +517,19 @@ def fit(cfg, report=None) -> dict:
     return summary
 
 
-def train(cfg, out: Path, report) -> dict:
+def train(cfg: Config, out: Path, report=lambda row: None) -> dict:
+    """Train per `cfg` into `out`, calling `report(row)` after every epoch; returns the run's summary."""
     out.mkdir(parents=True, exist_ok=True)
-    generator = seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    dtype = amp_dtype(cfg.amp, device)
-    channels_last = cfg.channels_last and device.type != "mps"
-
+    generator = seed_everything(cfg.runtime.seed)
+    hw = Hardware.resolve(cfg.runtime)
     index, splits, images = prepare_data(cfg)
-    final_fit = cfg.fit_on == "train+val"
-    cfg.save(out / "config.yaml")
-    (out / "classes.json").write_text(json.dumps(index.classes, indent=1))
-    (out / "split.json").write_text(json.dumps(data.split_manifest(index, splits, cfg.data_root), indent=1))
-
-    model, init = model_lib.build_model(cfg.arch, len(index.classes), cfg.pretrained, cfg.dropout)
-    frozen = model_lib.freeze(model, cfg.arch, cfg.unfreeze)
-    model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    total, trainable = model_lib.count_parameters(model)
-    log.info(
-        "device=%s amp=%s channels_last=%s params=%s trainable=%s init=%s",
-        device,
-        dtype,
-        channels_last,
-        f"{total:,}",
-        f"{trainable:,}",
-        init,
-    )
-
-    train_set = data.CarsDataset(splits["train"], presets.train_preset(cfg), cfg.crop_to_bbox, images["train"])
-    val_set = data.CarsDataset(splits["val"], presets.eval_preset(cfg), cfg.crop_to_bbox, images["val"])
-    train_loader = make_loader(train_set, cfg, shuffle=True, generator=generator)
-    val_loader = make_loader(val_set, cfg, shuffle=False)
-
-    # A frozen trunk gives the same features every epoch (given no augmentation): compute them once.
-    net = model
-    head = model_lib.head_module(model, cfg.arch)
-    if cfg.unfreeze == 0 and cfg.cache_features:
-        head_path = model_lib.spec(cfg.arch).head
-        model.set_submodule(head_path, nn.Identity())
-        cached_train_set = data.CarsDataset(
-            splits["train"], presets.eval_preset(cfg), cfg.crop_to_bbox, images["train"]
-        )
-        feats_train = extract_features(
-            model, make_loader(cached_train_set, cfg, False), device, dtype, channels_last, cfg.progress
-        )
-        feats_val = (
-            None if final_fit else extract_features(model, val_loader, device, dtype, channels_last, cfg.progress)
-        )
-        model.set_submodule(head_path, head)
-        net, frozen, channels_last = head, [], False
-        train_loader = make_loader(feats_train, cfg, shuffle=True, generator=generator)
-        val_loader = None if final_fit else make_loader(feats_val, cfg, shuffle=False)
-        log.info("trunk frozen: trained the head on cached features")
-
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    # Val loss is the training objective (label smoothing included), as in torchvision's references:
-    # plain cross-entropy rises as a smoothed model keeps getting more photos right, so early
-    # stopping on it stopped our first full run at 81 % val accuracy while accuracy was still climbing.
-    val_criterion = criterion
-    optimizer = make_optimizer(cfg, net.parameters())
-    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-
-    history, best_val_loss, start_epoch, stale = [], math.inf, 1, 0
-    if cfg.resume:
-        ckpt = torch.load(cfg.resume, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, best_val_loss, stale = ckpt["history"], ckpt["best_val_loss"], ckpt["stale"]
-        start_epoch = ckpt["epoch"] + 1
-        log.info("resumed from %s at epoch %d", cfg.resume, start_epoch)
-
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        train_loss, train_acc = run_epoch(
-            net,
-            train_loader,
-            criterion,
-            device,
-            dtype,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            channels_last=channels_last,
-            frozen=frozen,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            progress=cfg.progress,
-        )
-        if final_fit:  # nothing held out to select on: the schedule's last epoch is the model
-            val_loss = val_acc = None
-        else:
-            val_loss, val_acc = run_epoch(
-                net,
-                val_loader,
-                val_criterion,
-                device,
-                dtype,
-                channels_last=channels_last,
-                desc="val",
-                progress=cfg.progress,
-            )
-        row = {
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": round(train_loss, 5),
-            "train_acc": round(train_acc, 5),
-            "val_loss": None if final_fit else round(val_loss, 5),
-            "val_acc": None if final_fit else round(val_acc, 5),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        history.append(row)
-        improved = final_fit or val_loss < best_val_loss
-        if improved:
-            best_val_loss, stale = (math.inf if final_fit else val_loss), 0
-            torch.save(model.state_dict(), out / "best.pth")
-        else:
-            stale += 1
-        write_history(history, out)
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "best_val_loss": best_val_loss,
-                "stale": stale,
-            },
-            out / "checkpoint.pt",
-        )
-        val_text = "no val (train+val fit)" if final_fit else f"val loss {val_loss:.3f} acc {val_acc:.3f}"
-        log.info(
-            "epoch %d: train loss %.3f acc %.3f | %s | %.0fs%s",
-            epoch,
-            train_loss,
-            train_acc,
-            val_text,
-            row["seconds"],
-            " *" if improved and not final_fit else "",
-        )
-        report(row)
-        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
-            log.info("early stop: val loss has not improved for %d epochs", stale)
-            break
-
-    best = history[-1] if final_fit else min(history, key=lambda r: r["val_loss"])
-    summary = {
-        "fit_on": cfg.fit_on,
-        "train_images": len(splits["train"]),
-        "best_epoch": best["epoch"],
-        "best_val_loss": best["val_loss"],
-        "best_val_acc": best["val_acc"],
-        "epochs_run": len(history),
-        "init": init,
-        "device": str(device),
-        "amp": str(dtype),
-        "train_seconds": round(sum(r["seconds"] for r in history), 1),
-    }
+    write_run_record(cfg, index, splits, out)
+    model, frozen, init = setup_model(cfg, len(index.classes), hw)
+    loop = make_loop(cfg, model, frozen, splits, images, hw, generator)
+    opt = Optimization.create(cfg.optim, loop, hw)
+    progress = resume(cfg.runtime.resume, model, opt, hw.device) if cfg.runtime.resume else Progress()
+    run_epochs(cfg, model, loop, opt, hw, progress, out, report)
+    summary = summarize(cfg, progress, len(splits["train"]), init, hw)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

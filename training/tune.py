@@ -12,7 +12,6 @@ is the one with the lowest val loss. Its directory is a complete training run, r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -23,7 +22,6 @@ import torch
 
 from training import config as config_lib
 from training import data, tracking
-from training import model as model_lib
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +37,22 @@ def search_space(lr_range=(1e-4, 1e-2), batch_sizes=(16, 32, 64), unfreeze=(1, 2
 
 
 def trainable(params: dict, base: dict) -> None:
-    """One trial: the base config with this trial's parameters, reporting every epoch to Tune."""
+    """One trial: the base config (flat) with this trial's parameters, reporting every epoch to Tune."""
     from ray import tune
 
     from training.train import fit
 
-    cfg = config_lib.from_dict({**base, **params})
-    cfg.output_dir = tune.get_context().get_trial_dir()
-    cfg.progress = False
-    cfg.track = False  # Ray's MLflowLoggerCallback logs each trial (run_search)
-    fit(cfg, report=lambda row: tune.report(row))
+    trial = {"output_dir": tune.get_context().get_trial_dir(), "progress": False}
+    trial["track"] = False  # Ray's MLflowLoggerCallback logs each trial (run_search)
+    fit(config_lib.from_dict({**base, **params, **trial}), report=lambda row: tune.report(row))
 
 
 def check_local_resources(cfg) -> None:
     """Ray queues a trial that asks for more than the machine has forever; say so instead."""
     cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
-    if cfg.tune_gpus_per_trial > gpus or cfg.tune_cpus_per_trial > cpus:
+    if cfg.tune.gpus_per_trial > gpus or cfg.tune.cpus_per_trial > cpus:
         raise config_lib.ConfigError(
-            f"each trial asks for {cfg.tune_cpus_per_trial:g} CPUs and {cfg.tune_gpus_per_trial:g} GPUs; this machine "
+            f"each trial asks for {cfg.tune.cpus_per_trial:g} CPUs and {cfg.tune.gpus_per_trial:g} GPUs; this machine "
             f"has {cpus} and {gpus}: set --tune_cpus_per_trial / --tune_gpus_per_trial (or --address for a cluster)"
         )
 
@@ -67,29 +63,30 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     # Trials run in their own working directory (and maybe on another node): no relative paths.
-    base = cfg.to_dict()
-    base["data_root"] = str(Path(cfg.data_root).resolve())
-    base["epochs"] = cfg.tune_epochs
-    if cfg.pretrained not in ("imagenet", "none"):
-        base["pretrained"] = str(Path(cfg.pretrained).resolve())
+    # Flat, like the search space's keys (lr, batch_size, unfreeze) that each trial sets on it.
+    base = cfg.to_flat_dict()
+    base["data_root"] = str(Path(cfg.data.data_root).resolve())
+    base["epochs"] = cfg.tune.epochs
+    if cfg.finetune.pretrained not in ("imagenet", "none"):
+        base["pretrained"] = str(Path(cfg.finetune.pretrained).resolve())
 
-    if not cfg.tune_address:
+    if not cfg.tune.address:
         check_local_resources(cfg)
     ray.init(
-        address=cfg.tune_address,
+        address=cfg.tune.address,
         ignore_reinit_error=True,
         include_dashboard=False,
         log_to_driver=False,
     )  # locally Ray sees every CPU and GPU; trials share them per tune_cpus/gpus_per_trial
     scheduler = ASHAScheduler(
-        time_attr="epoch", max_t=cfg.tune_epochs, grace_period=min(3, cfg.tune_epochs), reduction_factor=2
+        time_attr="epoch", max_t=cfg.tune.epochs, grace_period=min(3, cfg.tune.epochs), reduction_factor=2
     )
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(trainable, base=base), {"cpu": cfg.tune_cpus_per_trial, "gpu": cfg.tune_gpus_per_trial}
+            tune.with_parameters(trainable, base=base), {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
         ),
         param_space=space,
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=cfg.tune_samples, scheduler=scheduler),
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=cfg.tune.samples, scheduler=scheduler),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(storage.resolve()), verbose=1, callbacks=mlflow_callbacks(cfg)
         ),
@@ -117,10 +114,11 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
     }
     storage.mkdir(parents=True, exist_ok=True)
     (storage / "tune_results.json").write_text(json.dumps(summary, indent=1))
-    best_cfg = dataclasses.replace(config_lib.from_dict({**base, **summary["best"]["params"]}), epochs=cfg.epochs)
+    # Retraining runs the full schedule, not the trial's.
+    best_cfg = config_lib.from_dict({**base, **summary["best"]["params"], "epochs": cfg.optim.epochs})
     best_cfg.save(storage / "best_config.yaml")
     ray.shutdown()
-    with tracking.tracked(storage, cfg.track, cfg.experiment, name="tune") as tracker:
+    with tracking.tracked(storage, cfg.tracking.enabled, cfg.tracking.experiment, name="tune") as tracker:
         tracker.params({f"best.{k}": v for k, v in summary["best"]["params"].items()})
         tracker.metrics({"best_val_loss": summary["best"]["val_loss"], "trials": len(trials)})
         tracker.tags({"stage": "tune"})
@@ -130,15 +128,15 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
 
 def mlflow_callbacks(cfg) -> list:
     """One MLflow run per trial: its parameters and every epoch's metrics (Ray's own integration)."""
-    if not cfg.track:
+    if not cfg.tracking.enabled:
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     mlflow = tracking.client_mlflow()
-    tracking.experiment_id(mlflow, cfg.experiment)  # created with the project's artifact location
+    tracking.experiment_id(mlflow, cfg.tracking.experiment)  # created with the project's artifact location
     return [
         MLflowLoggerCallback(
-            tracking_uri=tracking.tracking_uri(), experiment_name=cfg.experiment, tags={"stage": "tune"}
+            tracking_uri=tracking.tracking_uri(), experiment_name=cfg.tracking.experiment, tags={"stage": "tune"}
         )
     ]
 
@@ -154,20 +152,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = config_lib.from_args(args)
-        model_lib.spec(cfg.arch)
-        if cfg.fit_on != "train":
+        if cfg.data.fit_on != "train":
             raise config_lib.ConfigError("tune selects trials by val loss: run it with --fit_on train")
-        data.scan(cfg.data_root, cfg.layout)  # fail on a wrong path before starting Ray
+        data.scan(cfg.data.data_root, cfg.data.layout)  # fail on a wrong path before starting Ray
         space = search_space(args.lr_range, args.batch_sizes, args.unfreeze_choices)
-        summary = run_search(cfg, space, Path(cfg.output_dir))
+        summary = run_search(cfg, space, Path(cfg.runtime.output_dir))
     except (data.DatasetError, config_lib.ConfigError, tracking.TrackingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     best = summary["best"]
     print(f"best trial: {best['params']} val_loss={best['val_loss']:.4f}\n  run dir: {best['run_dir']}")
     print(
-        f"  all trials: {Path(cfg.output_dir) / 'tune_results.json'}; "
-        f"retrain with: python -m training.train --config {Path(cfg.output_dir) / 'best_config.yaml'}"
+        f"  all trials: {Path(cfg.runtime.output_dir) / 'tune_results.json'}; "
+        f"retrain with: python -m training.train --config {Path(cfg.runtime.output_dir) / 'best_config.yaml'}"
     )
     return 0
 
