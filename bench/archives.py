@@ -1,6 +1,7 @@
 """The two archives compared, built from the same export (the same .pth file).
 
-* ours:  scripts/build_mar.py - this project's handler, model-config.yaml, packed training code.
+* ours:  serving.archive (what `build-mar` runs) - this project's handler, model-config.yaml and
+  the export's serving files, with the worker and handler settings given.
 * stock: torch-model-archiver --handler image_classifier - TorchServe's own image classifier,
   with a model file defining a no-argument nn.Module (what TorchServe's eager path instantiates
   before loading the state_dict from --serialized-file) and the export's index_to_name.json.
@@ -8,14 +9,16 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.common import ROOT, BenchError
-from training import config as config_lib
+from carmodel.export import ExportDir
+from serving import archive
+from serving import settings as settings_lib
+from serving.settings import HandlerSettings, WorkerSettings
 
 VERSION = "1.0"
 STOCK_HANDLER = "image_classifier"
@@ -58,13 +61,16 @@ def _run(cmd: list[str], what: str) -> None:
         raise BenchError(f"{what} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
-def build_ours(export: Path, store: Path, settings: dict[str, int]) -> tuple[str, str]:
-    """scripts/build_mar.py; `settings` (workers, batch_size, max_batch_delay) are passed through when given."""
-    model_name = config_lib.load(export / "config.yaml").model_name
-    flags = [x for key, value in settings.items() if value is not None for x in (f"--{key}", str(value))]
-    cmd = [sys.executable, "scripts/build_mar.py", "--export", str(export), "--model_store", str(store)]
-    _run([*cmd, "--version", VERSION, "--force", *flags], "scripts/build_mar.py")
-    return model_name, f"{model_name}_v{VERSION}.mar"
+def build_ours(export: ExportDir, store: Path, workers: WorkerSettings, handler: HandlerSettings) -> tuple[str, str]:
+    """serving.archive's build, as `build-mar --export ... --force` with these settings; (model name, archive file)."""
+    args = archive.parse_args(["--model_store", str(store), "--version", VERSION, "--force"])
+    for settings in (workers, handler):
+        vars(args).update(settings_lib.to_dict(settings))
+    try:
+        target = archive.build_from(export, args)
+    except archive.BuildError as err:
+        raise BenchError(f"build-mar for {export.path}: {err}") from err
+    return export.model_name, target.name
 
 
 def stock_model_file(arch: str, num_classes: int) -> str:
@@ -74,18 +80,18 @@ def stock_model_file(arch: str, num_classes: int) -> str:
     )
 
 
-def build_stock(export: Path, store: Path) -> tuple[str, str]:
-    cfg = config_lib.load(export / "config.yaml")
-    num_classes = len(json.loads((export / "index_to_name.json").read_text()))
+def build_stock(export: ExportDir, store: Path) -> tuple[str, str]:
+    name = export.model_name
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / STOCK_MODEL_FILE
-        model_file.write_text(stock_model_file(cfg.arch, num_classes))
+        model_file.write_text(stock_model_file(export.model_config.arch, len(export.classes())))
         cmd = [
             _archiver(),
-            *("--model-name", cfg.model_name, "--version", VERSION, "--handler", STOCK_HANDLER),
-            *("--model-file", str(model_file), "--serialized-file", str(export / f"{cfg.model_name}.pth")),
-            *("--extra-files", str(export / "index_to_name.json"), "--export-path", str(store), "--force"),
+            *("--model-name", name, "--version", VERSION, "--handler", STOCK_HANDLER),
+            *("--model-file", str(model_file), "--serialized-file", str(export.weights)),
+            # the stock handler reads index_to_name.json, the same file and name as the export's
+            *("--extra-files", str(export.classes_file), "--export-path", str(store), "--force"),
         ]
         _run(cmd, "torch-model-archiver (stock)")
-    return cfg.model_name, f"{cfg.model_name}.mar"
+    return name, f"{name}.mar"

@@ -1,10 +1,10 @@
-"""The batch script against the server's own throughput: does scripts/predict_dir.py keep the server busy?
+"""The batch script against the server's own throughput: does `predict-dir` keep the server busy?
 
-    python bench/batch_script.py                      # 1,000 photos, concurrency 32, the shipped model
-    python bench/batch_script.py --images 2000 --concurrency 16 --model resnet50_cars
+    python -m bench.batch_script                      # 1,000 photos, concurrency 32, the shipped model
+    python -m bench.batch_script --images 2000 --concurrency 16 --model resnet50_cars
 
 Starts this project's TorchServe with the model, measures its throughput with hey (one car JPEG,
-`--concurrency`, `--duration`), then runs `scripts/predict_dir.py` as a user would, over
+`--concurrency`, `--duration`), then runs `predict-dir` (client/predict_dir.py) as a user would, over
 `--images` real photos from ../shared (spread over all classes; linked, not copied, into
 var/bench/batch_images/) at the same concurrency, and prints both and their ratio. The batch
 script is Python, so unlike hey it shares the server's two cores: the ratio includes what the
@@ -21,23 +21,22 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import loadgen  # noqa: E402
-from bench.common import BENCH_VAR, ROOT, SHARED_TRAIN, BenchError, pick_image  # noqa: E402
-from bench.exports import resolve_export  # noqa: E402
-from bench.run import add_ours_arguments, fresh_server, parse_duration, warm_up  # noqa: E402
-from training.data import IMAGE_EXTENSIONS  # noqa: E402
+from bench import loadgen
+from bench.common import BENCH_VAR, ROOT, SHARED_TRAIN, BenchError, pick_image
+from bench.exports import resolve_export
+from bench.harness import add_ours_arguments, fresh_server, parse_duration, warm_up
+from carmodel.images import IMAGE_SUFFIXES
 
 IMAGES_DIR = BENCH_VAR / "batch_images"
 OUT_DIR = BENCH_VAR / "batch_out"
+PREDICT_DIR = [sys.executable, "-m", "client.predict_dir"]  # the `predict-dir` command
 
 
 def link_images(count: int, source: Path = SHARED_TRAIN, target: Path = IMAGES_DIR) -> list[Path]:
     """`count` photos taken evenly from the sorted dataset, symlinked as <class>/<file>."""
     if not source.is_dir():
         raise BenchError(f"no photos at {source} (the Stanford Cars folder next to the project)")
-    photos = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    photos = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(photos) < count:
         raise BenchError(f"asked for {count} photos, {source} has {len(photos)}")
     shutil.rmtree(target, ignore_errors=True)
@@ -50,9 +49,9 @@ def link_images(count: int, source: Path = SHARED_TRAIN, target: Path = IMAGES_D
 
 
 def run_batch_script(url: str, model: str, concurrency: int) -> tuple[dict, float]:
-    """scripts/predict_dir.py as a subprocess; its results JSON and the wall time including start-up."""
+    """`predict-dir` as a subprocess; its results JSON and the wall time including start-up."""
     shutil.rmtree(OUT_DIR, ignore_errors=True)
-    cmd = [sys.executable, "scripts/predict_dir.py", str(IMAGES_DIR), "--model", model, "--url", url]
+    cmd = [*PREDICT_DIR, str(IMAGES_DIR), "--model", model, "--url", url]
     started = time.perf_counter()
     done = subprocess.run(
         [*cmd, "--concurrency", str(concurrency), "--quiet", "--out", str(OUT_DIR)],
@@ -62,7 +61,7 @@ def run_batch_script(url: str, model: str, concurrency: int) -> tuple[dict, floa
     )
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise BenchError(f"predict_dir.py failed ({done.returncode}): {done.stderr[-1000:]}")
+        raise BenchError(f"predict-dir failed ({done.returncode}): {done.stderr[-1000:]}")
     results = json.loads(next(OUT_DIR.glob("*.json")).read_text())
     return results, wall
 
@@ -86,9 +85,9 @@ def main(argv=None) -> int:
         with fresh_server("ours", resolve_export(args.model), args, label="batch") as served:
             name = served.name
             image = pick_image()
-            warm_up(served.predict_url, image)
+            warm_up(served, image)
             hey = loadgen.run_hey(served.predict_url, image, args.concurrency, args.duration, None)
-            results, wall = run_batch_script(served.server.url("inference"), name, args.concurrency)
+            results, wall = run_batch_script(served.client.inference_url, name, args.concurrency)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
     photo_kb = image.stat().st_size / 1024
     print(f"server ({name}, hey -c {args.concurrency}, one {photo_kb:.0f} kB photo): {hey.img_s:.1f} img/s")
     print(
-        f"predict_dir.py over {len(photos)} photos (mean {mean_kb:.0f} kB), --concurrency {args.concurrency}: "
+        f"predict-dir over {len(photos)} photos (mean {mean_kb:.0f} kB), --concurrency {args.concurrency}: "
         f"{script_img_s} img/s ({results['counts']['ok']} ok, {results['counts']['error']} failed), "
         f"{wall:.1f} s wall including start-up"
     )

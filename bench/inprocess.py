@@ -1,10 +1,10 @@
 """The ceiling: what the handler's work costs in this process, with no HTTP and no TorchServe.
 
-Per image, exactly the handler's steps: decode the request body (handler.image_input: PIL,
-EXIF, RGB), the eval preset (training.presets), then stack, forward, softmax and top-k for the
-batch. The model is loaded by handler.model, as the worker loads it, and run the way the handler
-runs it: through handler.fast_path's runner (same backend/precision settings) when the handler has
-one, else eager fp32 torch in channels_last.
+Per batch, exactly the handler's steps through the same code: each request row read and decoded
+(serving.requests.read_request, with the handler's image limits), the predictor's eval preset,
+then one forward pass for the batch and the top-k (carmodel.predictor.Predictor, built as the
+worker builds it: same backend, precision and threads). Only the thread pool the handler decodes
+a batch in is left out.
 """
 
 from __future__ import annotations
@@ -14,35 +14,42 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import Row
-from handler.fast_path import int8_model_path, make_runner
-from handler.image_input import Limits, read_request
-from handler.model import load_model
-from training import config as config_lib
-from training import presets
+from bench.loadgen import CONTENT_TYPE
+from carmodel.export import ExportDir
+from carmodel.predictor import Prediction, Predictor
+from serving.requests import read_request
+from serving.settings import HandlerSettings
 
-TOPK = 5
+REQUEST_CONTENT_TYPES = {"body": CONTENT_TYPE}  # what TorchServe records for hey's raw body
 MIN_BATCHES = 3  # per batch size, however slow
 WARMUP_BATCHES = 1
 
 
 class Pipeline:
-    def __init__(self, export: Path, backend: str = "auto", precision: str = "auto"):
-        self.cfg = config_lib.load(export / "config.yaml")
-        weights = export / f"{self.cfg.model_name}.pth"
-        model = load_model(export, weights, torch.device("cpu")).to(memory_format=torch.channels_last)
-        int8 = int8_model_path(export, self.cfg.model_name)
-        runner = make_runner(model, self.cfg.eval_size, backend, precision, int8)  # the handler's own path
-        self.run, self.engine = runner.run, f"{runner.backend} {runner.precision}"
-        self.preprocess = presets.eval_preset(self.cfg)
-        self.limits = Limits()
+    def __init__(self, export: ExportDir, settings: HandlerSettings | None = None):
+        self.settings = settings or HandlerSettings()
+        s = self.settings
+        self.predictor = Predictor.for_export(export, s.backend, s.precision, s.threads)
+        self.limits = s.image_limits
+        self.max_topk = s.max_topk or len(self.predictor.classes)
 
-    def __call__(self, body: bytes, batch_size: int) -> torch.Tensor:
-        tensors = [self.preprocess(read_request({"body": body}, self.limits)[0]) for _ in range(batch_size)]
-        probabilities = F.softmax(self.run(torch.stack(tensors)), dim=1)
-        return torch.topk(probabilities, TOPK, dim=1).indices
+    @property
+    def engine(self) -> str:
+        return self.predictor.engine
+
+    @property
+    def input_size(self) -> int:
+        return self.predictor.config.eval_size
+
+    def __call__(self, body: bytes, batch_size: int) -> list[list[Prediction]]:
+        tensors, topks = [], []
+        for _ in range(batch_size):
+            image, topk = read_request({"body": body}, self.limits, self.max_topk, REQUEST_CONTENT_TYPES)
+            tensors.append(self.predictor.preprocess(image))
+            topks.append(topk or self.settings.topk)
+        return self.predictor.top_k(self.predictor.logits(tensors), topks)
 
 
 def time_batches(pipeline: Pipeline, body: bytes, batch_size: int, seconds: float) -> list[float]:
@@ -64,10 +71,15 @@ def _percentile_ms(times: list[float], pct: int) -> float:
 
 
 def measure(
-    model_name: str, export: Path, image: Path, batch_sizes: list[int], seconds: float, engine: dict[str, str]
+    model_name: str,
+    export: ExportDir,
+    image: Path,
+    batch_sizes: list[int],
+    seconds: float,
+    settings: HandlerSettings | None = None,
 ) -> list[Row]:
-    """One row per batch size (1 always included); latencies are per batch. `engine`: backend, precision."""
-    pipeline, body = Pipeline(export, **engine), image.read_bytes()
+    """One row per batch size (1 always included); latencies are per batch. `settings`: the handler's."""
+    pipeline, body = Pipeline(export, settings), image.read_bytes()
     rows = []
     for batch_size in sorted(set(batch_sizes) | {1}):
         times = time_batches(pipeline, body, batch_size, seconds)
@@ -84,7 +96,7 @@ def measure(
                 requests=batch_size * len(times),
                 workers=1,
                 batch_size=batch_size,
-                input_size=pipeline.cfg.eval_size,
+                input_size=pipeline.input_size,
                 engine=pipeline.engine,
                 detail={"torch_threads": torch.get_num_threads()},
             )

@@ -1,38 +1,41 @@
 """Serving benchmark: img/s, p50/p95/p99 latency and errors at several concurrency levels, for
 
   stock      TorchServe's own `image_classifier` handler, TorchServe's default settings
-  ours       this project's handler and config (scripts/build_mar.py + scripts.serve.Server)
+  ours       this project's handler and config (serving.archive + serving.torchserve.Server)
   inprocess  the ceiling: decode + preprocess + forward in one Python process, no HTTP
 
 on the same weights, driven by `hey` (a separate, compiled load generator) with a real car JPEG.
 One TorchServe at a time; run it on an otherwise idle machine.
 
-    python bench/run.py
-    python bench/run.py --models resnet50_cars efficientnet_lite0_cars --concurrency 1 8 32 --duration 15s
-    python bench/run.py --only ours --batch_size 8 --max_batch_delay 10 --workers 2
+    python -m bench.run
+    python -m bench.run --models resnet50_cars efficientnet_lite0_cars --concurrency 1 8 32 --duration 15s
+    python -m bench.run --only ours --batch_size 8 --max_batch_delay 10 --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
-import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import archives, inprocess, loadgen, report  # noqa: E402
-from bench.common import BENCH_VAR, ROOT, BenchError, Row, describe_image, pick_image, timestamp  # noqa: E402
-from bench.cpu import CpuMeter, wait_until_quiet  # noqa: E402
-from bench.exports import resolve_export  # noqa: E402
-from bench.servers import serving  # noqa: E402
-from training import config as config_lib  # noqa: E402
+from bench import inprocess, loadgen, report
+from bench.common import BENCH_VAR, ROOT, BenchError, Row, describe_image, pick_image, timestamp
+from bench.cpu import CpuMeter, wait_until_quiet
+from bench.exports import resolve_export
+from bench.harness import (
+    RUN_DIRS,
+    add_ours_arguments,
+    fresh_server,
+    ours_settings,
+    parse_duration,
+    settings_overrides,
+    warm_up,
+)
+from carmodel.export import ExportDir
 
 DEFAULT_MODELS = ["resnet50_cars", "efficientnet_lite0_cars"]
 DEFAULT_CONCURRENCY = [1, 8, 32]
@@ -40,75 +43,14 @@ DEFAULT_DURATION = "15s"
 DEFAULT_INPROCESS_BATCHES = [1, 2, 4, 8, 16]
 DEFAULT_INPROCESS_SECONDS = 5.0
 SETUPS = ["stock", "ours", "inprocess"]
-WARMUP_REQUESTS = 16
-WARMUP_CONCURRENCY = 4
 STOCK_INPUT_SIZE = 224  # image_classifier: Resize(256) + CenterCrop(224)
-STORES = BENCH_VAR / "store"  # archives, rebuilt on every run
-RUN_DIRS = BENCH_VAR / "ts"  # TorchServe state and logs (short paths: worker sockets live there)
-DURATION_UNITS = {"s": 1, "m": 60, "": 1}
 QUIET_WINDOW_S = 3.0  # how long other processes must stay under --quiet_pct before a measurement
 DEFAULT_QUIET_PCT = 25.0  # of one core
 DEFAULT_QUIET_TIMEOUT_S = 600.0
-INPROCESS_ENGINE_KEYS = ("backend", "precision")  # build_mar.py flags the in-process ceiling follows too
-SERVING_PATHS = ["handler", "training", "scripts", "config.properties", "models"]
-
-
-def parse_duration(text: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([sm]?)", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"duration like 15s or 1m, got {text!r}")
-    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
-
-
-def key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"KEY=VALUE expected, got {text!r}")
-    return key.lstrip("-"), value
+SERVING_PATHS = ["carmodel", "serving", "config.properties", "config", "models"]
 
 
 # ------------------------------------------------------------------------------ HTTP setups
-
-
-def add_ours_arguments(parser) -> None:
-    """Our server's settings, passed to scripts/build_mar.py (bench/run.py, stages.py, batch_script.py)."""
-    ours = parser.add_argument_group("ours: passed to scripts/build_mar.py (default: its defaults)")
-    ours.add_argument("--workers", type=int)
-    ours.add_argument("--batch_size", type=int)
-    ours.add_argument("--max_batch_delay", type=int, help="ms")
-    ours.add_argument(
-        "--build_mar",
-        nargs="+",
-        type=key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="more build_mar.py flags, e.g. backend=torch precision=fp32 (backend/precision: inprocess too)",
-    )
-
-
-def build_archive(setup: str, export: Path, args) -> tuple[Path, str, str]:
-    store = STORES / setup
-    if setup == "stock":
-        return store, *archives.build_stock(export, store)
-    settings = {"workers": args.workers, "batch_size": args.batch_size, "max_batch_delay": args.max_batch_delay}
-    return store, *archives.build_ours(export, store, {**settings, **dict(args.build_mar)})
-
-
-@contextlib.contextmanager
-def fresh_server(setup: str, export: Path, args, label: str | None = None):
-    """Build the setup's archive, start it in an emptied state folder, yield the ServedModel, stop it."""
-    store, name, archive = build_archive(setup, export, args)
-    run_dir = RUN_DIRS / f"{label or setup}-{name}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    with serving(setup, run_dir, store, name, archive) as served:
-        yield served
-
-
-def warm_up(url: str, image: Path) -> None:
-    result = loadgen.run_hey(url, image, WARMUP_CONCURRENCY, None, WARMUP_REQUESTS)
-    if result.ok == 0:
-        failed = {**result.status_counts, **result.error_counts}
-        raise BenchError(f"no successful prediction while warming up {url}: {failed} (see {RUN_DIRS}/*/logs)")
 
 
 def wait_for_quiet(args) -> None:
@@ -151,13 +93,13 @@ def level_row(model: str, setup: str, concurrency: int, result: loadgen.HeyResul
     )
 
 
-def http_rows(setup: str, model: str, export: Path, image: Path, args) -> list[Row]:
-    size = STOCK_INPUT_SIZE if setup == "stock" else config_lib.load(export / "config.yaml").eval_size
+def http_rows(setup: str, model: str, export: ExportDir, image: Path, args) -> list[Row]:
+    size = STOCK_INPUT_SIZE if setup == "stock" else export.model_config.eval_size
     rows = []
     with fresh_server(setup, export, args) as served:
-        server = {**served.settings(), "engine": served.engine(), "input_size": size}
+        server = {**served.settings(), "engine": served.engine(), "input_size": size, "handler": served.description()}
         print(f"  {setup}: {server['workers']} worker(s) x {server['batch_size']}, {server['engine']}", flush=True)
-        warm_up(served.predict_url, image)
+        warm_up(served, image)
         for concurrency in args.concurrency:
             result, others = measure_level(served.predict_url, image, concurrency, args)
             row = level_row(model, setup, concurrency, result, server, others)
@@ -166,11 +108,11 @@ def http_rows(setup: str, model: str, export: Path, image: Path, args) -> list[R
     return rows
 
 
-def inprocess_rows(model: str, export: Path, image: Path, args) -> list[Row]:
-    engine = {k: v for k, v in args.build_mar.items() if k in INPROCESS_ENGINE_KEYS}
+def inprocess_rows(model: str, export: ExportDir, image: Path, args) -> list[Row]:
+    _, handler = ours_settings(args)  # the handler's engine and limits: the same work as ours
     wait_for_quiet(args)
     meter = CpuMeter(str(RUN_DIRS)).start()
-    rows = inprocess.measure(model, export, image, args.inprocess_batches, args.inprocess_seconds, engine)
+    rows = inprocess.measure(model, export, image, args.inprocess_batches, args.inprocess_seconds, handler)
     for row in rows:  # one figure for the whole sweep
         row.other_cpu_pct = meter.others_pct()
     return rows
@@ -181,7 +123,7 @@ def inprocess_rows(model: str, export: Path, image: Path, args) -> list[Row]:
 
 def bench_model(model: str, image: Path, args, failures: dict) -> list[Row]:
     export = resolve_export(model)
-    print(f"{model}: export {export}", flush=True)
+    print(f"{model}: export {export.path}", flush=True)
     rows = []
     for setup in args.only:
         try:
@@ -221,10 +163,7 @@ def metadata(args, image: Path) -> dict:
         "torch": torch.__version__,
         "torch_threads_inprocess": torch.get_num_threads(),
         "torchserve": getattr(ts, "__version__", "?"),
-        "ours_overrides": {
-            **{k: getattr(args, k) for k in ("workers", "batch_size", "max_batch_delay") if getattr(args, k)},
-            **args.build_mar,
-        },
+        "ours_overrides": settings_overrides(args),
     }
 
 
@@ -244,9 +183,7 @@ def parse_args(argv=None):
     ceiling = p.add_argument_group("inprocess")
     ceiling.add_argument("--inprocess_batches", nargs="+", type=int, default=DEFAULT_INPROCESS_BATCHES)
     ceiling.add_argument("--inprocess_seconds", type=float, default=DEFAULT_INPROCESS_SECONDS, help="per batch size")
-    args = p.parse_args(argv)
-    args.build_mar = dict(args.build_mar)
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -1,80 +1,87 @@
 """TorchServe instances for the benchmark, on loopback and free ports, one at a time.
 
-* ours:  scripts.serve.Server - this project's config.properties, rendered as `make serve` does.
-* stock: the same lifecycle code, but a config.properties with nothing beyond the addresses (all
-  on 127.0.0.1, free ports), the model store and token auth off (as in our default profile):
-  workers, batching, queue sizes and timeouts are TorchServe's defaults.
+Both run through serving.torchserve.Server (the lifecycle `serve` uses):
+
+* ours:  the default profile, this project's config.properties, rendered as `make serve` does.
+* stock: `Server(properties=stock_properties(ports))`: a config.properties with nothing beyond the
+  addresses (all on 127.0.0.1, free ports), the model store and token auth off (as in our default
+  profile): workers, batching, queue sizes and timeouts are TorchServe's defaults.
+
+What is served is asked of TorchServe over its APIs (serving.client.TorchServeClient), never read
+from its logs: worker count and batching from the management API, the engine from our handler's
+own description (`GET /models/<name>?customized=true`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-import requests
-
 from bench.common import BenchError
-from scripts.serve import ADDRESS_KEYS, ServeError, Server, free_ports
+from serving.client import TorchServeClient, TorchServeError
+from serving.torchserve import ADDRESS_KEYS, ServeError, Server, free_ports
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 300
-MANAGEMENT_TIMEOUT_S = 10
-STOCK_ENGINE = "torch fp32"  # BaseHandler: the eager model, as loaded
-ENGINE_LOG = re.compile(r"backend=(\S+) precision=(\S+)")  # our handler's "ready: ..." line
+STOCK_ENGINE = "torch fp32"  # BaseHandler: the eager model, as loaded; it has no description of its own
+SETUPS = ("stock", "ours")
 
 
-class StockServer(Server):
-    """TorchServe defaults: only addresses, the model store and token auth are set."""
-
-    def _render_props(self) -> dict[str, str]:
-        if not self.ports:
-            raise BenchError("StockServer needs explicit ports (free_ports())")
-        props = {key: f"http://{LOOPBACK}:{self.ports[api]}" for api, key in ADDRESS_KEYS.items()}
-        return {
-            **props,
-            "grpc_inference_address": LOOPBACK,
-            "grpc_management_address": LOOPBACK,
-            "grpc_inference_port": str(self.ports["grpc_inference"]),
-            "grpc_management_port": str(self.ports["grpc_management"]),
-            "model_store": str(self.model_store),
-            "disable_token_authorization": "true",
-        }
+def stock_properties(ports: dict[str, int]) -> dict[str, str]:
+    """TorchServe defaults: only the addresses and token auth (the model store is Server's)."""
+    return {
+        **{key: f"http://{LOOPBACK}:{ports[api]}" for api, key in ADDRESS_KEYS.items()},
+        "grpc_inference_address": LOOPBACK,
+        "grpc_management_address": LOOPBACK,
+        "grpc_inference_port": str(ports["grpc_inference"]),
+        "grpc_management_port": str(ports["grpc_management"]),
+        "disable_token_authorization": "true",
+    }
 
 
-SERVER_CLASSES = {"stock": StockServer, "ours": Server}
+def make_server(setup: str, run_dir: Path, store: Path) -> Server:
+    ports = free_ports()
+    if setup == "stock":
+        return Server(run_dir=run_dir, model_store=store, properties=stock_properties(ports))
+    return Server(run_dir=run_dir, model_store=store, ports=ports)
 
 
 @dataclass
 class ServedModel:
     server: Server
     name: str
+    setup: str
+
+    @cached_property
+    def client(self) -> TorchServeClient:
+        return self.server.client()
 
     @property
     def predict_url(self) -> str:
-        return f"{self.server.url('inference')}/predictions/{self.name}"
+        return self.client.prediction_url(self.name)
+
+    def description(self) -> dict | None:
+        """Our handler's description of itself (engine, eval_size, pid, settings); None from the stock handler."""
+        try:
+            return self.client.handler_description(self.name)
+        except TorchServeError:  # the stock handler may answer the describe call with an error
+            return None
 
     def engine(self) -> str | None:
-        """How the worker runs the forward pass: stock is eager torch; ours logs it when ready."""
-        if isinstance(self.server, StockServer):
-            return STOCK_ENGINE
-        log = self.server.run_dir / "logs" / "model_log.log"
-        text = log.read_text(errors="replace") if log.is_file() else ""
-        match = ENGINE_LOG.search(text)
-        if match:
-            return f"{match.group(1)} {match.group(2)}"
-        return STOCK_ENGINE if " ready: arch=" in text else None  # a handler without a fast path
+        """How the worker runs the forward pass, as the handler describes it; the stock handler runs eager fp32."""
+        description = self.description() or {}
+        if description.get("backend"):
+            return f"{description['backend']} {description['precision']}"
+        return STOCK_ENGINE if self.setup == "stock" else None
 
     def settings(self) -> dict:
-        """What TorchServe reports for the model: worker count, batch size and delay."""
-        r = requests.get(
-            f"{self.server.url('management')}/models/{self.name}",
-            headers=self.server.headers("management"),
-            timeout=MANAGEMENT_TIMEOUT_S,
-        )
-        r.raise_for_status()
-        info = r.json()[0]
+        """What TorchServe reports for the model: worker count, pids, batch size and delay."""
+        try:
+            info = self.client.describe(self.name)[0]
+        except TorchServeError as err:
+            raise BenchError(f"describing {self.name}: {err.message}") from err
         pids = [w.get("pid") for w in info.get("workers", []) if w.get("pid")]
         return {
             "workers": len(info.get("workers", [])),
@@ -85,6 +92,10 @@ class ServedModel:
             "min_workers": info.get("minWorkers"),
             "max_workers": info.get("maxWorkers"),
         }
+
+    def frontend_pid(self) -> int:
+        """TorchServe's Java front end (its pid file in the instance's temp folder)."""
+        return int((self.server.run_dir / "tmp" / ".model_server.pid").read_text())
 
 
 def worker_env(pid: int, key: str) -> str | None:
@@ -100,10 +111,12 @@ def worker_env(pid: int, key: str) -> str | None:
 @contextlib.contextmanager
 def serving(setup: str, run_dir: Path, store: Path, name: str, archive: str):
     """Start TorchServe with one model, yield a ServedModel, always stop it."""
-    server = SERVER_CLASSES[setup](run_dir=run_dir, model_store=store, ports=free_ports())
+    if setup not in SETUPS:
+        raise BenchError(f"unknown setup {setup!r}: {', '.join(SETUPS)}")
+    server = make_server(setup, run_dir, store)
     try:
         server.start({name: archive}, restore=False, timeout=START_TIMEOUT_S)
-        yield ServedModel(server, name)
+        yield ServedModel(server, name, setup)
     except ServeError as err:
         raise BenchError(f"{setup} server for {name}: {err}") from err
     finally:
