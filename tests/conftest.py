@@ -1,5 +1,5 @@
 """Shared fixtures: real data from ../shared, real exports made by the training pipeline,
-real .mar archives made by scripts/build_mar.py, real TorchServe processes on free ports."""
+real .mar archives made by build-mar (serving/archive.py), real TorchServe processes on free ports."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from serving.torchserve import Server, free_ports
 
-from scripts.serve import Server, free_ports  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHARED_CARS = (ROOT / ".." / "shared" / "stanford_cars").resolve()
 DEFAULT_EXPORT = ROOT / "models" / "efficientnet_lite0_cars"
@@ -88,7 +87,7 @@ def model_store(tmp_path_factory, resnet50_export) -> Path:
     """Archives of the shipped default model (v1.0) and the ResNet-50 smoke export (v1.0)."""
     store = tmp_path_factory.mktemp("model_store")
     for export in (DEFAULT_EXPORT, resnet50_export):
-        result = python("scripts/build_mar.py", "--export", str(export), "--model_store", str(store))
+        result = python("-m", "serving.archive", "--export", str(export), "--model_store", str(store))
         assert result.returncode == 0, result.stderr
     return store
 

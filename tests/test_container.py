@@ -26,8 +26,8 @@ import pytest
 import requests
 from conftest import DEFAULT_EXPORT, ROOT
 
-from scripts.build_mar import SERVING_MODULES
-from scripts.serve import Server, free_ports, read_properties
+from serving.archive import handler_modules
+from serving.torchserve import Server, free_ports, read_properties
 
 MODEL = "efficientnet_lite0_cars"
 ARCHIVE = f"{MODEL}_v1.0.mar"
@@ -186,7 +186,9 @@ def container_env(tmp_path, runtime_tree):
     yield env
     # Whatever a failed test left running.
     subprocess.run(
-        [sys.executable, runtime_tree / "scripts/serve.py", "stop", "--run_dir", env["RUN_DIR"]], capture_output=True
+        [sys.executable, "-m", "serving.serve", "stop", "--run_dir", env["RUN_DIR"]],
+        cwd=runtime_tree,
+        capture_output=True,
     )
 
 
@@ -264,15 +266,18 @@ def test_copied_paths_exist_and_are_in_the_build_context(stages):
                 assert not ignored(source, rules), f"COPY {source}: excluded by .dockerignore"
     # Every module the archive packs is COPYed into the build stage and not ignored.
     context = [src for source_stage, sources, _ in copies(stages[0]) if source_stage is None for src in sources]
-    for package, files in SERVING_MODULES.items():
-        for name in files:
-            rel = f"{package}/{name}"
-            assert any(rel == src or rel.startswith(src.rstrip("/") + "/") for src in context), rel
-            assert not ignored(rel, rules), rel
+    for module in handler_modules():
+        rel = str(module.relative_to(ROOT))
+        assert any(rel == src or rel.startswith(src.rstrip("/") + "/") for src in context), rel
+        assert not ignored(rel, rules), rel
+    # Serving needs no training code: none is copied into either stage.
+    for stage in stages:
+        assert not [src for _, sources, _ in copies(stage) for src in sources if src.startswith("training")]
     # ...while the bulky and the private stay out of the context.
     for rel in (".venv/bin/python", ".git/HEAD", "var/run/config.properties", f"model_store/{ARCHIVE}", "tests/x.py"):
         assert ignored(rel, rules), rel
-    assert ignored("handler/__pycache__/batch.cpython-311.pyc", rules)
+    assert ignored("serving/__pycache__/batch.cpython-311.pyc", rules)
+    assert ignored("training/train.py", rules)
 
 
 def test_container_profile_is_the_default_one_listening_inside_the_container(tmp_path):
@@ -335,8 +340,8 @@ def test_archive_builds_the_mar_from_the_build_stage_files(archived):
     assert f"built {store / ARCHIVE}" in result.stdout, result.stdout
     with zipfile.ZipFile(store / ARCHIVE) as mar:
         packed = set(mar.namelist())
-    expected = {f"{package}/{name}" for package, files in SERVING_MODULES.items() for name in files}
-    assert expected | {f"{MODEL}.pth", "index_to_name.json", "config.yaml", "car_classifier.py"} <= packed, packed
+    expected = {str(module.relative_to(ROOT)) for module in handler_modules()}
+    assert expected | {f"{MODEL}.pth", "index_to_name.json", "model.yaml", "handler.py"} <= packed, packed
 
 
 def test_predict_over_a_folder(tmp_path, container_env, runtime_tree, car_images):

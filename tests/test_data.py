@@ -151,7 +151,7 @@ def test_training_cli_fails_early_with_the_corrupt_file_name(tmp_path, capsys):
 
 def test_split_is_stratified_disjoint_and_seeded(tmp_path):
     index = data.scan(folder_tree(tmp_path, per_class=20))
-    cfg = config_lib.Config(val_fraction=0.1, test_fraction=0.2, split_seed=3)
+    cfg = config_lib.DataConfig(val_fraction=0.1, test_fraction=0.2, split_seed=3)
     splits = data.make_splits(index, cfg)
     paths = {name: {s.path for s in items} for name, items in splits.items()}
     assert not paths["train"] & paths["val"]
@@ -161,7 +161,7 @@ def test_split_is_stratified_disjoint_and_seeded(tmp_path):
     for name, expected in (("test", 4), ("val", 2), ("train", 14)):
         assert Counter(s.label for s in splits[name]) == {0: expected, 1: expected, 2: expected}
     assert data.make_splits(index, cfg)["test"] == splits["test"]
-    other = data.make_splits(index, config_lib.Config(val_fraction=0.1, test_fraction=0.2, split_seed=4))
+    other = data.make_splits(index, config_lib.DataConfig(val_fraction=0.1, test_fraction=0.2, split_seed=4))
     assert {s.path for s in other["test"]} != paths["test"]
 
 

@@ -14,10 +14,8 @@ import requests
 from conftest import DEFAULT_EXPORT
 from PIL import Image
 
-from handler.fast_path import int8_model_path, make_runner
-from handler.model import load_model
-from training import config as config_lib
-from training.presets import eval_preset
+from carmodel.export import ExportDir
+from carmodel.predictor import Predictor
 
 MODEL = "efficientnet_lite0_cars"
 SAMPLE_EVERY = 35  # ~30 held-out photos spread over the classes: enough to tell a real model from chance
@@ -47,18 +45,15 @@ def test_recorded_held_out_accuracy_is_that_of_a_real_model():
 
 
 def test_served_default_model_gets_held_out_photos_right(server, cars_root, held_out):
-    cfg = config_lib.load(DEFAULT_EXPORT / "config.yaml")
-    # the same fast path the handler uses by default, one image at a time like these requests
-    model = load_model(DEFAULT_EXPORT, DEFAULT_EXPORT / f"{MODEL}.pth", "cpu")
-    local = make_runner(model, cfg.eval_size, int8_model=int8_model_path(DEFAULT_EXPORT, MODEL))
-    preset = eval_preset(cfg)
+    # the same inference chain the handler runs by default, one image at a time like these requests
+    local = Predictor.for_export(ExportDir(DEFAULT_EXPORT))
     correct = 0
     for rel, true_name in held_out:
         path = cars_root / rel
         response = requests.put(server.url("inference") + f"/predictions/{MODEL}", data=path.read_bytes(), timeout=60)
         assert response.status_code == 200, response.text
         top = response.json()
-        expected = int(local.run(preset(Image.open(path).convert("RGB")).unsqueeze(0)).argmax())
+        expected = local.predict([Image.open(path).convert("RGB")], k=1)[0][0].class_id
         assert top[0]["class_id"] == expected, rel  # the server runs the same model as training exported
         correct += top[0]["class_name"] == true_name
     assert correct / len(held_out) >= 0.8, f"{correct}/{len(held_out)} held-out photos right"

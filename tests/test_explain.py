@@ -1,4 +1,4 @@
-"""scripts/explain.py against a real TorchServe (the session `server` fixture) and real car photos.
+"""explain (client/explain.py) against a real TorchServe (the session `server` fixture) and real car photos.
 
 The shipped export may be a provisional one, so no test asserts which class a photo gets.
 """
@@ -8,17 +8,21 @@ from __future__ import annotations
 import json
 import random
 import socket
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import python  # tests/ is on sys.path (rootdir conftest)
+from conftest import run  # tests/ is on sys.path (rootdir conftest)
 from PIL import Image
 
-from scripts.explain import EXIT_LOCAL, EXIT_SERVER, EXIT_UNREACHABLE, render_overlay
+from client.explain import render_overlay
+from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 
 MODEL = "efficientnet_lite0_cars"
+EXPLAIN = str(Path(sys.executable).parent / "explain")  # the entry point users run
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +34,11 @@ def car_image(car_images):
 def served_eval_size(model_store) -> int:
     """The eval size of the archive the server loaded, not of models/ which may be re-exported meanwhile."""
     with zipfile.ZipFile(model_store / f"{MODEL}_v1.0.mar") as mar:
-        return int(yaml.safe_load(mar.read("config.yaml"))["eval_size"])
+        return int(yaml.safe_load(mar.read("model.yaml"))["eval_size"])
 
 
 def explain_cli(server, image, out, *extra):
-    return python(
-        "scripts/explain.py", str(image), "--model", MODEL, "--url", server.url("inference"), "--out", str(out), *extra
-    )
+    return run([EXPLAIN, str(image), "--model", MODEL, "--url", server.url("inference"), "--out", str(out), *extra])
 
 
 def test_cli_writes_overlay_png_and_normalised_heatmap(server, car_image, served_eval_size, tmp_path):
@@ -78,7 +80,7 @@ def test_corrupt_image_reports_the_servers_message(server, tmp_path):
     corrupt.write_bytes(random.Random(0).randbytes(4096))
     out = tmp_path / "corrupt.png"
     result = explain_cli(server, corrupt, out)
-    assert result.returncode == EXIT_SERVER
+    assert result.returncode == EXIT_SERVER == 4
     assert result.stderr.startswith("error: ")
     assert "415" in result.stderr and "not an image in a supported format" in result.stderr
     assert not out.exists()
@@ -86,7 +88,7 @@ def test_corrupt_image_reports_the_servers_message(server, tmp_path):
 
 def test_missing_image_is_a_local_error(server, tmp_path):
     result = explain_cli(server, tmp_path / "nope.jpg", tmp_path / "nope.png")
-    assert result.returncode == EXIT_LOCAL
+    assert result.returncode == EXIT_USAGE == 2
     assert "error: image not found" in result.stderr
 
 
@@ -94,20 +96,13 @@ def test_unreachable_server(car_image, tmp_path):
     with socket.socket() as s:  # a port nothing listens on once this block closes it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = python(
-        "scripts/explain.py",
-        str(car_image),
-        "--model",
-        MODEL,
-        "--url",
-        f"http://127.0.0.1:{port}",
-        "--out",
-        str(tmp_path / "x.png"),
-        "--timeout",
-        "5",
-    )
-    assert result.returncode == EXIT_UNREACHABLE
-    assert "error: cannot reach" in result.stderr
+    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "x.png"
+    result = run([EXPLAIN, str(car_image), "--model", MODEL, "--url", url, "--out", str(out), "--timeout", "5"])
+    assert result.returncode == EXIT_UNREACHABLE == 3
+    # The same words as predict-dir and versions: one client (serving/client.py) says it.
+    assert result.stderr.strip() == f"error: TorchServe not reachable at {url}"
+    assert not out.exists()
 
 
 def test_render_overlay_needs_no_server(tmp_path):

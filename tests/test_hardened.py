@@ -7,19 +7,23 @@ TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException (n
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import sys
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from conftest import python, start_server  # tests/ is on sys.path (rootdir conftest)
+from conftest import run, start_server  # tests/ is on sys.path (rootdir conftest)
 
-from scripts.serve import Server, free_ports
+from serving.client import EXIT_UNREACHABLE
+from serving.torchserve import Server, free_ports
 
 MODEL = "efficientnet_lite0_cars"
 ARCHIVE = f"{MODEL}_v1.0.mar"
 TOKEN_REFUSED = "Token Authorization failed"
+BIN = Path(sys.executable).parent  # the clients' entry points
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +129,7 @@ def test_ping_needs_the_inference_key(hardened, keys):
     assert_token_refused(requests.get(url, timeout=10))
     r = requests.get(url, headers=bearer(keys["inference"]), timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "Healthy"
-    assert hardened.is_running()  # serve.py reads the key file for its readiness check
+    assert hardened.is_running()  # Server.client() reads the key file for its readiness check
 
 
 def test_management_needs_the_management_key(hardened, keys):
@@ -168,20 +172,61 @@ def test_model_api_is_off_even_with_the_management_key(hardened, keys, car_image
 
 
 def test_versions_tool_with_the_management_key(hardened, keys):
-    """scripts/versions.py against the hardened server: reads work with --token, writes are refused."""
+    """`versions` against the hardened server: reads work with the management key ($TS_MANAGEMENT_TOKEN or
+    --management_token), a refused key exits 3 as in every client, writes are refused (405, exit 4)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
-    base = ["scripts/versions.py", "--management_url", hardened.url("management")]
+    base = [str(BIN / "versions"), "--management_url", hardened.url("management")]
 
-    result = python(*base, "list", MODEL, env=env)
-    assert result.returncode == 4 and TOKEN_REFUSED in result.stderr
+    result = run([*base, "list", MODEL], env=env)
+    assert result.returncode == EXIT_UNREACHABLE and TOKEN_REFUSED in result.stderr
+    # The inference key is not the management key, whatever the flag; --token is the inference key.
+    result = run([*base, "--management_token", keys["inference"], "list", MODEL], env=env)
+    assert result.returncode == EXIT_UNREACHABLE and TOKEN_REFUSED in result.stderr
+    result = run([*base, "--token", keys["management"], "list", MODEL], env=env)
+    assert result.returncode == EXIT_UNREACHABLE and TOKEN_REFUSED in result.stderr
+    assert "--management_token" in result.stderr  # the note for whoever used versions' old --token
 
-    result = python(*base, "list", MODEL, env={**env, "TS_MANAGEMENT_TOKEN": keys["management"]})
+    result = run([*base, "list", MODEL], env={**env, "TS_MANAGEMENT_TOKEN": keys["management"]})
+    assert result.returncode == 0, result.stderr
+    assert "* 1.0" in result.stdout and ARCHIVE in result.stdout
+    result = run([*base, "--management_token", keys["management"], "list", MODEL], env=env)
     assert result.returncode == 0, result.stderr
     assert "* 1.0" in result.stdout and ARCHIVE in result.stdout
 
-    result = python(*base, "register", MODEL, ARCHIVE, env={**env, "TS_MANAGEMENT_TOKEN": keys["management"]})
+    result = run([*base, "register", MODEL, ARCHIVE], env={**env, "TS_MANAGEMENT_TOKEN": keys["management"]})
     assert result.returncode == 4
     assert "-> 405" in result.stderr and "method is not allowed" in result.stderr
+
+
+def test_clients_take_the_inference_key_the_same_way(hardened, keys, car_image, tmp_path):
+    """predict-dir, versions predict and explain: --token (alias --inference_token) or $TS_INFERENCE_TOKEN;
+    without it, or with the wrong key, each exits 3 with TorchServe's refusal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "car.jpg").write_bytes(car_image.read_bytes())
+    url = ["--url", hardened.url("inference")]
+    commands = {
+        "predict-dir": [str(BIN / "predict-dir"), str(photos), "--model", MODEL, *url, "--out", str(tmp_path / "p")],
+        "versions": [str(BIN / "versions"), "--inference_url", hardened.url("inference"), "predict", MODEL],
+        "explain": [str(BIN / "explain"), str(car_image), "--model", MODEL, *url, "--out", str(tmp_path / "e.png")],
+    }
+    commands["versions"].append(str(car_image))
+    for name, cmd in commands.items():
+        for refused in (env, {**env, "TS_INFERENCE_TOKEN": keys["management"]}):
+            result = run([*cmd, "--quiet"] if name == "predict-dir" else cmd, env=refused)
+            assert result.returncode == EXIT_UNREACHABLE, (name, result.stderr)
+            assert TOKEN_REFUSED in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
+    token = keys["inference"]
+    for flag in ("--token", "--inference_token"):
+        result = run([*commands["predict-dir"], flag, token, "--quiet"], env=env)
+        assert result.returncode == 0, result.stderr
+    result = run(commands["versions"][:1] + ["--token", token] + commands["versions"][1:], env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["class_name"]
+    result = run(commands["explain"], env={**env, "TS_INFERENCE_TOKEN": token})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "e.png").is_file()
 
 
 def test_tokens_never_reach_the_logs(hardened, keys, car_image):

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, python
+from conftest import python
 
-from scripts.serve import Server, free_ports
-
-sys.path.insert(0, str(ROOT / "deploy" / "kserve"))
-import assemble  # noqa: E402
+from serving import kserve as assemble
+from serving.torchserve import Server, free_ports
 
 MODEL = "efficientnet_lite0_cars"
 ARCHIVE = f"{MODEL}_v1.0.mar"
@@ -26,7 +23,8 @@ def layouts(tmp_path_factory, model_store) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("kserve")
     for protocol in ("v1", "v2"):
         result = python(
-            "deploy/kserve/assemble.py",
+            "-m",
+            "serving.kserve",
             "--archive",
             str(model_store / ARCHIVE),
             "--protocol",

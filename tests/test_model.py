@@ -1,4 +1,5 @@
-"""training.model: the offline ImageNet init is real, freezing is what it says, inits are explicit."""
+"""carmodel.models (and the training.model CLI): the offline ImageNet init is real, freezing is what it says,
+inits are explicit."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training import model as model_lib
-from training.presets import ClassificationPresetEval
+from carmodel import models as model_lib
+from carmodel.presets import ClassificationPresetEval
+from training import model as model_cli
 
 # ImageNet classes a car photo plausibly gets: sports car, convertible, cab, limousine, minivan,
 # pickup, racer, beach wagon, jeep, Model T, grille, car wheel, ambulance, police van, ...
@@ -60,7 +62,7 @@ def test_efficientnet_lite0_imagenet_mapping_sees_cars_in_real_photos(cars_root)
 
 
 def test_init_is_logged_and_random_only_on_request(caplog):
-    with caplog.at_level(logging.INFO, logger="training.model"):
+    with caplog.at_level(logging.INFO, logger="carmodel.models"):
         model_lib.build_model("mobilenet_v2", 196, "none")
     assert "init random (pretrained=none)" in caplog.text
 
@@ -110,3 +112,10 @@ def test_unfreeze_zero_is_a_linear_probe_and_minus_one_trains_all():
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.classifier.parameters()}
     model_lib.freeze(model, "mobilenet_v2", -1)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_model_cli_reads_the_sectioned_config_from_flat_flags(capsys):
+    argv = ["--arch", "mobilenet_v2", "--pretrained", "none", "--unfreeze", "3", "--num_classes", "10"]
+    assert model_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mobilenet_v2: init=random") and "frozen_blocks=16" in out

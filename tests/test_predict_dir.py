@@ -1,4 +1,4 @@
-"""scripts/predict_dir.py against a real TorchServe (the session `server`) with real car photos."""
+"""predict-dir (client/predict_dir.py) against a real TorchServe (the session `server`) with real car photos."""
 
 from __future__ import annotations
 
@@ -6,15 +6,18 @@ import csv
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_EXPORT, python  # tests/ is on sys.path (rootdir conftest)
+from conftest import DEFAULT_EXPORT, python, run  # tests/ is on sys.path (rootdir conftest)
 
-from scripts.predict_dir import main
-from scripts.serve import free_ports
+from client.predict_dir import main
+from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
+from serving.torchserve import free_ports
 
 MODEL = "efficientnet_lite0_cars"
+PREDICT_DIR = str(Path(sys.executable).parent / "predict-dir")  # the entry point users run
 
 
 @pytest.fixture
@@ -87,7 +90,7 @@ def test_directory_is_classified_and_saved(server, image_tree, tmp_path, capsys)
 def test_unreachable_server_exits_3(image_tree, tmp_path, capsys):
     url = f"http://127.0.0.1:{free_ports()['inference']}"  # nothing listens there
     code = main([str(image_tree), "--model", MODEL, "--url", url, "--out", str(tmp_path / "out"), "--quiet"])
-    assert code == 3
+    assert code == EXIT_UNREACHABLE == 3
     assert f"error: TorchServe not reachable at {url}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -97,15 +100,39 @@ def test_unregistered_model_or_version_exits_4(server, image_tree, tmp_path, cap
     args = [str(image_tree), "--model", model, "--url", server.url("inference"), "--out", str(tmp_path / "out")]
     code = main(args + (["--version", version] if version else []))
     err = capsys.readouterr().err
-    assert code == 4, err
+    assert code == EXIT_SERVER == 4, err
     assert f"error: model {model}" in err and "not found on the server" in err
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model", [MODEL, "no_such_model"])
+def test_management_check_before_any_image(server, image_tree, tmp_path, capsys, model):
+    """--management_url asks the management API for the model first (the README's optional check)."""
+    args = [str(image_tree), "--model", model, "--url", server.url("inference"), "--out", str(tmp_path / "out")]
+    code = main([*args, "--management_url", server.url("management"), "--quiet"])
+    err = capsys.readouterr().err
+    if model == MODEL:
+        assert code == 1, err  # the broken file, as without the check
+    else:
+        assert code == EXIT_SERVER, err
+        assert f"error: model {model} not found on the server" in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_missing_or_empty_directory_exits_2(tmp_path):
-    result = python("scripts/predict_dir.py", str(tmp_path / "nope"), "--model", MODEL, "--url", "http://127.0.0.1:9")
-    assert result.returncode == 2 and "error: not a directory" in result.stderr
+    result = run([PREDICT_DIR, str(tmp_path / "nope"), "--model", MODEL, "--url", "http://127.0.0.1:9"])
+    assert result.returncode == EXIT_USAGE == 2 and "error: not a directory" in result.stderr
 
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("no photos here")
     assert main([str(tmp_path / "empty"), "--model", MODEL]) == 2
+
+
+def test_the_client_does_not_import_torch():
+    """predict-dir starts in well under a second: no torch, not even through carmodel's suffix list."""
+    probe = "import sys, client.predict_dir, client.explain, client.versions; print(sorted(sys.modules))"
+    result = python("-c", probe)
+    assert result.returncode == 0, result.stderr
+    modules = set(result.stdout.strip().strip("[]").replace("'", "").split(", "))
+    assert "client.predict_dir" in modules
+    assert not {m for m in modules if m == "torch" or m.startswith(("torch.", "torchvision"))}

@@ -1,10 +1,10 @@
-"""handler/image_input.py in-process: request parsing, rejections with the right status, every
+"""serving/requests.py and carmodel/images.py in-process: request parsing, rejections with the right status, every
 image mode to sane RGB, and a fuzz test that nothing but an RGB image or an InputError comes out.
 
 Real car photos from ../shared/stanford_cars; synthetic images only where a mode or a defect
 must be made on purpose. The fuzz test's example count is FUZZ_EXAMPLES (default 300):
 
-    FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_image_input.py -k fuzz
+    FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_requests.py -k fuzz
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from handler.image_input import ACCEPTED_FORMATS, InputError, Limits, parse_request, read_request
+from carmodel.images import ACCEPTED_FORMATS, ImageLimits, InputError
+from serving.requests import parse_request, read_request
 
-LIMITS = Limits()
+LIMITS = ImageLimits()
+MAX_TOPK = 196  # the number of classes: the handler's default largest top-k
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 ERROR_STATUSES = {400, 413, 415, 422}
 
@@ -38,14 +40,14 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes, limits: Limits = LIMITS) -> Image.Image:
-    image, _ = read_request({"body": data}, limits)
+def decode(data: bytes, limits: ImageLimits = LIMITS) -> Image.Image:
+    image, _ = read_request({"body": data}, limits, MAX_TOPK)
     return image
 
 
-def status_of(row: dict, limits: Limits = LIMITS) -> int:
+def status_of(row: dict, limits: ImageLimits = LIMITS, max_topk: int = MAX_TOPK) -> int:
     with pytest.raises(InputError) as info:
-        read_request(row, limits)
+        read_request(row, limits, max_topk)
     assert info.value.to_json()["code"] == info.value.status
     assert info.value.message
     return info.value.status
@@ -88,29 +90,29 @@ def car_rgb(car_images) -> Image.Image:
 
 @pytest.mark.parametrize("field", ["body", "data", "file", "image"])
 def test_raw_bytes_in_any_image_field(car_jpeg, field):
-    parsed = parse_request({field: car_jpeg}, LIMITS)
+    parsed = parse_request({field: car_jpeg}, LIMITS, MAX_TOPK)
     assert parsed.image_bytes == car_jpeg
     assert parsed.topk is None
 
 
 def test_bytearray_body(car_jpeg):
-    assert parse_request({"body": bytearray(car_jpeg)}, LIMITS).image_bytes == car_jpeg
+    assert parse_request({"body": bytearray(car_jpeg)}, LIMITS, MAX_TOPK).image_bytes == car_jpeg
 
 
 def test_data_field_wins_over_body(car_jpeg):
     """The stock clients' multipart field is preferred; an unrelated body does not shadow it."""
-    assert parse_request({"data": car_jpeg, "body": b"junk"}, LIMITS).image_bytes == car_jpeg
+    assert parse_request({"data": car_jpeg, "body": b"junk"}, LIMITS, MAX_TOPK).image_bytes == car_jpeg
 
 
 @pytest.mark.parametrize("key", ["image", "data", "b64", "image_b64"])
 def test_json_body_with_base64(car_jpeg, key):
-    parsed = parse_request({"body": {key: base64.b64encode(car_jpeg).decode()}}, LIMITS)
+    parsed = parse_request({"body": {key: base64.b64encode(car_jpeg).decode()}}, LIMITS, MAX_TOPK)
     assert parsed.image_bytes == car_jpeg
 
 
 def test_json_body_with_data_url_and_topk(car_jpeg):
     url = "data:image/jpeg;base64," + base64.b64encode(car_jpeg).decode()
-    parsed = parse_request({"body": {"image": url, "topk": 3}}, LIMITS)
+    parsed = parse_request({"body": {"image": url, "topk": 3}}, LIMITS, MAX_TOPK)
     assert parsed.image_bytes == car_jpeg
     assert parsed.topk == 3
 
@@ -118,13 +120,13 @@ def test_json_body_with_data_url_and_topk(car_jpeg):
 def test_base64_text_body_with_line_breaks(car_jpeg):
     text = base64.encodebytes(car_jpeg).decode()  # wrapped at 76 columns, as `base64` prints it
     assert "\n" in text
-    assert parse_request({"body": text}, LIMITS).image_bytes == car_jpeg
+    assert parse_request({"body": text}, LIMITS, MAX_TOPK).image_bytes == car_jpeg
 
 
 def test_real_photos_decode_to_the_same_pixels_as_pil(car_images):
     for path in car_images.values():
         data = path.read_bytes()
-        image, topk = read_request({"body": data}, LIMITS)
+        image, topk = read_request({"body": data}, LIMITS, MAX_TOPK)
         with Image.open(path) as ref:
             expected = ref.convert("RGB")
         assert topk is None
@@ -134,12 +136,12 @@ def test_real_photos_decode_to_the_same_pixels_as_pil(car_images):
 
 @pytest.mark.parametrize(("value", "expected"), [(b"3", 3), ("7", 7), (b" 12 \n", 12), (1, 1), (196, 196)])
 def test_topk_parsed_from_row(car_jpeg, value, expected):
-    assert parse_request({"body": car_jpeg, "topk": value}, LIMITS).topk == expected
+    assert parse_request({"body": car_jpeg, "topk": value}, LIMITS, MAX_TOPK).topk == expected
 
 
 def test_row_topk_wins_over_json_topk(car_jpeg):
     body = {"image": base64.b64encode(car_jpeg).decode(), "topk": 9}
-    assert parse_request({"body": body, "topk": b"2"}, LIMITS).topk == 2
+    assert parse_request({"body": body, "topk": b"2"}, LIMITS, MAX_TOPK).topk == 2
 
 
 @pytest.mark.parametrize("value", [b"abc", b"", b"2.5", b"0", b"-1", b"197", b"1e9", "three"])
@@ -153,8 +155,8 @@ def test_bad_topk_in_json_is_400(car_jpeg):
 
 
 def test_topk_limit_follows_limits(car_jpeg):
-    assert status_of({"body": car_jpeg, "topk": b"11"}, Limits(max_topk=10)) == 400
-    assert parse_request({"body": car_jpeg, "topk": b"10"}, Limits(max_topk=10)).topk == 10
+    assert status_of({"body": car_jpeg, "topk": b"11"}, max_topk=10) == 400
+    assert parse_request({"body": car_jpeg, "topk": b"10"}, LIMITS, max_topk=10).topk == 10
 
 
 @pytest.mark.parametrize(
@@ -183,7 +185,7 @@ def test_malformed_requests_are_400(row):
 
 def test_row_that_is_not_a_dict_is_400():
     with pytest.raises(InputError) as info:
-        parse_request([b"bytes"], LIMITS)
+        parse_request([b"bytes"], LIMITS, MAX_TOPK)
     assert info.value.status == 400
 
 
@@ -288,19 +290,19 @@ def test_decompression_bomb_png_is_413(size):
 
 def test_pixel_limit_follows_limits():
     data = encode(Image.new("RGB", (300, 200)), "PNG")
-    assert decode(data, Limits(max_pixels=300 * 200)).size == (300, 200)
-    assert status_of({"body": data}, Limits(max_pixels=300 * 200 - 1)) == 413
+    assert decode(data, ImageLimits(max_pixels=300 * 200)).size == (300, 200)
+    assert status_of({"body": data}, ImageLimits(max_pixels=300 * 200 - 1)) == 413
 
 
 def test_over_max_bytes_is_413(car_jpeg):
-    assert status_of({"body": car_jpeg}, Limits(max_bytes=len(car_jpeg) - 1)) == 413
-    assert decode(car_jpeg, Limits(max_bytes=len(car_jpeg))).mode == "RGB"
+    assert status_of({"body": car_jpeg}, ImageLimits(max_bytes=len(car_jpeg) - 1)) == 413
+    assert decode(car_jpeg, ImageLimits(max_bytes=len(car_jpeg))).mode == "RGB"
 
 
 def test_over_max_bytes_in_base64_is_413(car_jpeg):
     text = base64.b64encode(car_jpeg).decode()
-    assert status_of({"body": text}, Limits(max_bytes=len(car_jpeg) // 2)) == 413
-    assert status_of({"body": {"image": text}}, Limits(max_bytes=len(car_jpeg) // 2)) == 413
+    assert status_of({"body": text}, ImageLimits(max_bytes=len(car_jpeg) // 2)) == 413
+    assert status_of({"body": {"image": text}}, ImageLimits(max_bytes=len(car_jpeg) // 2)) == 413
 
 
 # ---------------------------------------------------------------------------- every mode to RGB
@@ -543,7 +545,7 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
 def test_fuzz_every_outcome_is_rgb_or_input_error(fuzz_seeds, data):
     payload = data.draw(st.one_of(st.binary(max_size=2048), mutated(fuzz_seeds)), label="payload")
     try:
-        image, topk = read_request({"body": payload}, LIMITS)
+        image, topk = read_request({"body": payload}, LIMITS, MAX_TOPK)
     except InputError as err:
         event(f"InputError {err.status}")  # outcome mix: pytest --hypothesis-show-statistics
         assert err.status in ERROR_STATUSES, (err.status, err.message)
@@ -568,16 +570,18 @@ def test_fuzz_every_outcome_is_rgb_or_input_error(fuzz_seeds, data):
 def test_binary_body_claiming_json_or_text_is_refused(car_jpeg, content_type, status):
     """TorchServe hands over the raw bytes when its JSON/UTF-8 decoding fails; the client sent the wrong type."""
     with pytest.raises(InputError) as info:
-        read_request({"body": car_jpeg}, LIMITS, {"body": content_type})
+        read_request({"body": car_jpeg}, LIMITS, MAX_TOPK, {"body": content_type})
     assert info.value.status == status and content_type.split(";")[0].lower() in info.value.message
 
 
 @pytest.mark.parametrize("content_type", [None, "", "application/octet-stream", "image/jpeg", "image/png"])
 def test_binary_body_with_a_binary_content_type_is_read(car_jpeg, content_type):
-    image, _ = read_request({"body": car_jpeg}, LIMITS, {"body": content_type})
+    image, _ = read_request({"body": car_jpeg}, LIMITS, MAX_TOPK, {"body": content_type})
     assert image.mode == "RGB"
 
 
 def test_multipart_part_content_type_is_the_one_checked(car_jpeg):
-    image, _ = read_request({"data": car_jpeg, "topk": b"3"}, LIMITS, {"data": "image/jpeg", "topk": "text/plain"})
+    image, _ = read_request(
+        {"data": car_jpeg, "topk": b"3"}, LIMITS, MAX_TOPK, {"data": "image/jpeg", "topk": "text/plain"}
+    )
     assert image.mode == "RGB"

@@ -29,8 +29,8 @@ from bad_inputs import Case, corpus
 from conftest import start_server
 from test_serving import DEFAULT, check_error, check_predictions, management, post_raw, predict_url, worker_pids
 
-from handler.image_input import Limits
-from scripts.serve import ServeError, Server, free_ports
+from carmodel.images import ImageLimits
+from serving.torchserve import ServeError, Server, free_ports
 
 LOAD_REQUESTS = int(os.environ.get("LOAD_REQUESTS", 10_000))
 LOAD_CONCURRENCY = 32
@@ -117,7 +117,7 @@ def photos(car_images) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def cases(photo) -> list[Case]:
-    return corpus(photo, Limits().max_bytes)
+    return corpus(photo, ImageLimits().max_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_full_queue_answers_503_at_once(tmp_path_factory, model_store, photo, na
 @pytest.fixture(scope="module")
 def broken_store(tmp_path_factory, model_store) -> Path:
     """The default archive (1.0), and a copy (9.0) whose weights were cut short after the build (a
-    disk or a copy gone wrong; build_mar.py itself refuses weights that do not load): its workers
+    disk or a copy gone wrong; build-mar itself refuses weights that do not load): its workers
     can never load it."""
     store = tmp_path_factory.mktemp("broken_store")
     good = model_store / f"{DEFAULT}_v1.0.mar"

@@ -1,4 +1,4 @@
-"""handler/fast_path.py: the compiled CPU path computes what the fp32 torch model computes.
+"""carmodel/runners.py: the compiled CPU path computes what the fp32 torch model computes.
 
 Agreement is checked on real car photos with the shipped model; the held-out accuracy of both
 paths is measured by bench/parity.py (too slow for the suite on 2 cores).
@@ -13,18 +13,17 @@ import torch
 from conftest import DEFAULT_EXPORT
 from PIL import Image
 
-from handler.fast_path import make_runner, torch_runner
-from handler.model import load_model
-from training import config as config_lib
-from training.presets import eval_preset
+from carmodel.export import ExportDir
+from carmodel.presets import eval_preset
+from carmodel.runners import make_runner, torch_runner
 
 pytest.importorskip("openvino")
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    cfg = config_lib.load(DEFAULT_EXPORT / "config.yaml")
-    return cfg, load_model(DEFAULT_EXPORT, DEFAULT_EXPORT / "efficientnet_lite0_cars.pth", "cpu")
+    export = ExportDir(DEFAULT_EXPORT)
+    return export.model_config, export.load_model("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def test_unknown_settings_are_refused(shipped):
 # ---------------------------------------------------------------------------- int8 (training.quantize)
 
 
-INT8 = DEFAULT_EXPORT / "efficientnet_lite0_cars_int8.xml"
+INT8 = ExportDir(DEFAULT_EXPORT).int8_xml
 
 
 def test_shipped_int8_model_agrees_with_fp32(shipped, photos, reference):

@@ -16,8 +16,7 @@ import pytest
 import torch
 from conftest import DEFAULT_EXPORT, python
 
-from handler.model import load_model
-from scripts.build_mar import SERVING_MODULES
+from carmodel.export import ExportDir
 
 DEFAULT = "efficientnet_lite0_cars"
 
@@ -37,7 +36,7 @@ def poisoned_export(tmp_path) -> tuple[Path, Path]:
     """The default export with a .pth that carries code next to the real tensors."""
     export = tmp_path / "export"
     export.mkdir()
-    for name in ("config.yaml", "index_to_name.json"):
+    for name in ("model.yaml", "index_to_name.json"):
         shutil.copy(DEFAULT_EXPORT / name, export / name)
     sentinel = tmp_path / "code-ran"
     state = torch.load(DEFAULT_EXPORT / f"{DEFAULT}.pth", weights_only=True)
@@ -45,38 +44,48 @@ def poisoned_export(tmp_path) -> tuple[Path, Path]:
     return export, sentinel
 
 
+# The modules the handler imports, and nothing else of the repository: no training code, no
+# archive/lifecycle tooling, no registry client (the archive builder finds these from the imports).
+HANDLER_MODULES = {
+    *(f"carmodel/{name}.py" for name in ("__init__", "config", "export", "images", "models", "predictor", "presets")),
+    "carmodel/runners.py",
+    *(f"serving/{name}.py" for name in ("__init__", "batch", "requests", "settings")),
+}
+
+
 def test_mar_holds_exactly_what_the_build_put_there(model_store):
     expected = {
         "MAR-INF/MANIFEST.json",
-        "model.py",  # --model-file: handler/model.py
-        "car_classifier.py",  # --handler
+        "models.py",  # --model-file: carmodel/models.py
+        "handler.py",  # --handler: serving/handler.py
         f"{DEFAULT}.pth",
         "model-config.yaml",
         "index_to_name.json",
-        "config.yaml",
-        *(f"{package}/{name}" for package, names in SERVING_MODULES.items() for name in names),
+        "model.yaml",  # ModelConfig only: no training config, data paths or tune addresses
+        *HANDLER_MODULES,
         *(p.name for p in DEFAULT_EXPORT.glob(f"{DEFAULT}_int8.*")),  # the calibrated int8 model, if exported
     }
     with zipfile.ZipFile(model_store / f"{DEFAULT}_v1.0.mar") as mar:
         names = set(mar.namelist())
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
-        assert mar.read("handler/image_input.py") == Path("handler/image_input.py").read_bytes()
+        assert mar.read("serving/requests.py") == Path("serving/requests.py").read_bytes()
+        assert mar.read("handler.py") == Path("serving/handler.py").read_bytes()
     assert names == expected, names ^ expected  # no __pycache__, tests, data, keys or stray files
-    assert manifest["model"]["handler"] == "car_classifier.py"
+    assert manifest["model"]["handler"] == "handler.py"
     assert manifest["model"]["serializedFile"] == f"{DEFAULT}.pth"
 
 
 def test_weights_with_code_never_run_when_loaded(poisoned_export):
     export, sentinel = poisoned_export
     with pytest.raises(pickle.UnpicklingError):
-        load_model(export, export / f"{DEFAULT}.pth", "cpu")  # what the handler calls
+        ExportDir(export).load_model("cpu")  # what the handler calls
     assert not sentinel.exists()
 
 
 def test_build_refuses_weights_with_code(poisoned_export, tmp_path):
     export, sentinel = poisoned_export
     store = tmp_path / "store"
-    result = python("scripts/build_mar.py", "--export", str(export), "--model_store", str(store))
+    result = python("-m", "serving.archive", "--export", str(export), "--model_store", str(store))
     assert result.returncode == 2 and "not a plain state_dict" in result.stderr, result.stderr
     assert not sentinel.exists()
     assert not store.exists() or not list(store.glob("*.mar"))

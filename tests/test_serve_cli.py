@@ -1,15 +1,19 @@
-"""scripts/serve.py as `make serve` / `make stop` run it: start, status, restart from the snapshot,
+"""`serve` (serving/serve.py) as `make serve` / `make stop` run it: start, status, restart from the snapshot,
 and a stale snapshot (its archive deleted) set aside instead of resurrecting the model."""
 
 from __future__ import annotations
 
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import requests
-from conftest import python
+from conftest import run
 
-from scripts.serve import free_ports
+from serving.torchserve import free_ports
+
+SERVE = str(Path(sys.executable).parent / "serve")  # the entry point users (and the Makefile) run
 
 DEFAULT = "efficientnet_lite0_cars"
 
@@ -28,7 +32,7 @@ def cli(tmp_path, model_store):
     ]  # fmt: skip
 
     def serve(command: str, *extra: str):
-        return python("scripts/serve.py", command, *flags, *extra, timeout=300)
+        return run([SERVE, command, *flags, *extra], timeout=300)
 
     serve.store, serve.ports, serve.run_dir = store, ports, tmp_path / "run"
     yield serve

@@ -383,6 +383,7 @@ def test_only_model_store_archives_can_be_registered(server, model_store, tmp_pa
 
 
 BATCH_DELAY_MS = 5000
+BATCH_MAX_TOPK = 50  # a handler setting given to build-mar reaches the handler
 
 
 @pytest.fixture(scope="module")
@@ -390,7 +391,8 @@ def batch_server(tmp_path_factory):
     """The default archive, but with batch size 4 and a long batch delay: concurrent requests meet in one batch."""
     store = tmp_path_factory.mktemp("batch_store")
     result = python(
-        "scripts/build_mar.py",
+        "-m",
+        "serving.archive",
         "--export",
         str(DEFAULT_EXPORT),
         "--model_store",
@@ -399,6 +401,8 @@ def batch_server(tmp_path_factory):
         "4",
         "--max_batch_delay",
         str(BATCH_DELAY_MS),
+        "--max_topk",
+        str(BATCH_MAX_TOPK),
     )
     assert result.returncode == 0, result.stderr
     srv = start_server(tmp_path_factory.mktemp("ts_batch"), store, {DEFAULT: f"{DEFAULT}_v1.0.mar"})
@@ -433,6 +437,17 @@ def test_good_and_bad_requests_in_one_batch(batch_server, photos, corrupt):
         time.sleep(0.5)
     batches = [line for line in text.splitlines() if "batch of" in line and "refused" in line]
     assert any("batch of 4 request(s), 2 refused" in line for line in batches), batches
+
+
+def test_handler_settings_from_the_archive_are_the_ones_served(batch_server, photos):
+    description = batch_server.client().handler_description(DEFAULT)
+    assert description["settings"]["max_topk"] == BATCH_MAX_TOPK
+    assert description.get("load_error") is None  # TorchServe drops null fields from the description
+    assert (description["backend"], description["precision"]) == ("openvino", "int8")
+    names = json.loads((DEFAULT_EXPORT / "index_to_name.json").read_text())
+    check_predictions(post_raw(batch_server, photos[0], **{"X-Top-K": str(BATCH_MAX_TOPK)}), names, k=BATCH_MAX_TOPK)
+    error = check_error(post_raw(batch_server, photos[0], **{"X-Top-K": str(BATCH_MAX_TOPK + 1)}), 400)
+    assert f"between 1 and {BATCH_MAX_TOPK}" in error["message"]
 
 
 def test_archive_in_another_folder_named_model_store_is_refused(batch_server, tmp_path):

@@ -1,4 +1,4 @@
-"""MLflow tracking and registry (training/tracking.py, training/register.py, build_mar --registered)
+"""MLflow tracking and registry (training/tracking.py, training/register.py, serving.archive --registered)
 and the gate (training/gate.py), against a real local MLflow store (conftest: one per session)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import DEFAULT_EXPORT, python
 
+from carmodel import registry
 from training import tracking
 
 # ------------------------------------------------------------------------------ the gate
@@ -87,6 +88,7 @@ def test_training_evaluation_and_export_log_to_one_mlflow_run(resnet50_export, m
     assert record["tracking_uri"] == mlflow_store
     run = client().get_run(record["run_id"])
     assert run.data.params["arch"] == "resnet50" and run.data.params["epochs"] == "1"
+    assert run.data.params["tune_samples"] == "6" and "top_k" not in run.data.params  # flat names, as the flags
     assert run.data.tags["stage"] == "train"
     history = client().get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [1]  # per epoch
@@ -113,7 +115,7 @@ def test_register_gate_against_production_and_build_from_the_registry(tmp_path):
     registered = python("-m", "training.register", "--export", str(export), "--alias", "candidate")
     assert registered.returncode == 0, registered.stderr
     version = registered.stdout.split(" version ")[1].split()[0]
-    found = tracking.model_version(f"{name}@candidate")
+    found = registry.model_version(f"{name}@candidate")
     assert str(found.version) == version and float(found.tags["top1"]) == pytest.approx(0.8653, abs=1e-3)
 
     # no production alias yet: nothing to regress against, and the gate says so
@@ -126,19 +128,20 @@ def test_register_gate_against_production_and_build_from_the_registry(tmp_path):
     assert code == 1 and f"(version {version})" in line
 
     store = tmp_path / "store"
-    built = python("scripts/build_mar.py", "--registered", f"{name}@production", "--model_store", str(store))
+    built = python("-m", "serving.archive", "--registered", f"{name}@production", "--model_store", str(store))
     assert built.returncode == 0, built.stderr
     archive = store / f"{name}_v{version}.0.mar"
     with zipfile.ZipFile(archive) as mar:
         names = set(mar.namelist())
         assert mar.read(f"{name}.pth") == (DEFAULT_EXPORT / f"{name}.pth").read_bytes()
-    assert {"index_to_name.json", "config.yaml", f"{name}_int8.xml"} <= names
+    assert {"index_to_name.json", "model.yaml", f"{name}_int8.xml"} <= names
+    assert "config.yaml" not in names  # training's config stays out of the archive
 
 
 def test_registry_errors_are_clear(tmp_path):
-    built = python("scripts/build_mar.py", "--registered", "no_such_model@production", "--model_store", str(tmp_path))
+    built = python("-m", "serving.archive", "--registered", "no_such_model@production", "--model_store", str(tmp_path))
     assert built.returncode == 2 and "no registered model 'no_such_model@production'" in built.stderr
-    bad = python("scripts/build_mar.py", "--registered", "not a reference", "--model_store", str(tmp_path))
+    bad = python("-m", "serving.archive", "--registered", "not a reference", "--model_store", str(tmp_path))
     assert bad.returncode == 2 and "NAME@ALIAS or NAME/VERSION" in bad.stderr
     missing = python("-m", "training.register", "--name", "efficientnet_lite0_cars", "--version", "99", "--alias", "x")
     assert missing.returncode == 2 and "has no version 99" in missing.stderr

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import python, smoke_train
 from PIL import Image
+from torch import nn
 
-from handler.model import load_model
+from carmodel import models as model_lib
+from carmodel.export import ExportDir
+from carmodel.presets import ClassificationPresetEval
 from training import config as config_lib
-from training import model as model_lib
+from training import train
 from training.evaluate import load_run
-from training.presets import ClassificationPresetEval
 
 SMOKE = {}  # conftest.smoke_train's tiny defaults: 4 photos per class, 64 px
 
@@ -38,13 +41,14 @@ def test_run_directory_has_metrics_curves_and_checkpoints(lite0):
     assert summary["init"] == "imagenet" and summary["amp"] in ("torch.bfloat16", "None")
     split = json.loads((run / "split.json").read_text())
     assert split["num_classes"] == 196
+    assert set(yaml.safe_load((run / "config.yaml").read_text())) == set(config_lib.Config().to_dict())  # sectioned
     # never train on what the held-out splits hold
     assert not set(split["files"]["train"]) & (set(split["files"]["val"]) | set(split["files"]["test"]))
 
 
 def test_export_has_what_the_archive_builder_needs(lite0):
     assert {p.name for p in lite0.iterdir()} >= set(
-        ["efficientnet_lite0_cars.pth", "index_to_name.json", "metrics.json", "config.yaml", "split.json"]
+        ["efficientnet_lite0_cars.pth", "index_to_name.json", "model.yaml", "metrics.json", "config.yaml", "split.json"]
     )
     index_to_name = json.loads((lite0 / "index_to_name.json").read_text())
     assert len(index_to_name) == 196 and list(index_to_name)[:2] == ["0", "1"]
@@ -55,7 +59,9 @@ def test_export_has_what_the_archive_builder_needs(lite0):
     assert len(metrics["per_class"]) == 196
     assert {"true", "predicted", "count"} <= set(metrics["most_confused"][0])
     assert (lite0 / "confusion_test.png").stat().st_size > 0
-    assert config_lib.load(lite0 / "config.yaml").arch == "efficientnet_lite0"
+    training_config = config_lib.load(lite0 / "config.yaml")
+    assert training_config.model.arch == "efficientnet_lite0"
+    assert ExportDir(lite0).model_config == training_config.model  # model.yaml: the model section, nothing else
 
 
 def test_export_round_trip_gives_identical_logits(lite0, car_images):
@@ -63,8 +69,8 @@ def test_export_round_trip_gives_identical_logits(lite0, car_images):
     state = torch.load(lite0 / "efficientnet_lite0_cars.pth", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     _, _, trained = load_run(lite0.parent / "run")
-    served = load_model(lite0, lite0 / "efficientnet_lite0_cars.pth", "cpu")
-    preset = ClassificationPresetEval(size=config_lib.load(lite0 / "config.yaml").eval_size)
+    served = ExportDir(lite0).load_model("cpu")
+    preset = ClassificationPresetEval(size=config_lib.load(lite0 / "config.yaml").model.eval_size)
     batch = torch.stack([preset(Image.open(p).convert("RGB")) for p in list(car_images.values())[:4]])
     with torch.no_grad():
         assert torch.equal(trained.eval()(batch), served(batch))
@@ -83,6 +89,37 @@ def test_resume_continues_from_the_checkpoint(lite0, cars_root, tmp_path):
     first = list(csv.DictReader((run / "metrics.csv").open()))[0]
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[0] == first  # epoch 1 is carried over, not retrained
+    # epoch 2 follows the 2-epoch schedule (cosine down to zero), not the 1-epoch run's it resumed from
+    assert float(rows[1]["lr"]) < 1e-9 < float(rows[0]["lr"])
+
+
+def lr_trace(opt: train.Optimization, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        opt.optimizer.step()
+        opt.scheduler.step()
+        lrs.append(opt.lr)
+    return lrs
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_resumed_lr_schedule_matches_an_uninterrupted_run_even_with_more_epochs(tmp_path, schedule):
+    hw = train.Hardware(torch.device("cpu"), None, False)
+    net = nn.Linear(4, 3)
+    loop = train.Loop(net, [], train_loader=[None] * 5, val_loader=None, channels_last=False)  # 5 steps per epoch
+
+    def optimization(epochs: int) -> train.Optimization:
+        optim = config_lib.OptimConfig(epochs=epochs, warmup_epochs=1, lr_schedule=schedule, lr_step_epochs=2)
+        return train.Optimization.create(optim, loop, hw)
+
+    interrupted = optimization(epochs=3)
+    lr_trace(interrupted, 2 * 5)
+    train.save_checkpoint(tmp_path / "checkpoint.pt", net, interrupted, train.Progress([{"epoch": 2}], 1.0, 0))
+    for epochs in (3, 6):  # resumed as it was, and with a longer --epochs
+        expected = lr_trace(optimization(epochs), epochs * 5)[2 * 5 :]
+        resumed = optimization(epochs)
+        assert train.resume(tmp_path / "checkpoint.pt", net, resumed, "cpu").epoch == 2
+        assert lr_trace(resumed, (epochs - 2) * 5) == expected
 
 
 def test_frozen_trunk_trains_the_head_on_cached_features(cars_root, tmp_path):

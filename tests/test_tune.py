@@ -35,10 +35,16 @@ def test_search_picks_the_trial_with_the_lowest_val_loss(cars_root, tmp_path):
     assert summary["best"]["params"] == trials[0]["params"]
 
     best = config_lib.load(out / "best_config.yaml")
-    assert best.lr == summary["best"]["params"]["lr"] and best.unfreeze == summary["best"]["params"]["unfreeze"]
-    assert best.epochs == 7  # retraining uses the full schedule, not the trial's
+    best_params = summary["best"]["params"]
+    assert (best.optim.lr, best.optim.batch_size, best.finetune.unfreeze) == (
+        best_params["lr"],
+        best_params["batch_size"],
+        best_params["unfreeze"],
+    )
+    assert best.optim.epochs == 7  # retraining uses the full schedule, not the trial's
+    assert best.tune.samples == 2 and best.model.eval_size == 64  # the rest of the config is the one tuned with
     trial_config = Path(summary["best"]["run_dir"]) / "config.yaml"
-    assert yaml.safe_load(trial_config.read_text())["lr"] == best.lr
+    assert yaml.safe_load(trial_config.read_text())["optim"]["lr"] == best.optim.lr  # sectioned, like every run's
 
     # MLflow: one run per trial (Ray's MLflowLoggerCallback) with its params and epochs, plus the summary run
     from mlflow import MlflowClient
@@ -54,7 +60,7 @@ def test_search_picks_the_trial_with_the_lowest_val_loss(cars_root, tmp_path):
 def tracking_experiment() -> str:
     from training import tracking
 
-    return tracking.experiment_id(tracking.client_mlflow(), config_lib.Config().experiment)
+    return tracking.experiment_id(tracking.client_mlflow(), config_lib.Config().tracking.experiment)
 
 
 def test_a_trial_bigger_than_the_machine_is_refused_instead_of_queued_forever(cars_root, tmp_path):

@@ -1,5 +1,6 @@
-"""scripts/versions.py end to end: two real ResNet-50 exports (different seeds) as versions 1.0 and 2.0
-of resnet50_cars on a real TorchServe, driven through the ModelVersions API and the CLI.
+"""`versions` (client/versions.py) end to end: two real ResNet-50 exports (different seeds) as versions
+1.0 and 2.0 of resnet50_cars on a real TorchServe, driven through TorchServeClient's management API
+(serving/client.py), the tool's own operations (rollback, register --set_default) and the CLI.
 
 The tests of the flow run in file order and share one server (module scope): register 2.0, list,
 predict each version against its own export computed in-process, set-default, roll back,
@@ -12,6 +13,7 @@ import http.server
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import zipfile
@@ -22,14 +24,14 @@ import requests
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import python, smoke_train, start_server  # tests/ is on sys.path (rootdir conftest)
+from conftest import python, run, smoke_train, start_server  # tests/ is on sys.path (rootdir conftest)
 
-from handler.image_input import Limits, decode_image
-from handler.model import load_model
-from scripts.serve import free_ports
-from scripts.versions import ModelVersions, VersionsError
-from training import config as config_lib
-from training import presets
+from carmodel.export import ExportDir
+from carmodel.images import ImageLimits, decode_image
+from carmodel.presets import eval_preset
+from client import versions
+from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, TorchServeClient, TorchServeError
+from serving.torchserve import free_ports
 
 MODEL = "resnet50_cars"
 V1, V2 = "1.0", "2.0"
@@ -40,6 +42,7 @@ TOPK = 5
 # crop instead of the preset's squash, or nearest-neighbour resizing, moves these smoke models'
 # top-5 probabilities by ~0.1.
 PROB_ATOL = 1e-3
+VERSIONS = str(Path(sys.executable).parent / "versions")  # the entry point users run
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -63,7 +66,8 @@ def versions_store(tmp_path_factory, exports) -> Path:
     store = tmp_path_factory.mktemp("versions_store")
     for version, export in exports.items():
         result = python(
-            "scripts/build_mar.py",
+            "-m",
+            "serving.archive",
             *("--export", str(export), "--model_store", str(store), "--version", version),
             *("--backend", "torch", "--precision", "fp32"),
         )
@@ -87,8 +91,9 @@ def vserver(tmp_path_factory, versions_store):
 
 
 @pytest.fixture(scope="module")
-def mv(vserver) -> ModelVersions:
-    return ModelVersions(vserver.url("management"), vserver.url("inference"))
+def mv(vserver) -> TorchServeClient:
+    with vserver.client() as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +105,12 @@ def image(car_images) -> Path:
 def reference(exports, image) -> dict[str, torch.Tensor]:
     """Each export's class probabilities for `image`, in-process, as the handler computes them:
     the same decoder, the export's eval preset, fp32, channels_last."""
-    pil = decode_image(image.read_bytes(), Limits())
+    pil = decode_image(image.read_bytes(), ImageLimits())
     probs = {}
     for version, export in exports.items():
-        cfg = config_lib.load(export / "config.yaml")
-        model = load_model(export, export / f"{cfg.model_name}.pth", "cpu").to(memory_format=torch.channels_last)
-        batch = presets.eval_preset(cfg)(pil).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        export_dir = ExportDir(export)
+        model = export_dir.load_model("cpu").to(memory_format=torch.channels_last)
+        batch = eval_preset(export_dir.model_config)(pil).unsqueeze(0).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             probs[version] = F.softmax(model(batch).float(), dim=1)[0]
     return probs
@@ -116,13 +121,8 @@ def reference(exports, image) -> dict[str, torch.Tensor]:
 
 def cli(server, *args: str):
     env = {k: v for k, v in os.environ.items() if k not in ("TS_MANAGEMENT_TOKEN", "TS_INFERENCE_TOKEN")}
-    return python(
-        "scripts/versions.py",
-        "--management_url",
-        server.url("management"),
-        "--inference_url",
-        server.url("inference"),
-        *args,
+    return run(
+        [VERSIONS, "--management_url", server.url("management"), "--inference_url", server.url("inference"), *args],
         env=env,
     )
 
@@ -154,7 +154,7 @@ def rows(mv) -> list[tuple[str, bool, str]]:
 
 
 def listed(stdout: str) -> dict[str, str]:
-    """`versions.py list` output -> {version: line}, with '*' lines marking the default."""
+    """`versions list` output -> {version: line}, with '*' lines marking the default."""
     lines = [line for line in stdout.splitlines()[1:] if line.strip() and not line.strip().startswith("(")]
     return {line[3:].split()[0]: line for line in lines}
 
@@ -175,15 +175,16 @@ def test_starts_with_only_v1_as_default(mv, vserver):
 
 def test_unreachable_management_url_exits_3(vserver):
     port = free_ports()["management"]  # bound and released: nothing listens there
-    with pytest.raises(VersionsError) as err:
-        ModelVersions(f"http://127.0.0.1:{port}", timeout=5).versions(MODEL)
-    assert err.value.exit_code == 3
-    assert f"not reachable at 127.0.0.1:{port}" in str(err.value)
+    with pytest.raises(TorchServeError) as err:
+        TorchServeClient(management_url=f"http://127.0.0.1:{port}", timeout=5).versions(MODEL)
+    assert err.value.exit_code == EXIT_UNREACHABLE == 3
+    assert f"not reachable at http://127.0.0.1:{port}" in str(err.value)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
-    result = python("scripts/versions.py", "--management_url", f"http://127.0.0.1:{port}", "list", MODEL, env=env)
+    result = run([VERSIONS, "--management_url", f"http://127.0.0.1:{port}", "list", MODEL], env=env)
     assert result.returncode == 3
-    assert result.stderr.strip() == f"error: TorchServe not reachable at 127.0.0.1:{port}"
+    # The same words as predict-dir and explain: one client (serving/client.py) says it.
+    assert result.stderr.strip() == f"error: TorchServe not reachable at http://127.0.0.1:{port}"
     assert "Traceback" not in result.stderr
 
 
@@ -192,24 +193,30 @@ def test_server_that_never_answers_is_a_clear_error_not_a_traceback():
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        with pytest.raises(VersionsError) as err:
-            ModelVersions(f"http://127.0.0.1:{port}", timeout=1).versions(MODEL)
-    assert err.value.exit_code == 4
+        with pytest.raises(TorchServeError) as err:
+            TorchServeClient(management_url=f"http://127.0.0.1:{port}", timeout=1).versions(MODEL)
+    assert err.value.exit_code == EXIT_SERVER == 4
     assert "no answer within 1 s" in str(err.value)
 
 
 def test_management_url_without_scheme_exits_2():
     env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
-    result = python("scripts/versions.py", "--management_url", "127.0.0.1:8081", "list", MODEL, env=env)
-    assert result.returncode == 2
+    result = run([VERSIONS, "--management_url", "127.0.0.1:8081", "list", MODEL], env=env)
+    assert result.returncode == EXIT_USAGE == 2
     assert result.stderr.startswith("error: not a usable URL: 127.0.0.1:8081/models/")
     assert "Traceback" not in result.stderr
 
 
+def test_predict_with_a_missing_image_exits_2(vserver, tmp_path):
+    result = cli(vserver, "predict", MODEL, str(tmp_path / "nope.jpg"))
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.strip() == f"error: image not found: {tmp_path / 'nope.jpg'}"
+
+
 def test_archive_not_in_store_is_refused_with_exit_4(mv, vserver):
-    with pytest.raises(VersionsError) as err:
+    with pytest.raises(TorchServeError) as err:
         mv.register(MODEL, "resnet50_cars_v9.9.mar")
-    assert err.value.exit_code == 4
+    assert err.value.exit_code == 4 and err.value.status == 404
     assert "404" in str(err.value) and "resnet50_cars_v9.9.mar" in str(err.value)
 
     result = cli(vserver, "register", MODEL, "resnet50_cars_v9.9.mar")
@@ -254,7 +261,7 @@ def test_urls_and_paths_are_never_sent(mv, vserver, versions_store, archive_host
     url = f"{archive_host}/{MAR[V2]}"
     refused = [url, url.replace("http:", "https:"), f"file://{versions_store / MAR[V2]}", f"../{MAR[V2]}", "x.zip"]
     for archive in refused:
-        with pytest.raises(VersionsError) as err:
+        with pytest.raises(TorchServeError) as err:
             mv.register(MODEL, archive)
         assert err.value.exit_code == 2 and "not a path or URL" in str(err.value), archive
     result = cli(vserver, "register", MODEL, url)
@@ -300,7 +307,7 @@ def test_each_version_predicts_what_its_export_predicts(mv, vserver, image, refe
         served[version] = r.json()
         assert_matches(served[version], reference[version])
         # The Python API and the CLI get the same answer over the same route.
-        assert mv.predict(MODEL, image, version, TOPK) == served[version]
+        assert mv.top_k(MODEL, image.read_bytes(), version, TOPK) == served[version]
     result = cli(vserver, "predict", MODEL, str(image), "--version", V2, "--topk", "3")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == served[V2][:3]
@@ -309,7 +316,7 @@ def test_each_version_predicts_what_its_export_predicts(mv, vserver, image, refe
     assert (reference[V1] - reference[V2]).abs().max() > 10 * PROB_ATOL
     assert served[V1] != served[V2]
     # Unversioned goes to the default, still 1.0.
-    assert_matches(mv.predict(MODEL, image, topk=TOPK), reference[V1])
+    assert_matches(mv.top_k(MODEL, image.read_bytes(), topk=TOPK), reference[V1])
 
 
 def test_set_default_routes_unversioned_predictions_to_v2(mv, vserver, image, reference):
@@ -341,7 +348,7 @@ def test_restart_brings_back_both_versions_and_the_default(mv, vserver, image, r
     r = predict_http(vserver, image)
     assert r.status_code == 200, r.text
     assert_matches(r.json(), reference[V2])
-    assert_matches(mv.predict(MODEL, image, version=V1, topk=TOPK), reference[V1])
+    assert_matches(mv.top_k(MODEL, image.read_bytes(), version=V1, topk=TOPK), reference[V1])
 
 
 def test_rollback_makes_v1_the_default_again(mv, vserver, image, reference):
@@ -349,11 +356,11 @@ def test_rollback_makes_v1_the_default_again(mv, vserver, image, reference):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{MODEL}: default is now {V1}"
     assert mv.default_version(MODEL) == V1
-    assert_matches(mv.predict(MODEL, image, topk=TOPK), reference[V1])
+    assert_matches(mv.top_k(MODEL, image.read_bytes(), topk=TOPK), reference[V1])
 
     # Nothing older than 1.0: a second rollback is refused and changes nothing.
-    with pytest.raises(VersionsError, match="oldest registered version") as err:
-        mv.rollback(MODEL)
+    with pytest.raises(TorchServeError, match="oldest registered version") as err:
+        versions.rollback(mv, MODEL)
     assert err.value.exit_code == 4
     assert mv.default_version(MODEL) == V1
 

@@ -3,6 +3,7 @@ and every command they run is a make target or script that exists here - nothing
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from conftest import ROOT
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 MAKE_CALL = re.compile(r"(?:^|&&|\|\||;|\n)\s*make\s+([a-z][\w-]*)")
 SCRIPT_CALL = re.compile(r"(?:python|bash)\s+((?:deploy|scripts|training|bench|\.ci)/[\w/.-]+)")
+MODULE_CALL = re.compile(r"python\s+-m\s+([\w.]+)")
 
 
 def steps() -> list[tuple[str, dict]]:
@@ -53,6 +55,8 @@ def test_every_command_is_a_make_target_or_a_script_of_the_project():
             calls += 1
         for script in SCRIPT_CALL.findall(command):
             assert (ROOT / script).exists(), f"{name}: {script} does not exist"
+        for module in MODULE_CALL.findall(command):
+            assert importlib.util.find_spec(module) is not None, f"{name}: python -m {module}: no such module"
     assert calls >= 10
 
 
