@@ -17,6 +17,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from helpers import encode, jpeg_declaring, png_declaring
 from PIL import Image
 
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -36,33 +37,8 @@ class Case:
         return {"data": self.data, "headers": self.headers}
 
 
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid 16x16 PNG whose header claims width x height: a decompression bomb's calling card."""
-    data = bytearray(encode(Image.new("RGB", (16, 16), (10, 20, 30)), "PNG"))
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
-
-
-def jpeg_declaring(photo: bytes, width: int, height: int) -> bytes:
-    """The photo with its frame header (SOF0/SOF2) rewritten to claim width x height."""
-    data = bytearray(photo)
-    for marker in (b"\xff\xc0", b"\xff\xc2"):
-        at = data.find(marker)
-        if at > 0:
-            data[at + 5 : at + 9] = struct.pack(">HH", height, width)
-            return bytes(data)
-    raise ValueError("no SOF marker in the photo")
 
 
 def png_with_bad_crc(img: Image.Image) -> bytes:

@@ -1,21 +1,15 @@
-"""Shared fixtures: real data from ../shared, real exports made by the training pipeline,
-real .mar archives made by build-mar (serving/archive.py), real TorchServe processes on free ports."""
+"""The fixtures (shared helpers are in helpers.py): real data from ../shared, real exports made by
+the training pipeline, real .mar archives made by build-mar, real TorchServe processes on free ports,
+real car photos."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from serving.torchserve import Server, free_ports
-
-ROOT = Path(__file__).resolve().parent.parent
-
-SHARED_CARS = (ROOT / ".." / "shared" / "stanford_cars").resolve()
-DEFAULT_EXPORT = ROOT / "models" / "efficientnet_lite0_cars"
+from helpers import DEFAULT_EXPORT, SHARED_CARS, python, smoke_train, start_server
+from PIL import Image
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,14 +18,6 @@ def mlflow_store(tmp_path_factory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # inherited by the training subprocesses
     return uri
-
-
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kwargs)
-
-
-def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return run([sys.executable, *args], **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -50,30 +36,26 @@ def car_images(cars_root) -> dict[str, Path]:
     return picks
 
 
-def smoke_train(out: Path, cars_root: Path, arch: str, **overrides) -> Path:
-    """A tiny but complete pipeline run: train -> evaluate -> export. Returns the export dir."""
-    args = {
-        "arch": arch,
-        "data_root": str(cars_root),
-        "max_images_per_class": 4,
-        "val_fraction": 0.25,
-        "test_fraction": 0.25,
-        "epochs": 1,
-        "train_size": 64,
-        "eval_size": 64,
-        "batch_size": 32,
-        "progress": "false",
-        "output_dir": str(out / "run"),
-        "unfreeze": 1,
-        **overrides,
-    }
-    flags = [x for k, v in args.items() for x in (f"--{k}", str(v))]
-    result = python("-m", "training.train", *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    export = out / "export"
-    result = python("-m", "training.export", "--run", str(out / "run"), "--export_dir", str(export))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return export
+@pytest.fixture(scope="session")
+def car_image(car_images) -> Path:
+    """The first of them: the photo a test sends when one will do."""
+    return next(iter(car_images.values()))
+
+
+@pytest.fixture(scope="session")
+def photos(car_images) -> list[bytes]:
+    return [path.read_bytes() for path in car_images.values()]
+
+
+@pytest.fixture(scope="session")
+def photo(car_image) -> bytes:
+    return car_image.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def car_rgb(car_image) -> Image.Image:
+    with Image.open(car_image) as img:
+        return img.convert("RGB")
 
 
 @pytest.fixture(scope="session")
@@ -90,16 +72,6 @@ def model_store(tmp_path_factory, resnet50_export) -> Path:
         result = python("-m", "serving.archive", "--export", str(export), "--model_store", str(store))
         assert result.returncode == 0, result.stderr
     return store
-
-
-def start_server(run_dir: Path, store: Path, models: dict[str, str], **kwargs) -> Server:
-    server = Server(run_dir=run_dir, model_store=store, ports=free_ports(), **kwargs)
-    try:
-        server.start(models, restore=False)
-    except Exception:
-        server.stop()
-        raise
-    return server
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import DEFAULT_EXPORT, ROOT
+from helpers import DEFAULT_EXPORT, ROOT
 
 from serving.archive import handler_modules
 from serving.torchserve import Server, free_ports, read_properties

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import requests
-from conftest import DEFAULT_EXPORT
+from helpers import DEFAULT_EXPORT
 from PIL import Image
 
 from carmodel.export import ExportDir

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run  # tests/ is on sys.path (rootdir conftest)
+from helpers import run
 from PIL import Image
 
 from client.explain import render_overlay
@@ -23,11 +23,6 @@ from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 
 MODEL = "efficientnet_lite0_cars"
 EXPLAIN = str(Path(sys.executable).parent / "explain")  # the entry point users run
-
-
-@pytest.fixture(scope="module")
-def car_image(car_images):
-    return next(iter(car_images.values()))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import run, start_server  # tests/ is on sys.path (rootdir conftest)
+from helpers import run, start_server
 
 from serving.client import EXIT_UNREACHABLE
 from serving.torchserve import Server, free_ports
@@ -48,11 +48,6 @@ def keys(hardened) -> dict[str, str]:
     keys = {kind: hardened.token(kind) for kind in ("inference", "management", "API")}
     assert all(keys.values()) and len(set(keys.values())) == 3, keys
     return keys
-
-
-@pytest.fixture(scope="module")
-def car_image(car_images) -> Path:
-    return next(iter(car_images.values()))
 
 
 def bearer(token: str | None) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import python
+from helpers import python
 
 from serving import kserve as assemble
 from serving.torchserve import Server, free_ports

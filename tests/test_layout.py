@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
-# package -> the project's packages it may import (besides itself)
 ALLOWED = {
     "carmodel": set(),
     "training": {"carmodel"},

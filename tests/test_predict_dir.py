@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_EXPORT, python, run  # tests/ is on sys.path (rootdir conftest)
+from helpers import DEFAULT_EXPORT, python, run
 
 from client.predict_dir import main
 from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import DEFAULT_EXPORT
+from helpers import DEFAULT_EXPORT
 from PIL import Image
 
 from carmodel.config import ModelConfig

@@ -14,10 +14,10 @@ import io
 import os
 import random
 import struct
-import zlib
 
 import numpy as np
 import pytest
+from helpers import encode, png_declaring
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -32,12 +32,6 @@ ERROR_STATUSES = {400, 413, 415, 422}
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
 
 
 def decode(data: bytes, limits: ImageLimits = LIMITS) -> Image.Image:
@@ -58,15 +52,6 @@ def pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.int16)
 
 
-def png_with_size(width: int, height: int) -> bytes:
-    """A valid 16x16 PNG whose IHDR then declares width x height (CRC fixed, so only the size lies)."""
-    data = bytearray(encode(Image.new("RGB", (16, 16), (10, 20, 30)), "PNG"))
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
-
-
 def jpeg_scan_offset(data: bytes) -> int:
     """Where the entropy-coded data starts (after the SOS segment): cut before it, no header."""
     sos = data.index(b"\xff\xda")
@@ -74,53 +59,42 @@ def jpeg_scan_offset(data: bytes) -> int:
     return sos + 2 + length
 
 
-@pytest.fixture(scope="module")
-def car_jpeg(car_images) -> bytes:
-    return next(iter(car_images.values())).read_bytes()
-
-
-@pytest.fixture(scope="module")
-def car_rgb(car_images) -> Image.Image:
-    with Image.open(next(iter(car_images.values()))) as img:
-        return img.convert("RGB")
-
-
 # ---------------------------------------------------------------------------- request parsing
 
 
 @pytest.mark.parametrize("field", ["body", "data", "file", "image"])
-def test_raw_bytes_in_any_image_field(car_jpeg, field):
-    parsed = parse_request({field: car_jpeg}, LIMITS, MAX_TOPK)
-    assert parsed.image_bytes == car_jpeg
+def test_raw_bytes_in_any_image_field(photo, field):
+    parsed = parse_request({field: photo}, LIMITS, MAX_TOPK)
+    assert parsed.image_bytes == photo
     assert parsed.topk is None
 
 
-def test_bytearray_body(car_jpeg):
-    assert parse_request({"body": bytearray(car_jpeg)}, LIMITS, MAX_TOPK).image_bytes == car_jpeg
+def test_bytearray_body(photo):
+    assert parse_request({"body": bytearray(photo)}, LIMITS, MAX_TOPK).image_bytes == photo
 
 
-def test_data_field_wins_over_body(car_jpeg):
+def test_data_field_wins_over_body(photo):
     """The stock clients' multipart field is preferred; an unrelated body does not shadow it."""
-    assert parse_request({"data": car_jpeg, "body": b"junk"}, LIMITS, MAX_TOPK).image_bytes == car_jpeg
+    assert parse_request({"data": photo, "body": b"junk"}, LIMITS, MAX_TOPK).image_bytes == photo
 
 
 @pytest.mark.parametrize("key", ["image", "data", "b64", "image_b64"])
-def test_json_body_with_base64(car_jpeg, key):
-    parsed = parse_request({"body": {key: base64.b64encode(car_jpeg).decode()}}, LIMITS, MAX_TOPK)
-    assert parsed.image_bytes == car_jpeg
+def test_json_body_with_base64(photo, key):
+    parsed = parse_request({"body": {key: base64.b64encode(photo).decode()}}, LIMITS, MAX_TOPK)
+    assert parsed.image_bytes == photo
 
 
-def test_json_body_with_data_url_and_topk(car_jpeg):
-    url = "data:image/jpeg;base64," + base64.b64encode(car_jpeg).decode()
+def test_json_body_with_data_url_and_topk(photo):
+    url = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
     parsed = parse_request({"body": {"image": url, "topk": 3}}, LIMITS, MAX_TOPK)
-    assert parsed.image_bytes == car_jpeg
+    assert parsed.image_bytes == photo
     assert parsed.topk == 3
 
 
-def test_base64_text_body_with_line_breaks(car_jpeg):
-    text = base64.encodebytes(car_jpeg).decode()  # wrapped at 76 columns, as `base64` prints it
+def test_base64_text_body_with_line_breaks(photo):
+    text = base64.encodebytes(photo).decode()  # wrapped at 76 columns, as `base64` prints it
     assert "\n" in text
-    assert parse_request({"body": text}, LIMITS, MAX_TOPK).image_bytes == car_jpeg
+    assert parse_request({"body": text}, LIMITS, MAX_TOPK).image_bytes == photo
 
 
 def test_real_photos_decode_to_the_same_pixels_as_pil(car_images):
@@ -135,28 +109,28 @@ def test_real_photos_decode_to_the_same_pixels_as_pil(car_images):
 
 
 @pytest.mark.parametrize(("value", "expected"), [(b"3", 3), ("7", 7), (b" 12 \n", 12), (1, 1), (196, 196)])
-def test_topk_parsed_from_row(car_jpeg, value, expected):
-    assert parse_request({"body": car_jpeg, "topk": value}, LIMITS, MAX_TOPK).topk == expected
+def test_topk_parsed_from_row(photo, value, expected):
+    assert parse_request({"body": photo, "topk": value}, LIMITS, MAX_TOPK).topk == expected
 
 
-def test_row_topk_wins_over_json_topk(car_jpeg):
-    body = {"image": base64.b64encode(car_jpeg).decode(), "topk": 9}
+def test_row_topk_wins_over_json_topk(photo):
+    body = {"image": base64.b64encode(photo).decode(), "topk": 9}
     assert parse_request({"body": body, "topk": b"2"}, LIMITS, MAX_TOPK).topk == 2
 
 
 @pytest.mark.parametrize("value", [b"abc", b"", b"2.5", b"0", b"-1", b"197", b"1e9", "three"])
-def test_bad_topk_is_400(car_jpeg, value):
-    assert status_of({"body": car_jpeg, "topk": value}) == 400
+def test_bad_topk_is_400(photo, value):
+    assert status_of({"body": photo, "topk": value}) == 400
 
 
-def test_bad_topk_in_json_is_400(car_jpeg):
-    body = {"image": base64.b64encode(car_jpeg).decode(), "topk": 0}
+def test_bad_topk_in_json_is_400(photo):
+    body = {"image": base64.b64encode(photo).decode(), "topk": 0}
     assert status_of({"body": body}) == 400
 
 
-def test_topk_limit_follows_limits(car_jpeg):
-    assert status_of({"body": car_jpeg, "topk": b"11"}, max_topk=10) == 400
-    assert parse_request({"body": car_jpeg, "topk": b"10"}, LIMITS, max_topk=10).topk == 10
+def test_topk_limit_follows_limits(photo):
+    assert status_of({"body": photo, "topk": b"11"}, max_topk=10) == 400
+    assert parse_request({"body": photo, "topk": b"10"}, LIMITS, max_topk=10).topk == 10
 
 
 @pytest.mark.parametrize(
@@ -228,23 +202,23 @@ def test_allow_list_is_the_documented_one():
 # ---------------------------------------------------------------------------- broken images: 422
 
 
-def test_truncated_jpeg_after_the_header_is_422(car_jpeg):
-    scan = jpeg_scan_offset(car_jpeg)
-    for cut in (scan + 1, scan + 100, len(car_jpeg) // 2, len(car_jpeg) * 9 // 10, len(car_jpeg) - 100):
-        assert status_of({"body": car_jpeg[:cut]}) == 422, cut
+def test_truncated_jpeg_after_the_header_is_422(photo):
+    scan = jpeg_scan_offset(photo)
+    for cut in (scan + 1, scan + 100, len(photo) // 2, len(photo) * 9 // 10, len(photo) - 100):
+        assert status_of({"body": photo[:cut]}) == 422, cut
 
 
-def test_truncated_jpeg_inside_the_header_is_422(car_jpeg):
+def test_truncated_jpeg_inside_the_header_is_422(photo):
     """JPEG's magic bytes and then a header cut short: a broken JPEG, not an unknown format."""
-    scan = jpeg_scan_offset(car_jpeg)
+    scan = jpeg_scan_offset(photo)
     for cut in (scan // 2, scan - 1):
-        assert status_of({"body": car_jpeg[:cut]}) == 422, cut
+        assert status_of({"body": photo[:cut]}) == 422, cut
 
 
-def test_a_few_bytes_of_jpeg_are_not_an_image_yet_415(car_jpeg):
+def test_a_few_bytes_of_jpeg_are_not_an_image_yet_415(photo):
     """Too little for PIL's JPEG parser to claim the file: no format identified."""
     for cut in (2, 4, 20):
-        assert status_of({"body": car_jpeg[:cut]}) == 415, cut
+        assert status_of({"body": photo[:cut]}) == 415, cut
 
 
 def test_truncated_png_is_422(car_rgb):
@@ -283,7 +257,7 @@ def test_smallest_accepted_size():
 @pytest.mark.parametrize("size", [(100_000, 100_000), (2**31 - 1, 2**31 - 1), (20_000, 20_000), (7000, 6000)])
 def test_decompression_bomb_png_is_413(size):
     """A ~100-byte PNG that declares billions of pixels is refused before any pixel is allocated."""
-    data = png_with_size(*size)
+    data = png_declaring(*size)
     assert len(data) < 200
     assert status_of({"body": data}) == 413
 
@@ -294,15 +268,15 @@ def test_pixel_limit_follows_limits():
     assert status_of({"body": data}, ImageLimits(max_pixels=300 * 200 - 1)) == 413
 
 
-def test_over_max_bytes_is_413(car_jpeg):
-    assert status_of({"body": car_jpeg}, ImageLimits(max_bytes=len(car_jpeg) - 1)) == 413
-    assert decode(car_jpeg, ImageLimits(max_bytes=len(car_jpeg))).mode == "RGB"
+def test_over_max_bytes_is_413(photo):
+    assert status_of({"body": photo}, ImageLimits(max_bytes=len(photo) - 1)) == 413
+    assert decode(photo, ImageLimits(max_bytes=len(photo))).mode == "RGB"
 
 
-def test_over_max_bytes_in_base64_is_413(car_jpeg):
-    text = base64.b64encode(car_jpeg).decode()
-    assert status_of({"body": text}, ImageLimits(max_bytes=len(car_jpeg) // 2)) == 413
-    assert status_of({"body": {"image": text}}, ImageLimits(max_bytes=len(car_jpeg) // 2)) == 413
+def test_over_max_bytes_in_base64_is_413(photo):
+    text = base64.b64encode(photo).decode()
+    assert status_of({"body": text}, ImageLimits(max_bytes=len(photo) // 2)) == 413
+    assert status_of({"body": {"image": text}}, ImageLimits(max_bytes=len(photo) // 2)) == 413
 
 
 # ---------------------------------------------------------------------------- every mode to RGB
@@ -567,21 +541,21 @@ def test_fuzz_every_outcome_is_rgb_or_input_error(fuzz_seeds, data):
     ("content_type", "status"),
     [("application/json", 400), ("application/json; charset=utf-8", 400), ("text/plain", 415), ("TEXT/HTML", 415)],
 )
-def test_binary_body_claiming_json_or_text_is_refused(car_jpeg, content_type, status):
+def test_binary_body_claiming_json_or_text_is_refused(photo, content_type, status):
     """TorchServe hands over the raw bytes when its JSON/UTF-8 decoding fails; the client sent the wrong type."""
     with pytest.raises(InputError) as info:
-        read_request({"body": car_jpeg}, LIMITS, MAX_TOPK, {"body": content_type})
+        read_request({"body": photo}, LIMITS, MAX_TOPK, {"body": content_type})
     assert info.value.status == status and content_type.split(";")[0].lower() in info.value.message
 
 
 @pytest.mark.parametrize("content_type", [None, "", "application/octet-stream", "image/jpeg", "image/png"])
-def test_binary_body_with_a_binary_content_type_is_read(car_jpeg, content_type):
-    image, _ = read_request({"body": car_jpeg}, LIMITS, MAX_TOPK, {"body": content_type})
+def test_binary_body_with_a_binary_content_type_is_read(photo, content_type):
+    image, _ = read_request({"body": photo}, LIMITS, MAX_TOPK, {"body": content_type})
     assert image.mode == "RGB"
 
 
-def test_multipart_part_content_type_is_the_one_checked(car_jpeg):
+def test_multipart_part_content_type_is_the_one_checked(photo):
     image, _ = read_request(
-        {"data": car_jpeg, "topk": b"3"}, LIMITS, MAX_TOPK, {"data": "image/jpeg", "topk": "text/plain"}
+        {"data": photo, "topk": b"3"}, LIMITS, MAX_TOPK, {"data": "image/jpeg", "topk": "text/plain"}
     )
     assert image.mode == "RGB"

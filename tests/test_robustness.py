@@ -26,8 +26,16 @@ from pathlib import Path
 import pytest
 import requests
 from bad_inputs import Case, corpus
-from conftest import start_server
-from test_serving import DEFAULT, check_error, check_predictions, management, post_raw, predict_url, worker_pids
+from helpers import (
+    DEFAULT,
+    check_error,
+    check_predictions,
+    management,
+    post_raw,
+    predict_url,
+    start_server,
+    worker_pids,
+)
 
 from carmodel.images import ImageLimits
 from serving.torchserve import ServeError, Server, free_ports
@@ -103,16 +111,6 @@ def ready_worker_pids(server, model: str = DEFAULT) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def photo(car_images) -> bytes:
-    return next(iter(car_images.values())).read_bytes()
-
-
-@pytest.fixture(scope="module")
-def photos(car_images) -> list[bytes]:
-    return [p.read_bytes() for p in car_images.values()]
 
 
 @pytest.fixture(scope="module")

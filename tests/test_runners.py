@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEFAULT_EXPORT
+from helpers import DEFAULT_EXPORT
 from PIL import Image
 
 from carmodel.export import ExportDir

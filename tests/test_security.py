@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEFAULT_EXPORT, python
+from helpers import DEFAULT_EXPORT, python
 
 from carmodel.export import ExportDir
 

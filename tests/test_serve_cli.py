@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import run
+from helpers import run
 
 from serving.torchserve import free_ports
 

@@ -10,97 +10,44 @@ that every answer is a valid, consistent top-k list, or a 4xx JSON error that sa
 from __future__ import annotations
 
 import base64
-import io
 import json
 import random
 import shutil
-import struct
 import time
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
-from conftest import DEFAULT_EXPORT, python, start_server  # tests/ is on sys.path (rootdir conftest)
+from helpers import (
+    DEFAULT,
+    DEFAULT_EXPORT,
+    TIMEOUT,
+    check_error,
+    check_predictions,
+    encode,
+    management,
+    png_declaring,
+    post_raw,
+    predict_url,
+    python,
+    start_server,
+    worker_pids,
+)
 from PIL import Image
 
-DEFAULT = "efficientnet_lite0_cars"
 RESNET = "resnet50_cars"
 MODELS = (DEFAULT, RESNET)
-TIMEOUT = 60
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
-def predict_url(server, model: str = DEFAULT) -> str:
-    return f"{server.url('inference')}/predictions/{model}"
-
-
-def post_raw(server, data: bytes, model: str = DEFAULT, **headers) -> requests.Response:
-    headers = {"Content-Type": "application/octet-stream", **headers}
-    return requests.post(predict_url(server, model), data=data, headers=headers, timeout=TIMEOUT)
-
-
-def check_predictions(response: requests.Response, names: dict[str, str], k: int = 5) -> list[dict]:
-    """A 200 with k {class_id, class_name, probability} dicts, best first, names from that model's archive."""
-    assert response.status_code == 200, response.text[:500]
-    predictions = response.json()
-    assert isinstance(predictions, list) and len(predictions) == k, predictions
-    for p in predictions:
-        assert set(p) == {"class_id", "class_name", "probability"}, p
-        assert isinstance(p["class_id"], int) and 0 <= p["class_id"] < len(names)
-        assert p["class_name"] == names[str(p["class_id"])]
-        assert isinstance(p["probability"], float) and 0.0 <= p["probability"] <= 1.0
-    probabilities = [p["probability"] for p in predictions]
-    assert probabilities == sorted(probabilities, reverse=True)
-    assert sum(probabilities) <= 1.0 + 1e-4
-    assert len({p["class_id"] for p in predictions}) == k
-    return predictions
-
-
-def check_error(response: requests.Response, status: int | None = None) -> dict:
-    """A 4xx whose body is the handler's JSON error, with the same code as the HTTP status."""
-    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
-    if status is not None:
-        assert response.status_code == status, response.text[:500]
-    body = response.json()
-    assert body["code"] == response.status_code
-    assert isinstance(body["message"], str) and body["message"]
-    return body
-
-
-def management(server, path: str, method: str = "GET", **kwargs) -> requests.Response:
-    return requests.request(method, f"{server.url('management')}{path}", timeout=TIMEOUT, **kwargs)
-
-
-def worker_pids(server, model: str) -> list[int]:
-    response = management(server, f"/models/{model}")
-    assert response.status_code == 200, response.text
-    pids = [w["pid"] for version in response.json() for w in version["workers"] if w["status"] == "READY"]
-    assert pids, response.text
-    return pids
 
 
 def registered(server) -> list[tuple[str, str]]:
     response = management(server, "/models", params={"limit": 100})
     assert response.status_code == 200, response.text
     return sorted((m["modelName"], m["modelUrl"]) for m in response.json()["models"])
-
-
-def png_with_size(width: int, height: int) -> bytes:
-    data = bytearray(encode(Image.new("RGB", (16, 16), (10, 20, 30)), "PNG"))
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -117,22 +64,6 @@ def names(model_store) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def photos(car_images) -> list[bytes]:
-    return [path.read_bytes() for path in car_images.values()]
-
-
-@pytest.fixture(scope="module")
-def photo(photos) -> bytes:
-    return photos[0]
-
-
-@pytest.fixture(scope="module")
-def car_rgb(car_images) -> Image.Image:
-    with Image.open(next(iter(car_images.values()))) as img:
-        return img.convert("RGB")
-
-
-@pytest.fixture(scope="module")
 def corrupt(photo) -> dict[str, tuple[bytes, int]]:
     """Broken uploads and the status each must get."""
     return {
@@ -140,7 +71,7 @@ def corrupt(photo) -> dict[str, tuple[bytes, int]]:
         "html": (b"<html><body>not a car</body></html>", 415),
         "truncated_jpeg": (photo[: len(photo) // 2], 422),
         "one_pixel": (encode(Image.new("RGB", (1, 1)), "PNG"), 422),
-        "bomb": (png_with_size(100_000, 100_000), 413),
+        "bomb": (png_declaring(100_000, 100_000), 413),
     }
 
 

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_EXPORT, python
+from helpers import DEFAULT_EXPORT, python
 
 from carmodel import registry
 from training import tracking
@@ -102,7 +102,7 @@ def test_training_evaluation_and_export_log_to_one_mlflow_run(resnet50_export, m
 
 
 def test_tracking_can_be_switched_off(cars_root, tmp_path):
-    from conftest import smoke_train
+    from helpers import smoke_train
 
     export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", pretrained="none", track="false")
     assert not (tmp_path / "run" / tracking.RUN_FILE).exists() and not (export / tracking.RUN_FILE).exists()

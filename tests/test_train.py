@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import python, smoke_train
+from helpers import python, smoke_train
 from PIL import Image
 from torch import nn
 

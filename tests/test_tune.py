@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import yaml
-from conftest import python
+from helpers import python
 
 from training import config as config_lib
 

@@ -24,7 +24,7 @@ import requests
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import python, run, smoke_train, start_server  # tests/ is on sys.path (rootdir conftest)
+from helpers import python, run, smoke_train, start_server
 
 from carmodel.export import ExportDir
 from carmodel.images import ImageLimits, decode_image

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 MAKE_CALL = re.compile(r"(?:^|&&|\|\||;|\n)\s*make\s+([a-z][\w-]*)")
