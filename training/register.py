@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from carmodel import registry
+from carmodel.export import TRAINING_CONFIG, ExportDir
 from training import config as config_lib
 from training import tracking
 
@@ -47,8 +48,9 @@ def main(argv=None) -> int:
             print(f"{reference} -> {args.download}")
             return 0
         if args.export:
-            cfg = config_lib.load(args.export / "config.yaml")
-            name = args.name or cfg.model.model_name
+            export = ExportDir(args.export)
+            cfg = config_lib.load(export.record(TRAINING_CONFIG))
+            name = args.name or export.model_name
             version = tracking.register_export(args.export, name, args.alias, cfg.tracking.experiment)
         elif args.name and args.version and args.alias:
             name, version = args.name, args.version

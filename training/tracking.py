@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The registry's read side (references, versions, downloads) is carmodel's: the archive builder uses it too.
+from carmodel.export import METRICS, ExportDir
 from carmodel.registry import RegistryError as TrackingError
 from carmodel.registry import client_mlflow, tracking_uri
 
@@ -123,7 +124,7 @@ def tracked(
 def register_export(export: Path, name: str, alias: str | None = None, experiment: str = "stanford-cars") -> str:
     """Log the export folder to its run and register it as a new version of `name`; returns the version."""
     export = Path(export)
-    metrics_file = export / "metrics.json"
+    metrics_file = ExportDir(export).record(METRICS)
     if not metrics_file.is_file():
         raise TrackingError(f"{metrics_file} is missing: evaluate and export the run first")
     metrics = json.loads(metrics_file.read_text())
