@@ -178,3 +178,39 @@ def test_real_dataset_has_196_official_classes(cars_root):
     index = data.scan(cars_root)
     assert len(index.classes) == 196 and len(index.train) == 6923
     assert "Ram C/V Cargo Van Minivan 2012" in index.classes
+
+
+# ----------------------------------------------------------------------------- the photos view
+
+
+def test_uncropped_view_is_the_same_cars_by_class_and_id(tmp_path):
+    root = folder_tree(tmp_path, per_class=2)
+    for crop in (root / "train").rglob("*.jpg"):
+        write_jpeg(root / data.PHOTOS_DIR / crop.relative_to(root / "train"), size=(128, 96))
+    samples = data.scan(root).train
+    photos = data.uncropped(samples, root)
+    assert [p.label for p in photos] == [s.label for s in samples]
+    assert [p.path.relative_to(root / "photos") for p in photos] == [
+        s.path.relative_to(root / "train") for s in samples
+    ]
+    assert data.has_photos(root)
+    cfg = config_lib.load(overrides={"data_root": str(root)}).data
+    assert data.view_samples(samples, "photos", cfg) == (photos, False)
+    assert data.view_samples(samples, "crops", cfg) == (samples, cfg.crop_to_bbox)
+    with pytest.raises(data.DatasetError, match="unknown view 'thumbnails'"):
+        data.view_samples(samples, "thumbnails", cfg)
+
+
+def test_a_car_without_its_photo_is_named(tmp_path):
+    root = folder_tree(tmp_path, per_class=2)
+    (root / data.PHOTOS_DIR).mkdir()
+    with pytest.raises(data.DatasetError, match=r"6 car\(s\) have no uncropped photo, e.g. .*photos/Audi A4"):
+        data.uncropped(data.scan(root).train, root)
+
+
+def test_every_real_car_has_its_uncropped_photo(cars_root):
+    samples = data.scan(cars_root).train
+    photos = data.uncropped(samples, cars_root)
+    assert len(photos) == len(samples) == 6923
+    with Image.open(photos[0].path) as img:
+        assert sorted(img.size) == [96, 128]

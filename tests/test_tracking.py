@@ -55,6 +55,19 @@ def test_gate_per_class_floor_names_the_weak_classes(tmp_path):
     assert code == 0
 
 
+def test_gate_floor_on_whole_photos(tmp_path):
+    metrics = metrics_file(tmp_path, 0.9)
+    code, line = gate("--metrics", str(metrics), "--min_top1_photos", "0.75")
+    assert code == 2 and "needs whole-photo figures" in line  # crops only: it cannot decide
+    values = json.loads(metrics.read_text())
+    values["views"] = {"crops": {"top1": 0.9, "num_images": 100}, "photos": {"top1": 0.70, "num_images": 100}}
+    metrics.write_text(json.dumps(values))
+    code, line = gate("--metrics", str(metrics), "--min_top1_photos", "0.75")
+    assert code == 1 and line == "REJECTED: whole-photo top-1 70.00% on 100 photos is below the minimum 75.00%"
+    code, line = gate("--metrics", str(metrics), "--min_top1_photos", "0.65")
+    assert code == 0 and "whole photos 70.00% >= 65.00%" in line
+
+
 def test_gate_rejects_a_regression_beyond_the_margin(tmp_path):
     production = metrics_file(tmp_path, 0.86, name="production.json")
     code, line = gate("--metrics", str(metrics_file(tmp_path, 0.84)), "--baseline", str(production))

@@ -59,6 +59,11 @@ def test_export_has_what_the_archive_builder_needs(lite0):
     assert len(metrics["per_class"]) == 196
     assert {"true", "predicted", "count"} <= set(metrics["most_confused"][0])
     assert (lite0 / "confusion_test.png").stat().st_size > 0
+    # the same held-out cars uncropped, side by side with the crops (the photos view)
+    assert set(metrics["views"]) == {"crops", "photos"} and metrics["views"]["crops"]["top1"] == metrics["top1"]
+    photos = metrics["views"]["photos"]
+    assert photos["num_images"] == metrics["num_images"] and 0 <= photos["top1"] <= photos["top5"] <= 1
+    assert len(photos["per_class"]) == 196 and (lite0 / "confusion_test_photos.png").stat().st_size > 0
     training_config = config_lib.load(lite0 / "config.yaml")
     assert training_config.model.arch == "efficientnet_lite0"
     assert ExportDir(lite0).model_config == training_config.model  # model.yaml: the model section, nothing else

@@ -270,6 +270,41 @@ def make_splits(index: CarsIndex, cfg: config_lib.DataConfig) -> dict[str, list[
     return {"train": train, "val": val, "test": test}
 
 
+# ----------------------------------------------------------------------------- views of the same cars
+
+PHOTOS_DIR = "photos"  # <root>/photos/<class>/<id>.jpg: each car of train/ uncropped, as people photograph it
+VIEWS = ("crops", "photos")
+
+
+def has_photos(root: str | Path) -> bool:
+    return (Path(root) / PHOTOS_DIR).is_dir()
+
+
+def uncropped(samples: list[Sample], root: str | Path) -> list[Sample]:
+    """The uncropped photo of each car, found by its class folder and id beside its crop in train/.
+    The same cars: a split made on the crops is a split by car, a car's crop and photo on one side."""
+    root = Path(root)
+    photos, missing = [], []
+    for sample in samples:
+        if not sample.path.is_relative_to(root / "train"):
+            raise DatasetError(f"{sample.path} is not under {root / 'train'}: the photos view needs the folder layout")
+        photo = root / PHOTOS_DIR / sample.path.relative_to(root / "train")
+        (photos if photo.is_file() else missing).append(Sample(photo, sample.label))
+    if missing:
+        shown = ", ".join(str(s.path) for s in missing[:3])
+        raise DatasetError(f"{len(missing)} car(s) have no uncropped photo, e.g. {shown}")
+    return photos
+
+
+def view_samples(samples: list[Sample], view: str, data_cfg) -> tuple[list[Sample], bool]:
+    """(samples, crop_to_bbox) of one view of the same cars: `crops` as trained, `photos` uncropped."""
+    if view == "crops":
+        return samples, data_cfg.crop_to_bbox
+    if view == "photos":
+        return uncropped(samples, data_cfg.data_root), False
+    raise DatasetError(f"unknown view {view!r}: use one of {', '.join(VIEWS)}")
+
+
 def split_manifest(index: CarsIndex, splits: dict[str, list[Sample]], root: str | Path) -> dict:
     """What was held out, as paths relative to the data root: the record of a reproducible split."""
     root = Path(root)

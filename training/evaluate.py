@@ -1,12 +1,15 @@
-"""Evaluate a trained run on its held-out split.
+"""Evaluate a trained run (or an export) on its held-out split, in each view of the same cars.
 
-Recreates the run's split from its saved config (and checks it against the run's split.json,
-so a changed dataset cannot silently change the test set), then reports top-1/top-5,
-per-class precision/recall/F1, the most confused class pairs and a confusion-matrix PNG,
-all into one metrics JSON.
+Recreates the split from the saved config (and checks it against the recorded split.json, so a
+changed dataset cannot silently change the test set), then reports top-1/top-5, per-class
+precision/recall/F1, the most confused class pairs and a confusion-matrix PNG for each view:
+`crops` (the bounding-box crops the model trains on) and, where the dataset has them, `photos`
+(the same held-out cars uncropped, as people photograph them). The crops' figures stay the top
+level of the metrics JSON; every view's are under `views`.
 
     python -m training.evaluate --run runs/efficientnet_lite0
     python -m training.evaluate --run runs/efficientnet_lite0 --split val --eval_size 192
+    python -m training.evaluate --export models/efficientnet_lite0_cars --out var/eval --views crops photos
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sklearn.metrics import top_k_accuracy_score
 from tqdm import tqdm
 
 from carmodel import models as model_lib
+from carmodel.export import MODEL_CONFIG, TRAINING_CONFIG, ExportDir, ExportError
 from carmodel.predictor import Predictor
 from carmodel.runners import torch_runner
 from training import config as config_lib
@@ -32,6 +36,14 @@ from training.train import make_loader, pick_device
 
 log = logging.getLogger(__name__)
 MOST_CONFUSED = 15
+
+
+def load_trained(folder: Path, overrides: dict | None = None):
+    """(config, classes, model) of a finished training run or of an export (carmodel/export.py)."""
+    if (folder / MODEL_CONFIG).is_file():
+        export = ExportDir(folder)
+        return config_lib.load(export.record(TRAINING_CONFIG), overrides), export.classes(), export.load_model()
+    return load_run(folder, overrides)
 
 
 def load_run(run_dir: Path, overrides: dict | None = None):
@@ -66,17 +78,18 @@ def reference_predictor(model, cfg, classes: list[str], device=None) -> Predicto
     return Predictor(model, cfg.model, classes, torch_runner(model))
 
 
-def held_out_batches(predictor: Predictor, samples, cfg):
+def held_out_batches(predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None):
     """(images, labels) batches of `samples`, each photo decoded once, with the predictor's preprocessing."""
-    dataset = data.CarsDataset(samples, predictor.preprocess, cfg.data.crop_to_bbox)
+    crop = cfg.data.crop_to_bbox if crop_to_bbox is None else crop_to_bbox
+    dataset = data.CarsDataset(samples, predictor.preprocess, crop)
     loader = make_loader(dataset, cfg, shuffle=False)
     return tqdm(loader, desc="evaluating", disable=not cfg.runtime.progress, leave=False)
 
 
-def predict(predictor: Predictor, samples, cfg) -> tuple[np.ndarray, np.ndarray]:
+def predict(predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) over `samples`."""
     logits, labels = [], []
-    for inputs, targets in held_out_batches(predictor, samples, cfg):
+    for inputs, targets in held_out_batches(predictor, samples, cfg, crop_to_bbox):
         logits.append(predictor.logits(inputs))
         labels.append(targets)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
@@ -139,29 +152,65 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) 
     }
 
 
-def evaluate_run(run_dir: Path, split: str = "test", overrides: dict | None = None, out: Path | None = None) -> dict:
-    cfg, classes, model = load_run(run_dir, overrides)
-    samples = held_out_samples(cfg, run_dir, split)
-    logits, labels = predict(reference_predictor(model, cfg, classes), samples, cfg)
-    metrics = compute_metrics(logits, labels, classes)
+def available_views(cfg) -> list[str]:
+    return ["crops", "photos"] if data.has_photos(cfg.data.data_root) else ["crops"]
+
+
+def confusion_png(split: str, view: str) -> str:
+    return f"confusion_{split}.png" if view == "crops" else f"confusion_{split}_{view}.png"
+
+
+def evaluate_view(predictor: Predictor, samples, cfg, view: str, split: str, out: Path) -> dict:
+    """The metrics of one view of the held-out cars, and its confusion-matrix PNG in `out`."""
+    view_samples, crop_to_bbox = data.view_samples(samples, view, cfg.data)
+    logits, labels = predict(predictor, view_samples, cfg, crop_to_bbox)
+    metrics = compute_metrics(logits, labels, predictor.classes)
     matrix = metrics.pop("_confusion_matrix")
+    with np.errstate(invalid="ignore"):
+        plots.confusion_matrix(np.nan_to_num(matrix / matrix.sum(1, keepdims=True)), out / confusion_png(split, view))
+    return metrics
+
+
+def evaluate_run(
+    run_dir: Path,
+    split: str = "test",
+    overrides: dict | None = None,
+    out: Path | None = None,
+    views: list[str] | None = None,
+) -> dict:
+    """`run_dir`: a training run or an export. Writes eval_<split>.json and a confusion PNG per view into `out`."""
+    cfg, classes, model = load_trained(run_dir, overrides)
+    views = views or available_views(cfg)
+    if views[0] != "crops":
+        views = ["crops", *[v for v in views if v != "crops"]]  # the top level of the metrics is the crops'
+    samples = held_out_samples(cfg, run_dir, split)
+    predictor = reference_predictor(model, cfg, classes)
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
-    with np.errstate(invalid="ignore"):
-        plots.confusion_matrix(np.nan_to_num(matrix / matrix.sum(1, keepdims=True)), out / f"confusion_{split}.png")
+    results = {view: evaluate_view(predictor, samples, cfg, view, split, out) for view in views}
     run = {"split": split, "eval_size": cfg.model.eval_size, "arch": cfg.model.arch, "data_root": cfg.data.data_root}
-    metrics = {**run, **metrics}
+    metrics = {**run, **results["crops"], "views": results}
     (out / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
-    # logged to the training's run
-    with tracking.tracked(run_dir, cfg.tracking.enabled, cfg.tracking.experiment, name=run_dir.name) as tracker:
-        tracker.metrics({f"{split}_{key}": metrics[key] for key in ("top1", "top5", "macro_f1", "num_images")})
-        tracker.artifacts(out / f"eval_{split}.json", out / f"confusion_{split}.png", folder=f"eval_{split}")
+    # logged to the training's run: the crops' figures as before, the other views' prefixed with their name.
+    # An export is only read: its evaluation's run is recorded in `out`.
+    record = out if (run_dir / MODEL_CONFIG).is_file() else run_dir
+    with tracking.tracked(record, cfg.tracking.enabled, cfg.tracking.experiment, name=run_dir.name) as tracker:
+        for view, result in results.items():
+            prefix = f"{split}_" if view == "crops" else f"{split}_{view}_"
+            tracker.metrics({prefix + key: result[key] for key in ("top1", "top5", "macro_f1", "num_images")})
+        pngs = [out / confusion_png(split, view) for view in views]
+        tracker.artifacts(out / f"eval_{split}.json", *pngs, folder=f"eval_{split}")
     return metrics
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="training output directory (has config.yaml, best.pth)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="training output directory (has config.yaml, best.pth)")
+    source.add_argument("--export", help="an export directory (training.export's, e.g. models/efficientnet_lite0_cars)")
+    parser.add_argument(
+        "--views", nargs="+", choices=data.VIEWS, help="default: crops, and photos where the dataset has photos/"
+    )
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", help="where to write eval_<split>.json and the PNG (default: the run directory)")
     parser.add_argument("--eval_size", type=int, help="override the evaluation image size")
@@ -170,14 +219,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k: v for k, v in {"eval_size": args.eval_size, "data_root": args.data_root}.items() if v is not None}
     try:
-        metrics = evaluate_run(Path(args.run), args.split, overrides, Path(args.out) if args.out else None)
-    except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError) as err:
+        folder = Path(args.run or args.export)
+        metrics = evaluate_run(folder, args.split, overrides, Path(args.out) if args.out else None, args.views)
+    except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(
-        f"{args.split}: top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} macro_f1={metrics['macro_f1']:.4f} "
-        f"on {metrics['num_images']} images (eval_size={metrics['eval_size']})"
-    )
+    for view, result in metrics["views"].items():
+        print(
+            f"{args.split} {view}: top1={result['top1']:.4f} top5={result['top5']:.4f} "
+            f"macro_f1={result['macro_f1']:.4f} on {result['num_images']} images (eval_size={metrics['eval_size']})"
+        )
     for pair in metrics["most_confused"][:5]:
         print(f"  {pair['count']}x {pair['true']} -> {pair['predicted']}")
     return 0

@@ -34,7 +34,8 @@ def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test
     metrics = {**metrics, "training": json.loads(summary.read_text()) if summary.is_file() else None}
     export.record(METRICS).write_text(json.dumps(metrics, indent=1))
     cfg.save(export.record(TRAINING_CONFIG))
-    for extra in (SPLIT, "curves.png", f"confusion_{split}.png", "metrics.csv", tracking.RUN_FILE):
+    confusion = [png.name for png in sorted(run_dir.glob(f"confusion_{split}*.png"))]  # one per view
+    for extra in (SPLIT, "curves.png", *confusion, "metrics.csv", tracking.RUN_FILE):
         if (run_dir / extra).is_file():
             shutil.copy(run_dir / extra, export_dir / extra)
     # logged to the training's run

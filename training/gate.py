@@ -8,12 +8,15 @@ Rules (defaults in `GateRules`, each overridable on the command line):
 * top-1 on the held-out split at least `min_top1` (the original plan's example was 65 %);
 * optionally, every class's recall at least `min_class_recall` (off by default: our test split has
   5-6 photos per class, so one photo moves a class by 17-20 points);
+* optionally, top-1 on the same held-out cars' uncropped photos at least `min_top1_photos`
+  (training.evaluate's photos view);
 * no more than `max_regression` top-1 below the baseline: the registered production version
   (`models:/NAME@ALIAS`, its `top1` tag from training.tracking) or another metrics.json. A
   registry without that alias yet (the first model) passes this rule and says so.
 
 Prints one line, `APPROVED: ...` or `REJECTED: ...`; exit code 0 approved, 1 rejected,
-2 when the gate cannot decide (missing or unreadable metrics, unknown baseline).
+2 when the gate cannot decide (missing or unreadable metrics, no whole-photo figures for a whole-photo
+floor, unknown baseline).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class GateRules:
     min_top1: float = 0.65
     min_class_recall: float | None = None
     max_regression: float = 0.01  # top-1, absolute: one point
+    min_top1_photos: float | None = None  # top-1 on the held-out cars' uncropped photos (evaluate's photos view)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,17 @@ def decide(
             worst = ", ".join(f"{name} {r:.0%}" for r, name in low[:3])
             return Verdict(False, f"{len(low)} class(es) below recall {rules.min_class_recall:.0%}: {worst}")
         checks.append(f"every class >= {rules.min_class_recall:.0%} recall")
+    if rules.min_top1_photos is not None:
+        photos = metrics.get("views", {}).get("photos")
+        if not photos:
+            raise GateError("--min_top1_photos needs whole-photo figures: training.evaluate's photos view")
+        if photos["top1"] < rules.min_top1_photos:
+            return Verdict(
+                False,
+                f"whole-photo top-1 {photos['top1']:.2%} on {photos['num_images']} photos is below the minimum "
+                f"{rules.min_top1_photos:.2%}",
+            )
+        checks.append(f"whole photos {photos['top1']:.2%} >= {rules.min_top1_photos:.2%}")
     reference_top1, reference = baseline
     if reference_top1 is None:
         checks.append(f"{reference}: nothing to regress against")
