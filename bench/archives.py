@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -51,10 +50,6 @@ class CarsNet(nn.Module):
 '''
 
 
-def _archiver() -> str:
-    return str(Path(sys.executable).parent / "torch-model-archiver")
-
-
 def _run(cmd: list[str], what: str) -> None:
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -87,7 +82,7 @@ def build_stock(export: ExportDir, store: Path) -> tuple[str, str]:
         model_file = Path(tmp) / STOCK_MODEL_FILE
         model_file.write_text(stock_model_file(export.model_config.arch, len(export.classes())))
         cmd = [
-            _archiver(),
+            str(archive.ARCHIVER),
             *("--model-name", name, "--version", VERSION, "--handler", STOCK_HANDLER),
             *("--model-file", str(model_file), "--serialized-file", str(export.weights)),
             # the stock handler reads index_to_name.json, the same file and name as the export's

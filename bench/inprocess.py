@@ -33,7 +33,7 @@ class Pipeline:
         s = self.settings
         self.predictor = Predictor.for_export(export, s.backend, s.precision, s.threads)
         self.limits = s.image_limits
-        self.max_topk = s.max_topk or len(self.predictor.classes)
+        self.max_topk = s.largest_topk(len(self.predictor.classes))
 
     @property
     def engine(self) -> str:

@@ -94,8 +94,11 @@ class ServedModel:
         }
 
     def frontend_pid(self) -> int:
-        """TorchServe's Java front end (its pid file in the instance's temp folder)."""
-        return int((self.server.run_dir / "tmp" / ".model_server.pid").read_text())
+        """TorchServe's Java front end."""
+        pid = self.server.frontend_pid()
+        if pid is None:
+            raise BenchError(f"no pid file for the server in {self.server.run_dir}")
+        return pid
 
 
 def worker_env(pid: int, key: str) -> str | None:

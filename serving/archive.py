@@ -37,6 +37,7 @@ HANDLER = Path(serving.__file__).parent / "handler.py"
 # TorchServe's eager-model path wants a model file; our handler builds the network from
 # model.yaml (carmodel.models), so the architecture registry is that file.
 MODEL_FILE = Path(carmodel.__file__).parent / "models.py"
+ARCHIVER = Path(sys.executable).parent / "torch-model-archiver"  # installed with torchserve, beside this Python
 DEFAULT_EXPORT = ROOT / "models" / "efficientnet_lite0_cars"
 DEFAULT_VERSION = "1.0"
 
@@ -134,7 +135,7 @@ def build_from(export: ExportDir, args) -> Path:
         tmp = Path(tmp)
         extra, model_config_path = stage(export, workers, handler, tmp)
         cmd = [
-            str(Path(sys.executable).parent / "torch-model-archiver"),
+            str(ARCHIVER),
             *("--model-name", export.model_name, "--version", version),
             *("--model-file", str(MODEL_FILE), "--serialized-file", str(export.weights)),
             *("--handler", str(HANDLER), "--extra-files", str(extra), "--config-file", str(model_config_path)),

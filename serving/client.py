@@ -65,6 +65,18 @@ def token_refused(response: requests.Response) -> bool:
     return isinstance(body, dict) and body.get("type") == "InvalidKeyException"
 
 
+def raise_for_status(method: str, url: str, response: requests.Response) -> None:
+    """An HTTP error as a TorchServeError with TorchServe's message (exit 3 for a refused key, else 4)."""
+    if response.status_code >= 400:
+        detail = error_message(response)
+        raise TorchServeError(
+            f"{method} {url} -> {response.status_code}: {detail}",
+            EXIT_UNREACHABLE if token_refused(response) else EXIT_SERVER,
+            status=response.status_code,
+            detail=detail,
+        )
+
+
 def bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -138,14 +150,7 @@ class TorchServeClient:
     def call(self, method: str, url: str, **kwargs):
         """The JSON answer of a successful call; an HTTP error raises with TorchServe's message."""
         response = self.request(method, url, **kwargs)
-        if response.status_code >= 400:
-            detail = error_message(response)
-            raise TorchServeError(
-                f"{method} {url} -> {response.status_code}: {detail}",
-                EXIT_UNREACHABLE if token_refused(response) else EXIT_SERVER,
-                status=response.status_code,
-                detail=detail,
-            )
+        raise_for_status(method, url, response)
         try:
             return response.json() if response.content else {}
         except ValueError:
@@ -226,6 +231,15 @@ class TorchServeClient:
                 return meta
         return None
 
+    def load_error(self, model: str, version: str | None = None) -> str | None:
+        """Why a worker could not load the model (its default version, or `version`), as the handler
+        reports it; None when it loaded fine or cannot be asked."""
+        try:
+            description = self.handler_description(model, version)
+        except TorchServeError:
+            return None
+        return (description or {}).get("load_error")
+
     def model_ready(self, model: str) -> bool:
         try:
             versions = self.describe(model)
@@ -280,13 +294,9 @@ class TorchServeClient:
     def metrics(self, names: list[str] | None = None) -> str:
         """The Prometheus text of `GET /metrics` (optionally only `names`)."""
         params = {"name[]": names} if names else None
-        response = self.request("GET", f"{self.metrics_url}/metrics", params=params)
-        if not response.ok:
-            raise TorchServeError(
-                f"GET {self.metrics_url}/metrics -> {response.status_code}: {error_message(response)}",
-                EXIT_UNREACHABLE if token_refused(response) else EXIT_SERVER,
-                status=response.status_code,
-            )
+        url = f"{self.metrics_url}/metrics"
+        response = self.request("GET", url, params=params)
+        raise_for_status("GET", url, response)
         return response.text
 
 

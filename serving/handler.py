@@ -79,7 +79,7 @@ class CarClassifier(ImageClassifier):
             self.export, backend, self.settings.precision, self.settings.threads, model=self.model
         )
         self.model = self.predictor.model
-        self.max_topk = self.settings.max_topk or len(self.predictor.classes)
+        self.max_topk = self.settings.largest_topk(len(self.predictor.classes))
         self.decode_pool = ThreadPoolExecutor(self.settings.threads or os.cpu_count() or 1, thread_name_prefix="decode")
         logger.info("%s ready: %s", context.model_name, self.description())
 

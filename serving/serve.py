@@ -69,8 +69,8 @@ def run_foreground(server: Server, start: Callable[[], None]) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM is Ctrl-C from here on
     try:
         start()
-        pid = int((server.run_dir / "tmp" / ".model_server.pid").read_text())
-        while is_alive(pid):
+        pid = server.frontend_pid()
+        while pid is not None and is_alive(pid):
             with contextlib.suppress(ChildProcessError):  # as PID 1, TorchServe's orphaned processes are ours to reap
                 while os.waitpid(-1, os.WNOHANG)[0]:
                     pass

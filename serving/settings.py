@@ -57,6 +57,10 @@ class HandlerSettings:
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_bytes, max_pixels=self.max_pixels, min_side=self.min_side)
 
+    def largest_topk(self, num_classes: int) -> int:
+        """The largest top-k a request may ask: `max_topk`, or every class when it is 0."""
+        return self.max_topk or num_classes
+
     @classmethod
     def from_section(cls, section: dict | None) -> HandlerSettings:
         """model-config.yaml's `handler:` section; an unknown or ill-typed key is an error, not a silent default."""

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.client import TorchServeClient, TorchServeError
+from serving.client import TorchServeClient
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = {
@@ -233,7 +233,7 @@ class Server:
         while time.monotonic() < deadline:
             with self.client() as client:  # a fresh one each round: the key file appears during the start
                 ready = client.ping() and all(client.model_ready(m) for m in models)
-                failed = {m: err for m in models if (err := _load_error(client, m))} if ready else {}
+                failed = {m: err for m in models if (err := client.load_error(m))} if ready else {}
             if ready:
                 if failed:
                     raise ServeError(
@@ -243,33 +243,25 @@ class Server:
             time.sleep(0.5)
         raise ServeError(f"TorchServe not ready within {timeout:.0f}s; see {self.run_dir / 'logs'}")
 
-    def model_ready(self, model: str) -> bool:
-        with self.client() as client:
-            return client.model_ready(model)
-
     def load_error(self, model: str, version: str | None = None) -> str | None:
         """Why a worker could not load the model (its default version, or `version`), as the handler
         reports it; None when it loaded fine."""
         with self.client() as client:
-            return _load_error(client, model, version)
+            return client.load_error(model, version)
+
+    def frontend_pid(self) -> int | None:
+        """The Java front end's pid, from TorchServe's pid file in this instance's temp folder."""
+        pid_file = self.run_dir / "tmp" / ".model_server.pid"
+        return int(pid_file.read_text()) if pid_file.is_file() else None
 
     def stop(self, timeout: float = 60) -> None:
-        pid_file = self.run_dir / "tmp" / ".model_server.pid"
-        pid = int(pid_file.read_text()) if pid_file.is_file() else None
+        pid = self.frontend_pid()
         subprocess.run(["torchserve", "--stop"], cwd=self.run_dir, env=self.env, capture_output=True)
         deadline = time.monotonic() + timeout
         while pid and is_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         if pid and is_alive(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-def _load_error(client: TorchServeClient, model: str, version: str | None = None) -> str | None:
-    try:
-        description = client.handler_description(model, version)
-    except TorchServeError:
-        return None
-    return (description or {}).get("load_error")
 
 
 def is_alive(pid: int) -> bool:

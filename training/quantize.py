@@ -46,10 +46,10 @@ def training_config(export: ExportDir, data_root: str | None):
     return config_lib.load(export.record(TRAINING_CONFIG), {"data_root": data_root} if data_root else None)
 
 
-def check_against_fp32(export: ExportDir, cfg, max_loss: float) -> dict:
-    """Held-out top-1 of the int8 model vs fp32; removes the int8 files and raises if it lost too much."""
+def check_against_fp32(export: ExportDir, cfg, max_loss: float, reference: Predictor) -> dict:
+    """Held-out top-1 of the int8 model vs fp32 (`reference`); removes the int8 files and raises if it lost too much."""
     predictors = {
-        "fp32": Predictor.for_export(export, backend="torch"),
+        "fp32": reference,
         "int8": Predictor.for_export(export, backend="openvino", precision="int8"),
     }
     held_out = held_out_samples(cfg, export.path, "test")  # checked against the export's split.json
@@ -82,7 +82,7 @@ def quantize_export(
     ov.save_model(quantized, export.int8_xml, compress_to_fp16=False)
     report = {"calibration_images": len(tensors), "calibration_split": "train", "seconds": round(seconds, 1)}
     if evaluate:
-        report.update(check_against_fp32(export, cfg, max_loss))
+        report.update(check_against_fp32(export, cfg, max_loss, reference))
     export.record(QUANTIZATION).write_text(json.dumps(report, indent=1))
     return report
 
