@@ -19,7 +19,8 @@ help:
 	@echo "make serve   - create the environment if needed, build the archive, start TorchServe, wait until READY"
 	@echo "make stop    - stop TorchServe"
 	@echo "make test    - lint + the whole test suite (what CI runs)"
-	@echo "make train   - train the default model on ../shared/stanford_cars, evaluate, export, calibrate int8 into $(EXPORT)"
+	@echo "make train   - train the default model on ../shared/stanford_cars (two stages: crops, then whole photos"
+	@echo "               and the box head), evaluate, export, calibrate int8 into $(EXPORT)"
 	@echo "make gate | register | promote | release-archive | kserve | image - the release pipeline (README)"
 	@echo "make eda | tune | archive | lint | format | clean"
 
@@ -74,10 +75,13 @@ test: env lint
 	$(PY) -m pytest
 
 # --- training (see README) ---------------------------------------------------------------
+# Stage 1 learns the classes on the crops; stage 2 starts from its weights (runs/efficientnet_lite0/best.pth)
+# and learns the whole photos: the box head, and the cars cut from the photos (configs/*.yaml say why).
 train: $(STAMP)
 	$(PY) -m training.train --config configs/efficientnet_lite0.yaml
-	$(PY) -m training.evaluate --run runs/efficientnet_lite0
-	$(PY) -m training.export --run runs/efficientnet_lite0 --export_dir $(EXPORT)
+	$(PY) -m training.train --config configs/efficientnet_lite0_photos.yaml
+	$(PY) -m training.evaluate --run runs/efficientnet_lite0_photos
+	$(PY) -m training.export --run runs/efficientnet_lite0_photos --export_dir $(EXPORT)
 	$(PY) -m training.quantize --export $(EXPORT)
 
 eda: $(STAMP)

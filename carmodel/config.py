@@ -23,6 +23,15 @@ class ModelConfig:
     eval_size: int = 224  # the square the eval preset resizes to
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Localise, then classify: with a box head, the whole image is first squashed to this square to
+    # find the car, which is then cut from the full-resolution image and classified. 0: no box head,
+    # the whole image is classified as it is.
+    locate_size: int = 0
+    crop_margin: float = 0.05  # widen the found box by this fraction of its size on each side
+
+    @property
+    def localizes(self) -> bool:
+        return self.locate_size > 0
 
     @property
     def model_name(self) -> str:

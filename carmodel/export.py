@@ -111,7 +111,7 @@ class ExportDir:
     def load_model(self, device="cpu") -> torch.nn.Module:
         """The network in eval mode. weights_only=True: a .pth may hold tensors, never code."""
         cfg = self.model_config
-        model, _ = build_model(cfg.arch, len(self.classes()), "none", cfg.dropout)
+        model, _ = build_model(cfg.arch, len(self.classes()), "none", cfg.dropout, locate=cfg.localizes)
         model.load_state_dict(torch.load(self.weights, map_location=device, weights_only=True))
         return model.to(device).eval()
 

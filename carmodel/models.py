@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,15 @@ class ArchSpec:
     head: str  # attribute path of the final Linear layer
     blocks: Callable[[nn.Module], list[nn.Module]]  # trunk blocks, input side first
     imagenet_state_dict: Callable[[], dict]
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # images -> the trunk's last feature map
+    classify: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # that feature map -> logits
 
 
-def _torchvision(name: str, head: str, blocks):
+def _pooled_classifier(m, f):
+    return m.classifier(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1))
+
+
+def _torchvision(name: str, head: str, blocks, features, classify=_pooled_classifier):
     import torchvision
 
     def build(num_classes: int, dropout: float) -> nn.Module:
@@ -53,7 +60,16 @@ def _torchvision(name: str, head: str, blocks):
                 f"or pass --pretrained /path/to/weights.pth, or --pretrained none for a random init."
             ) from err
 
-    return ArchSpec(build, head, blocks, imagenet_state_dict)
+    return ArchSpec(build, head, blocks, imagenet_state_dict, features, classify)
+
+
+def _resnet_features(m, x):
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+
+def _resnet_classify(m, f):
+    return m.fc(torch.flatten(m.avgpool(f), 1))
 
 
 def _resnet_blocks(m) -> list[nn.Module]:
@@ -102,10 +118,21 @@ def _lite0_imagenet_state_dict() -> dict:
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "resnet50": _torchvision("resnet50", "fc", _resnet_blocks),
-    "efficientnet_b0": _torchvision("efficientnet_b0", "classifier.1", lambda m: list(m.features)),
-    "mobilenet_v2": _torchvision("mobilenet_v2", "classifier.1", lambda m: list(m.features)),
-    "efficientnet_lite0": ArchSpec(_lite0_build, "classifier", _lite0_blocks, _lite0_imagenet_state_dict),
+    "resnet50": _torchvision("resnet50", "fc", _resnet_blocks, _resnet_features, _resnet_classify),
+    "efficientnet_b0": _torchvision(
+        "efficientnet_b0", "classifier.1", lambda m: list(m.features), lambda m, x: m.features(x)
+    ),
+    "mobilenet_v2": _torchvision(
+        "mobilenet_v2", "classifier.1", lambda m: list(m.features), lambda m, x: m.features(x)
+    ),
+    "efficientnet_lite0": ArchSpec(
+        _lite0_build,
+        "classifier",
+        _lite0_blocks,
+        _lite0_imagenet_state_dict,
+        lambda m, x: m.forward_features(x),
+        lambda m, f: m.forward_head(f),
+    ),
 }
 
 
@@ -139,24 +166,77 @@ def _load_trunk(model: nn.Module, state: dict, head: str) -> None:
         raise PretrainedWeightsError(f"weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def build_model(arch: str, num_classes: int, pretrained: str = "none", dropout: float = 0.2) -> tuple[nn.Module, str]:
-    """Returns (model, description of the init that was used)."""
+class BoxHead(nn.Module):
+    """The trunk's last feature map -> the car's box (x1, y1, x2, y2) as fractions of the input's
+    width and height. Pooled to a small grid rather than to one vector: where the car is lives in
+    the map's layout, which global pooling throws away."""
+
+    def __init__(self, channels: int, width: int = 64, grid: int = 4, hidden: int = 256):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, width, 1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(grid),
+            nn.Flatten(),
+            nn.Linear(width * grid * grid, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, 4),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class Localizer(nn.Module):
+    """A classifier (`net`, unchanged) with a box head on its trunk: forward -> (logits, box).
+
+    One trunk pass gives both; the predictor runs it twice, small on the whole photo for the box
+    and at eval size on the car cut from the upload for the class."""
+
+    def __init__(self, net: nn.Module, arch: str):
+        super().__init__()
+        self.arch = arch
+        self.net = net
+        self.box_head = BoxHead(head_module(net, arch).in_features)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = spec(self.arch)
+        features = s.features(self.net, x)
+        return s.classify(self.net, features), self.box_head(features)
+
+
+def build_model(
+    arch: str, num_classes: int, pretrained: str = "none", dropout: float = 0.2, locate: bool = False
+) -> tuple[nn.Module, str]:
+    """Returns (model, description of the init that was used). `locate`: a `Localizer` around the
+    classifier; a weights file of a classifier initialises its `net`, one of a Localizer all of it."""
     s = spec(arch)
     model = s.build(num_classes, dropout)
+    if locate:
+        model = Localizer(model, arch)
     if pretrained == "none":
         init = "random (pretrained=none)"
     elif pretrained == "imagenet":
-        _load_trunk(model, s.imagenet_state_dict(), s.head)
+        _load_trunk(base_net(model), s.imagenet_state_dict(), s.head)
         init = "imagenet"
     else:
-        _load_trunk(model, load_weights_file(Path(pretrained), arch), s.head)
+        state = load_weights_file(Path(pretrained), arch)
+        if locate and any(k.startswith("box_head.") for k in state):
+            model.load_state_dict(state)
+        else:
+            _load_trunk(base_net(model), state, s.head)
         init = f"file:{pretrained}"
-    log.info("model %s: %d classes, init %s", arch, num_classes, init)
+    log.info("model %s%s: %d classes, init %s", arch, " + box head" if locate else "", num_classes, init)
     return model, init
 
 
+def base_net(model: nn.Module) -> nn.Module:
+    """The classifier itself: `model`, or the one inside a Localizer."""
+    return model.net if isinstance(model, Localizer) else model
+
+
 def head_module(model: nn.Module, arch: str) -> nn.Linear:
-    return model.get_submodule(spec(arch).head)
+    return base_net(model).get_submodule(spec(arch).head)
 
 
 def freeze(model: nn.Module, arch: str, unfreeze: int) -> list[nn.Module]:
@@ -169,12 +249,14 @@ def freeze(model: nn.Module, arch: str, unfreeze: int) -> list[nn.Module]:
         for p in model.parameters():
             p.requires_grad = True
         return []
-    blocks = spec(arch).blocks(model)
+    blocks = spec(arch).blocks(base_net(model))
     if unfreeze > len(blocks):
         raise ValueError(f"{arch} has {len(blocks)} blocks; cannot unfreeze {unfreeze}")
     for p in model.parameters():
         p.requires_grad = False
     trainable = blocks[len(blocks) - unfreeze :] + [head_module(model, arch)]
+    if isinstance(model, Localizer):
+        trainable.append(model.box_head)
     for module in trainable:
         for p in module.parameters():
             p.requires_grad = True

@@ -1,4 +1,9 @@
-"""The inference chain, once: image -> eval preset -> runner -> top-k.
+"""The inference chain, once: image -> [find the car, cut it out] -> eval preset -> runner -> top-k.
+
+A model with a box head (ModelConfig.locate_size) localises, then classifies: the whole image,
+squashed small, gives the car's box; the car is cut from the full-resolution image (where a phone
+photo's detail is) at that box, widened by `crop_margin`, and classified. A model without one
+classifies the whole image.
 
 The TorchServe handler, the in-process benchmark, the parity check, int8 calibration's check
 and training's evaluation all run a model through a `Predictor`, so a change here (a new stage,
@@ -10,7 +15,7 @@ another preset) reaches every one of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +24,10 @@ from PIL import Image
 
 from carmodel.config import ModelConfig
 from carmodel.export import ExportDir
-from carmodel.presets import eval_preset
+from carmodel.presets import cut_out, eval_preset, locate_preset, widen
 from carmodel.runners import Runner, make_runner
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in the image's pixels (x2, y2 exclusive)
 
 
 @dataclass(frozen=True)
@@ -33,13 +40,40 @@ class Prediction:
         return {"class_id": self.class_id, "class_name": self.class_name, "probability": round(self.probability, 6)}
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One image, ready for the chain's first pass: `tensor` is what that pass runs on (the whole
+    image at locate size, or at eval size without a box head); `image` is kept to cut the car from."""
+
+    image: Image.Image
+    tensor: torch.Tensor
+
+
+@dataclass
+class Forward:
+    logits: torch.Tensor  # one row per image
+    inputs: list[torch.Tensor]  # what was classified: the cars cut out, or the whole images
+    boxes: list[Box] | None  # where the car was found in each image; None without a box head
+
+
 class Predictor:
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, classes: list[str], runner: Runner):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: ModelConfig,
+        classes: list[str],
+        runner: Runner,
+        locator: Runner | None = None,
+    ):
+        if config.localizes and locator is None:
+            raise ValueError("a model with a box head needs a locator: a runner at its locate_size")
         self.model = model  # the eager reference: explanations need its gradients
         self.config = config
         self.classes = classes
         self.runner = runner
+        self.locator = locator if config.localizes else None
         self.preprocess = eval_preset(config)
+        self.locate_preprocess = locate_preset(config) if config.localizes else None
 
     @classmethod
     def for_export(
@@ -56,16 +90,58 @@ class Predictor:
         model = (model if model is not None else export.load_model(device)).to(memory_format=torch.channels_last)
         config = export.model_config
         runner = make_runner(model, config.eval_size, backend, precision, export.int8_xml, threads)
-        return cls(model, config, export.classes(), runner)
+        locator = None
+        if config.localizes:
+            locator = make_runner(model, config.locate_size, backend, precision, export.int8_xml, threads)
+        return cls(model, config, export.classes(), runner, locator)
 
     @property
     def engine(self) -> str:
         return f"{self.runner.backend} {self.runner.precision}"
 
+    @property
+    def localizes(self) -> bool:
+        return self.locator is not None
+
+    def classifier(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The eager model's logits alone (its box dropped): what explanations take gradients of."""
+        outputs = self.model(inputs)
+        return outputs[0] if isinstance(outputs, tuple) else outputs
+
     def logits(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """Preprocessed images (a list, or a stacked batch) -> float logits, one row per image."""
+        """Images at eval size, preprocessed (a list, or a stacked batch) -> float logits, one row per image."""
         batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
-        return self.runner.run(batch)
+        return self.runner.run(batch)[0]
+
+    # ------------------------------------------------------------------ the chain
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        """Per image, safe to run in threads side by side: the first pass's input."""
+        return Prepared(image, (self.locate_preprocess or self.preprocess)(image))
+
+    def locate(self, prepared: Sequence[Prepared]) -> list[Box]:
+        """The car's box in each image, in its own pixels."""
+        _, found = self.locator.run(torch.stack([p.tensor for p in prepared]))
+        return [to_pixels(row, p.image.size) for row, p in zip(found, prepared, strict=True)]
+
+    def region(self, size: tuple[int, int], box: Box) -> Box:
+        """The part of a `size` (width, height) image classified for a car found at `box`: the box
+        widened by the model's margin, inside the image."""
+        return widen(box, (self.config.crop_margin,) * 4, *size)
+
+    def cut_car(self, image: Image.Image, box: Box) -> torch.Tensor:
+        """The car at `box`, widened by the model's margin, cut from the full image and preprocessed."""
+        return self.preprocess(cut_out(image, box, (self.config.crop_margin,) * 4))
+
+    def run(self, prepared: Sequence[Prepared], map: Callable = map) -> Forward:
+        """The chain after `prepare`, for a batch. `map`: how to cut out the cars (a thread pool's map
+        runs them side by side)."""
+        if not self.localizes:
+            inputs = [p.tensor for p in prepared]
+            return Forward(self.logits(inputs), inputs, None)
+        boxes = self.locate(prepared)
+        inputs = list(map(self.cut_car, [p.image for p in prepared], boxes))
+        return Forward(self.logits(inputs), inputs, boxes)
 
     def top_k(self, logits: torch.Tensor, k: int | Sequence[int]) -> list[list[Prediction]]:
         """Best first; `k` for every row, or one k per row."""
@@ -80,4 +156,14 @@ class Predictor:
         return answers
 
     def predict(self, images: Sequence[Image.Image], k: int = 5) -> list[list[Prediction]]:
-        return self.top_k(self.logits([self.preprocess(image) for image in images]), k)
+        return self.top_k(self.run([self.prepare(image) for image in images]).logits, k)
+
+
+def to_pixels(box: torch.Tensor, size: tuple[int, int]) -> Box:
+    """The box head's (x1, y1, x2, y2) fractions -> whole pixels of a `size` (width, height) image,
+    ordered and inside it."""
+    width, height = size
+    x1, y1, x2, y2 = box.float().clamp(0, 1).tolist()
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    return round(x1 * width), round(y1 * height), round(x2 * width), round(y2 * height)

@@ -13,7 +13,9 @@ range of aspect ratios so that the squash it sees matches the one at evaluation.
 from __future__ import annotations
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 from carmodel.config import IMAGENET_MEAN, IMAGENET_STD
 
@@ -35,9 +37,13 @@ class ClassificationPresetTrain:
         hflip_prob: float = 0.5,
         auto_augment: str = "none",
         min_crop_scale: float = 0.35,
+        downscale_prob: float = 0.0,
+        downscale_sizes: tuple[int, int] = (48, 160),
     ):
-        steps = [
-            v2.ToImage(),
+        steps = [v2.ToImage()]
+        if downscale_prob > 0:
+            steps.append(Downscale(downscale_prob, downscale_sizes))
+        steps += [
             v2.RandomResizedCrop(
                 crop_size,
                 scale=(min_crop_scale, 1.0),
@@ -57,6 +63,67 @@ class ClassificationPresetTrain:
 
     def __call__(self, img):
         return self.transforms(img)
+
+
+class Downscale:
+    """Resolution augmentation: with probability `p`, shrink the image so that its longer side is a
+    random length in `sizes` (never enlarging it). The crop that follows scales it back up, as
+    serving scales up a thumbnail or a car far away in a photo, so small and large inputs look
+    alike to the network."""
+
+    def __init__(self, p: float, sizes: tuple[int, int]):
+        self.p, self.sizes = p, sizes
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return img
+        height, width = img.shape[-2:]
+        scale = int(torch.randint(self.sizes[0], self.sizes[1] + 1, ())) / max(height, width)
+        if scale >= 1:
+            return img
+        return F.resize(img, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
+
+
+class LocatePresetTrain:
+    """(uint8 image, the car's box in its pixels) -> (normalised `size` square of the whole image,
+    the box as fractions of it), flipped at random with its box."""
+
+    def __init__(self, *, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip_prob: float = 0.5):
+        self.size = size
+        self.transforms = v2.Compose(
+            [
+                v2.RandomHorizontalFlip(hflip_prob),
+                v2.Resize((size, size), antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=mean, std=std),
+            ]
+        )
+
+    def __call__(self, img: torch.Tensor, box) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes = tv_tensors.BoundingBoxes(
+            torch.tensor([box], dtype=torch.float32), format="XYXY", canvas_size=tuple(img.shape[-2:])
+        )
+        img, boxes = self.transforms(tv_tensors.Image(img), boxes)
+        return img.as_subclass(torch.Tensor), boxes.as_subclass(torch.Tensor)[0].float() / self.size
+
+
+def widen(box, margins, width: int, height: int) -> tuple[int, int, int, int]:
+    """`box` (x1, y1, x2, y2) widened by `margins` (left, top, right, bottom; fractions of the box's
+    size, negative narrows), in whole pixels inside a `width` x `height` image, never empty."""
+    x1, y1, x2, y2 = box
+    w, h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
+    left = min(max(int(x1 - margins[0] * w), 0), width - 1)
+    top = min(max(int(y1 - margins[1] * h), 0), height - 1)
+    right = max(min(round(x2 + margins[2] * w), width), left + 1)
+    bottom = max(min(round(y2 + margins[3] * h), height), top + 1)
+    return left, top, right, bottom
+
+
+def cut_out(img, box, margins=(0.0, 0.0, 0.0, 0.0)):
+    """The part of `img` (PIL image or CHW tensor) inside `box` (pixels) widened by `margins`."""
+    width, height = F.get_size(img)[::-1]
+    left, top, right, bottom = widen(box, margins, width, height)
+    return F.crop(img, top, left, bottom - top, right - left)
 
 
 class ClassificationPresetEval:
@@ -88,9 +155,20 @@ def train_preset(augment, model) -> ClassificationPresetTrain:
         hflip_prob=augment.hflip_prob,
         auto_augment=augment.auto_augment,
         min_crop_scale=augment.min_crop_scale,
+        downscale_prob=augment.downscale_prob,
+        downscale_sizes=(augment.downscale_min, augment.downscale_max),
     )
 
 
 def eval_preset(cfg) -> ClassificationPresetEval:
     """`cfg`: a ModelConfig (or anything with eval_size, mean and std)."""
     return ClassificationPresetEval(size=cfg.eval_size, mean=cfg.mean, std=cfg.std)
+
+
+def locate_preset(cfg) -> ClassificationPresetEval:
+    """The whole image squashed to the model's `locate_size`, to find the car in."""
+    return ClassificationPresetEval(size=cfg.locate_size, mean=cfg.mean, std=cfg.std)
+
+
+def locate_train_preset(augment, model) -> LocatePresetTrain:
+    return LocatePresetTrain(size=model.locate_size, mean=model.mean, std=model.std, hflip_prob=augment.hflip_prob)

@@ -1,4 +1,5 @@
-"""Runners: `run(batch) -> logits` for a network, the fastest way this CPU allows.
+"""Runners: `run(batch) -> the network's outputs` (a tuple: the logits, and the box of a model with
+a box head), the fastest way this CPU allows, for one image size.
 
 The same network compiled by OpenVINO: int8 where the export has a calibrated int8 model
 (training.quantize; the server has no photos to calibrate on), else bf16 where the CPU has it,
@@ -38,9 +39,9 @@ def to_openvino(model: torch.nn.Module, image_size: int):
 
 @dataclass(frozen=True)
 class Runner:
-    """`run(batch) -> logits` plus what was chosen, for logs and tests."""
+    """`run(batch) -> outputs` plus what was chosen, for logs and tests."""
 
-    run: Callable[[torch.Tensor], torch.Tensor]
+    run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     backend: str
     precision: str
 
@@ -50,9 +51,10 @@ def torch_runner(model: torch.nn.Module, threads: int = 0) -> Runner:
         torch.set_num_threads(threads)
     device = next(model.parameters()).device
 
-    def run(inputs: torch.Tensor) -> torch.Tensor:
+    def run(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
-            return model(inputs.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
+            outputs = model(inputs.to(device).contiguous(memory_format=torch.channels_last))
+        return tuple(out.float().cpu() for out in (outputs if isinstance(outputs, tuple) else (outputs,)))
 
     return Runner(run, "torch", "fp32")
 
@@ -74,16 +76,18 @@ def openvino_runner(
         bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         precision = "int8" if has_int8 else "bf16" if bf16 else "fp32"
     ov_model = core.read_model(int8_model) if precision == "int8" else to_openvino(model, image_size)
+    ov_model.reshape([-1, 3, image_size, image_size])  # the int8 model was calibrated at the eval size
     # int8: quantized layers run in int8 (VNNI); the few left in float stay fp32 for accuracy.
     properties = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         properties["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(ov_model, "CPU", properties)
     request = compiled.create_infer_request()  # one per worker process: TorchServe calls us serially
+    outputs = range(len(compiled.outputs))
 
-    def run(inputs: torch.Tensor) -> torch.Tensor:
+    def run(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         request.infer([inputs.contiguous().numpy()])
-        return torch.from_numpy(request.get_output_tensor(0).data.copy()).float()
+        return tuple(torch.from_numpy(request.get_output_tensor(i).data.copy()).float() for i in outputs)
 
     return Runner(run, "openvino", precision)
 

@@ -50,6 +50,9 @@ class DataConfig:
     # `train` run found on val) and keeps the last one. Test stays held out either way.
     fit_on: str = "train"
     max_images_per_class: int | None = None  # smoke runs: cap images per class
+    # A model with a box head (model.locate_size > 0) also trains on <data_root>/photos/ and its
+    # boxes.csv; a box matched below this (boxes.csv's `match`) is not trusted to train the box head.
+    min_box_match: float = 0.8
     cache_images: bool = True  # decode every image once up front (also validates them all)
 
 
@@ -69,6 +72,15 @@ class AugmentConfig:
     auto_augment: str = "none"  # none | ta_wide | autoaugment | randaugment
     hflip_prob: float = 0.5
     min_crop_scale: float = 0.35
+    # resolution augmentation: this share of training images is first shrunk so that its longer
+    # side is downscale_min..downscale_max px (then scaled back up by the crop), like thumbnails
+    downscale_prob: float = 0.0
+    downscale_min: int = 48
+    downscale_max: int = 160
+    # with a box head: the share of classification inputs cut from the whole photo at its box
+    # (jittered) rather than taken from the crop, and of box inputs that are crops (box = all of it)
+    photo_share: float = 0.5
+    locate_crop_share: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,9 @@ class OptimConfig:
     label_smoothing: float = 0.1
     early_stopping_patience: int = 5  # epochs without a better val loss; 0 disables
     cache_features: bool = True  # with unfreeze=0, run the frozen trunk once and train the head on its outputs
+    # with a box head: loss = CE(car) + box_loss_weight * smooth-L1(box) + whole_image_loss_weight * CE(whole image)
+    box_loss_weight: float = 5.0
+    whole_image_loss_weight: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,9 @@ def make_splits(index: CarsIndex, cfg: config_lib.DataConfig) -> dict[str, list[
 # ----------------------------------------------------------------------------- views of the same cars
 
 PHOTOS_DIR = "photos"  # <root>/photos/<class>/<id>.jpg: each car of train/ uncropped, as people photograph it
-VIEWS = ("crops", "photos")
+VIEWS = ("crops", "photos", "small_crops")
+# `small_crops`: the crops shrunk so that their longer side is this many pixels, like a car in a web thumbnail
+SMALL_CROP_SIDE = 100
 
 
 def has_photos(root: str | Path) -> bool:
@@ -297,12 +299,119 @@ def uncropped(samples: list[Sample], root: str | Path) -> list[Sample]:
 
 
 def view_samples(samples: list[Sample], view: str, data_cfg) -> tuple[list[Sample], bool]:
-    """(samples, crop_to_bbox) of one view of the same cars: `crops` as trained, `photos` uncropped."""
-    if view == "crops":
+    """(samples, crop_to_bbox) of one view of the same cars: `crops` as trained, `photos` uncropped,
+    `small_crops` the crops (shrunk when read: `view_longest_side`)."""
+    if view in ("crops", "small_crops"):
         return samples, data_cfg.crop_to_bbox
     if view == "photos":
         return uncropped(samples, data_cfg.data_root), False
     raise DatasetError(f"unknown view {view!r}: use one of {', '.join(VIEWS)}")
+
+
+BOXES_FILE = "boxes.csv"  # <root>/photos/boxes.csv: id,x1,y1,x2,y2,match,... in the photo's pixels
+
+
+@dataclass(frozen=True)
+class PhotoBox:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 (x2, y2 exclusive)
+    match: float  # how well the crop matched the photo there (normalised correlation)
+
+
+def read_boxes(root: str | Path) -> dict[str, PhotoBox]:
+    """{car id: its box in its uncropped photo} from photos/boxes.csv."""
+    import csv
+
+    path = Path(root) / PHOTOS_DIR / BOXES_FILE
+    if not path.is_file():
+        raise DatasetError(f"box file not found: {path} (a model with a box head trains on the photos' boxes)")
+    boxes = {}
+    with open(path, newline="") as fh:
+        for line, row in enumerate(csv.DictReader(fh), start=2):
+            try:
+                box = tuple(float(row[k]) for k in ("x1", "y1", "x2", "y2"))
+                boxes[row["id"]] = PhotoBox(box, float(row["match"]))
+            except (KeyError, TypeError, ValueError) as err:
+                raise DatasetError(f"{path}:{line}: not id,x1,y1,x2,y2,match: {err}") from err
+    return boxes
+
+
+def photo_boxes(photos: list[Sample], root: str | Path) -> list[PhotoBox | None]:
+    """Each photo's box (by its file id), None where boxes.csv has none."""
+    boxes = read_boxes(root)
+    return [boxes.get(s.path.stem) for s in photos]
+
+
+class LocalizingDataset(torch.utils.data.Dataset):
+    """Each car as two inputs for a classifier with a box head (carmodel.models.Localizer):
+
+    * the car to classify: its crop, or (a `photo_share` of the time, when its photo's box is
+      trusted) the car cut from its whole photo at a jittered box, as serving cuts it;
+    * a whole image to find the car in: its photo with the box, or (a `locate_crop_share` of the
+      time) its crop, whose box is all of it.
+
+    Yields ((car, whole), (label, box as fractions, box weight)); the weight is 0 where the box is
+    not trusted (boxes.csv's match below `min_match`), so that photo still trains the classes.
+    In `evaluation` mode nothing is random: the crop, and the photo with its box.
+    """
+
+    def __init__(
+        self,
+        crops: list[Sample],
+        photos: list[Sample],
+        boxes: list[PhotoBox | None],
+        *,
+        classify,
+        locate,
+        min_match: float,
+        photo_share: float = 0.5,
+        locate_crop_share: float = 0.3,
+        jitter: tuple[float, float] = (-0.05, 0.15),
+        crop_images=None,
+        photo_images=None,
+        crop_to_bbox: bool = False,
+        evaluation: bool = False,
+    ):
+        self.crops, self.photos, self.boxes = crops, photos, boxes
+        self.classify, self.locate = classify, locate
+        self.min_match, self.photo_share, self.locate_crop_share = min_match, photo_share, locate_crop_share
+        self.jitter, self.evaluation = jitter, evaluation
+        self.crop_images, self.photo_images, self.crop_to_bbox = crop_images, photo_images, crop_to_bbox
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def _image(self, i: int, photo: bool) -> torch.Tensor:
+        cache = self.photo_images if photo else self.crop_images
+        if cache is not None:
+            return cache[i]
+        return F.pil_to_tensor(load_image(self.photos[i] if photo else self.crops[i], not photo and self.crop_to_bbox))
+
+    def _chance(self, share: float) -> bool:
+        return not self.evaluation and float(torch.rand(())) < share
+
+    def __getitem__(self, i: int):
+        from carmodel.presets import cut_out
+
+        found = self.boxes[i]
+        trusted = found is not None and found.match >= self.min_match
+        if trusted and self._chance(self.photo_share):
+            margins = (torch.rand(4) * (self.jitter[1] - self.jitter[0]) + self.jitter[0]).tolist()
+            car = cut_out(self._image(i, photo=True), found.box, margins)
+        else:
+            car = self._image(i, photo=False)
+        if found is None or self._chance(self.locate_crop_share):
+            whole = self._image(i, photo=False)
+            box, weight = (0.0, 0.0, float(whole.shape[-1]), float(whole.shape[-2])), 1.0
+        else:
+            whole, box, weight = self._image(i, photo=True), found.box, float(trusted)
+        whole, box = self.locate(whole, box)
+        label = self.crops[i].label
+        return (self.classify(car), whole), (label, box, torch.tensor(weight))
+
+
+def view_longest_side(view: str) -> int | None:
+    """How far a view shrinks its images (their longer side, in pixels); None: as they are."""
+    return SMALL_CROP_SIDE if view == "small_crops" else None
 
 
 def split_manifest(index: CarsIndex, splits: dict[str, list[Sample]], root: str | Path) -> dict:

@@ -4,7 +4,8 @@ Recreates the split from the saved config (and checks it against the recorded sp
 changed dataset cannot silently change the test set), then reports top-1/top-5, per-class
 precision/recall/F1, the most confused class pairs and a confusion-matrix PNG for each view:
 `crops` (the bounding-box crops the model trains on) and, where the dataset has them, `photos`
-(the same held-out cars uncropped, as people photograph them). The crops' figures stay the top
+(the same held-out cars uncropped, as people photograph them), and `small_crops` (the crops shrunk to
+100 px on the longer side, like a car in a web thumbnail). The crops' figures stay the top
 level of the metrics JSON; every view's are under `views`.
 
     python -m training.evaluate --run runs/efficientnet_lite0
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from sklearn.metrics import top_k_accuracy_score
 from tqdm import tqdm
 
@@ -32,7 +34,7 @@ from carmodel.predictor import Predictor
 from carmodel.runners import torch_runner
 from training import config as config_lib
 from training import data, plots, tracking
-from training.train import make_loader, pick_device
+from training.train import pick_device
 
 log = logging.getLogger(__name__)
 MOST_CONFUSED = 15
@@ -53,7 +55,9 @@ def load_run(run_dir: Path, overrides: dict | None = None):
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished training run?")
     cfg = config_lib.load(run_dir / "config.yaml", overrides)
     classes = json.loads((run_dir / "classes.json").read_text())
-    model, _ = model_lib.build_model(cfg.model.arch, len(classes), "none", cfg.model.dropout)
+    model, _ = model_lib.build_model(
+        cfg.model.arch, len(classes), "none", cfg.model.dropout, locate=cfg.model.localizes
+    )
     model.load_state_dict(torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True))
     return cfg, classes, model
 
@@ -75,36 +79,45 @@ def held_out_samples(cfg, run_dir: Path, split: str) -> list[data.Sample]:
 def reference_predictor(model, cfg, classes: list[str], device=None) -> Predictor:
     """The fp32 eager model behind carmodel's inference chain: what every fast path is held to."""
     model = model.eval().to(device or pick_device(cfg.runtime.device))
-    return Predictor(model, cfg.model, classes, torch_runner(model))
+    runner = torch_runner(model)  # eager torch takes any image size: the locator too
+    return Predictor(model, cfg.model, classes, runner, runner if cfg.model.localizes else None)
 
 
-def held_out_batches(predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None):
-    """(images, labels) batches of `samples`, each photo decoded once, with the predictor's preprocessing."""
+def image_batches(samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None):
+    """(PIL images, labels) in batches of `samples`, each photo decoded once (and shrunk so that its
+    longer side is at most `longest_side`)."""
     crop = cfg.data.crop_to_bbox if crop_to_bbox is None else crop_to_bbox
-    dataset = data.CarsDataset(samples, predictor.preprocess, crop)
-    loader = make_loader(dataset, cfg, shuffle=False)
-    return tqdm(loader, desc="evaluating", disable=not cfg.runtime.progress, leave=False)
+    size = cfg.optim.batch_size
+    for start in tqdm(range(0, len(samples), size), desc="evaluating", disable=not cfg.runtime.progress, leave=False):
+        chunk = samples[start : start + size]
+        images = [data.load_image(s, crop) for s in chunk]
+        if longest_side:
+            for image in images:
+                image.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
+        yield images, torch.tensor([s.label for s in chunk])
 
 
-def predict(predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) over `samples`."""
-    logits, labels = [], []
-    for inputs, targets in held_out_batches(predictor, samples, cfg, crop_to_bbox):
-        logits.append(predictor.logits(inputs))
+def predict(predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None):
+    """(logits, labels, boxes) over `samples`, through the whole chain; boxes None without a box head."""
+    logits, labels, boxes = [], [], []
+    for images, targets in image_batches(samples, cfg, crop_to_bbox, longest_side):
+        forward = predictor.run([predictor.prepare(image) for image in images])
+        logits.append(forward.logits)
         labels.append(targets)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+        boxes += forward.boxes or []
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy(), (boxes if predictor.localizes else None)
 
 
-def compare_top1(predictors: dict[str, Predictor], samples, cfg) -> dict:
-    """Top-1 of each predictor over the same photos (decoded once, with the first one's preprocessing,
-    which they share), how often each agrees with the first, and its forward time in images/s."""
+def compare_top1(predictors: dict[str, Predictor], samples, cfg, crop_to_bbox: bool | None = None) -> dict:
+    """Top-1 of each predictor over the same photos (decoded once), how often each agrees with the
+    first, and its time through the chain after decoding in images/s."""
     names = list(predictors)
     correct, agree, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
-    for images, labels in held_out_batches(predictors[names[0]], samples, cfg):
+    for images, labels in image_batches(samples, cfg, crop_to_bbox):
         top1 = {}
         for name, predictor in predictors.items():
             started = time.perf_counter()
-            top1[name] = predictor.logits(images).argmax(1)
+            top1[name] = predictor.run([predictor.prepare(image) for image in images]).logits.argmax(1)
             seconds[name] += time.perf_counter() - started
             correct[name] += int((top1[name] == labels).sum())
             agree[name] += int((top1[name] == top1[names[0]]).sum())
@@ -112,6 +125,24 @@ def compare_top1(predictors: dict[str, Predictor], samples, cfg) -> dict:
     return {
         name: {"top1": correct[name] / n, "agreement": agree[name] / n, "img_per_s": n / max(seconds[name], 1e-9)}
         for name in names
+    }
+
+
+def box_metrics(found: list, photos: list[data.Sample], cfg) -> dict:
+    """How well the found boxes fit photos/boxes.csv's, on the photos whose box there is trusted."""
+    from torchvision.ops import box_iou
+
+    known = data.photo_boxes(photos, cfg.data.data_root)
+    pairs = [
+        (f, k.box) for f, k in zip(found, known, strict=True) if k is not None and k.match >= cfg.data.min_box_match
+    ]
+    if not pairs:
+        return {"boxes_checked": 0}
+    ious = box_iou(torch.tensor([f for f, _ in pairs], dtype=torch.float32), torch.tensor([k for _, k in pairs])).diag()
+    return {
+        "boxes_checked": len(pairs),
+        "box_iou_mean": round(float(ious.mean()), 4),
+        "box_iou_at_least_0.5": round(float((ious >= 0.5).float().mean()), 4),
     }
 
 
@@ -152,8 +183,9 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) 
     }
 
 
-def available_views(cfg) -> list[str]:
-    return ["crops", "photos"] if data.has_photos(cfg.data.data_root) else ["crops"]
+def available_views(cfg, views=data.VIEWS) -> list[str]:
+    """`views` that the dataset has: `photos` needs its photos/ folder."""
+    return [v for v in views if v != "photos" or data.has_photos(cfg.data.data_root)]
 
 
 def confusion_png(split: str, view: str) -> str:
@@ -163,8 +195,10 @@ def confusion_png(split: str, view: str) -> str:
 def evaluate_view(predictor: Predictor, samples, cfg, view: str, split: str, out: Path) -> dict:
     """The metrics of one view of the held-out cars, and its confusion-matrix PNG in `out`."""
     view_samples, crop_to_bbox = data.view_samples(samples, view, cfg.data)
-    logits, labels = predict(predictor, view_samples, cfg, crop_to_bbox)
+    logits, labels, boxes = predict(predictor, view_samples, cfg, crop_to_bbox, data.view_longest_side(view))
     metrics = compute_metrics(logits, labels, predictor.classes)
+    if boxes is not None and view == "photos":
+        metrics.update(box_metrics(boxes, view_samples, cfg))
     matrix = metrics.pop("_confusion_matrix")
     with np.errstate(invalid="ignore"):
         plots.confusion_matrix(np.nan_to_num(matrix / matrix.sum(1, keepdims=True)), out / confusion_png(split, view))
@@ -177,9 +211,14 @@ def evaluate_run(
     overrides: dict | None = None,
     out: Path | None = None,
     views: list[str] | None = None,
+    whole_image: bool = False,
 ) -> dict:
-    """`run_dir`: a training run or an export. Writes eval_<split>.json and a confusion PNG per view into `out`."""
+    """`run_dir`: a training run or an export. Writes eval_<split>.json and a confusion PNG per view into `out`.
+    `whole_image`: classify the whole image even where the model has a box head (the chain without
+    localising, for comparison)."""
     cfg, classes, model = load_trained(run_dir, overrides)
+    if whole_image:
+        cfg = config_lib.from_dict({"locate_size": 0}, cfg)
     views = views or available_views(cfg)
     if views[0] != "crops":
         views = ["crops", *[v for v in views if v != "crops"]]  # the top level of the metrics is the crops'
@@ -188,7 +227,13 @@ def evaluate_run(
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
     results = {view: evaluate_view(predictor, samples, cfg, view, split, out) for view in views}
-    run = {"split": split, "eval_size": cfg.model.eval_size, "arch": cfg.model.arch, "data_root": cfg.data.data_root}
+    run = {
+        "split": split,
+        "eval_size": cfg.model.eval_size,
+        "locate_size": cfg.model.locate_size,
+        "arch": cfg.model.arch,
+        "data_root": cfg.data.data_root,
+    }
     metrics = {**run, **results["crops"], "views": results}
     (out / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
     # logged to the training's run: the crops' figures as before, the other views' prefixed with their name.
@@ -197,7 +242,8 @@ def evaluate_run(
     with tracking.tracked(record, cfg.tracking.enabled, cfg.tracking.experiment, name=run_dir.name) as tracker:
         for view, result in results.items():
             prefix = f"{split}_" if view == "crops" else f"{split}_{view}_"
-            tracker.metrics({prefix + key: result[key] for key in ("top1", "top5", "macro_f1", "num_images")})
+            keys = ("top1", "top5", "macro_f1", "num_images", "box_iou_mean", "box_iou_at_least_0.5")
+            tracker.metrics({prefix + key: result[key] for key in keys if key in result})
         pngs = [out / confusion_png(split, view) for view in views]
         tracker.artifacts(out / f"eval_{split}.json", *pngs, folder=f"eval_{split}")
     return metrics
@@ -209,18 +255,22 @@ def main(argv=None) -> int:
     source.add_argument("--run", help="training output directory (has config.yaml, best.pth)")
     source.add_argument("--export", help="an export directory (training.export's, e.g. models/efficientnet_lite0_cars)")
     parser.add_argument(
-        "--views", nargs="+", choices=data.VIEWS, help="default: crops, and photos where the dataset has photos/"
+        "--views", nargs="+", choices=data.VIEWS, help="default: all (photos where the dataset has photos/)"
     )
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", help="where to write eval_<split>.json and the PNG (default: the run directory)")
     parser.add_argument("--eval_size", type=int, help="override the evaluation image size")
     parser.add_argument("--data_root", help="override the dataset location recorded in the run")
+    parser.add_argument(
+        "--whole_image", action="store_true", help="classify whole images, without the box head (for comparison)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k: v for k, v in {"eval_size": args.eval_size, "data_root": args.data_root}.items() if v is not None}
     try:
         folder = Path(args.run or args.export)
-        metrics = evaluate_run(folder, args.split, overrides, Path(args.out) if args.out else None, args.views)
+        out = Path(args.out) if args.out else None
+        metrics = evaluate_run(folder, args.split, overrides, out, args.views, args.whole_image)
     except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -228,6 +278,7 @@ def main(argv=None) -> int:
         print(
             f"{args.split} {view}: top1={result['top1']:.4f} top5={result['top5']:.4f} "
             f"macro_f1={result['macro_f1']:.4f} on {result['num_images']} images (eval_size={metrics['eval_size']})"
+            + (f" box IoU mean={result['box_iou_mean']:.3f}" if "box_iou_mean" in result else "")
         )
     for pair in metrics["most_confused"][:5]:
         print(f"  {pair['count']}x {pair['true']} -> {pair['predicted']}")

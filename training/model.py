@@ -21,13 +21,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = config_lib.from_args(args)
     try:
-        model, init = models.build_model(cfg.model.arch, args.num_classes, cfg.finetune.pretrained, cfg.model.dropout)
+        model, init = models.build_model(
+            cfg.model.arch, args.num_classes, cfg.finetune.pretrained, cfg.model.dropout, locate=cfg.model.localizes
+        )
     except models.PretrainedWeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     frozen = models.freeze(model, cfg.model.arch, cfg.finetune.unfreeze)
     total, trainable = models.count_parameters(model)
-    blocks = len(models.spec(cfg.model.arch).blocks(model))
+    blocks = len(models.spec(cfg.model.arch).blocks(models.base_net(model)))
     print(
         f"{cfg.model.arch}: init={init} params={total:,} trainable={trainable:,} "
         f"blocks={blocks} frozen_blocks={len(frozen)}"

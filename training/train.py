@@ -147,7 +147,9 @@ def make_loader(dataset, cfg: Config, shuffle: bool, generator=None) -> torch.ut
 
 def setup_model(cfg: Config, num_classes: int, hw: Hardware) -> tuple[nn.Module, list[nn.Module], str]:
     """(model on its device, its frozen blocks, the init actually used)."""
-    model, init = model_lib.build_model(cfg.model.arch, num_classes, cfg.finetune.pretrained, cfg.model.dropout)
+    model, init = model_lib.build_model(
+        cfg.model.arch, num_classes, cfg.finetune.pretrained, cfg.model.dropout, locate=cfg.model.localizes
+    )
     frozen = model_lib.freeze(model, cfg.model.arch, cfg.finetune.unfreeze)
     model.to(hw.device)
     if hw.channels_last:
@@ -165,6 +167,46 @@ def setup_model(cfg: Config, num_classes: int, hw: Hardware) -> tuple[nn.Module,
     return model, frozen, init
 
 
+class Objective:
+    """The loss of one batch: (loss, logits to score, their labels). This one: cross-entropy."""
+
+    def __init__(self, optim: OptimConfig):
+        # Val loss is this same objective (label smoothing included), as in torchvision's references:
+        # plain cross-entropy rises as a smoothed model keeps getting more photos right, so early
+        # stopping on it stopped our first full run at 81 % val accuracy while accuracy was still climbing.
+        self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
+
+    def __call__(self, net, inputs, targets, hw: Hardware, channels_last: bool):
+        inputs, targets = hw.batch(inputs, channels_last), targets.to(hw.device, non_blocking=True)
+        with hw.autocast():
+            logits = net(inputs)
+        return self.cross_entropy(logits.float(), targets), logits, targets
+
+
+class ClassifyAndLocate(Objective):
+    """For a Localizer: the car's class from the car, plus its box (smooth L1, where the box is
+    trusted) and its class again from the whole image the box was found in."""
+
+    def __init__(self, optim: OptimConfig):
+        super().__init__(optim)
+        self.box_weight, self.whole_weight = optim.box_loss_weight, optim.whole_image_loss_weight
+
+    def __call__(self, net, inputs, targets, hw: Hardware, channels_last: bool):
+        car, whole = (hw.batch(x, channels_last) for x in inputs)
+        labels, boxes, weights = (t.to(hw.device, non_blocking=True) for t in targets)
+        with hw.autocast():
+            logits, _ = net(car)
+            whole_logits, found = net(whole)
+        box_loss = nn.functional.smooth_l1_loss(found.float(), boxes, beta=0.05, reduction="none").sum(1)
+        box_loss = (box_loss * weights).sum() / weights.sum().clamp_min(1)
+        loss = (
+            self.cross_entropy(logits.float(), labels)
+            + self.box_weight * box_loss
+            + self.whole_weight * self.cross_entropy(whole_logits.float(), labels)
+        )
+        return loss, logits, labels
+
+
 @dataclass
 class Loop:
     """What the epochs run: the network that trains (the whole model, or only its head on cached
@@ -175,9 +217,12 @@ class Loop:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader | None
     channels_last: bool
+    objective: Objective | None = None  # None: classification (cross-entropy on the logits)
 
 
 def make_loop(cfg: Config, model, frozen, splits, images, hw: Hardware, generator) -> Loop:
+    if cfg.model.localizes:
+        return classify_and_locate(cfg, model, frozen, splits, images, hw, generator)
     if cfg.finetune.unfreeze == 0 and cfg.optim.cache_features:
         return head_on_cached_features(cfg, model, splits, images, hw, generator)
     train_set = data.CarsDataset(
@@ -191,6 +236,47 @@ def make_loop(cfg: Config, model, frozen, splits, images, hw: Hardware, generato
         val_loader=None if is_final_fit(cfg) else make_loader(val_set, cfg, shuffle=False),
         channels_last=hw.channels_last,
     )
+
+
+def localizing_dataset(cfg: Config, crops, crop_images, training: bool) -> data.LocalizingDataset:
+    photos = data.uncropped(crops, cfg.data.data_root)
+    return data.LocalizingDataset(
+        crops,
+        photos,
+        data.photo_boxes(photos, cfg.data.data_root),
+        classify=presets.train_preset(cfg.augment, cfg.model) if training else presets.eval_preset(cfg.model),
+        locate=presets.LocatePresetTrain(
+            size=cfg.model.locate_size,
+            mean=cfg.model.mean,
+            std=cfg.model.std,
+            hflip_prob=cfg.augment.hflip_prob if training else 0.0,
+        ),
+        min_match=cfg.data.min_box_match,
+        photo_share=cfg.augment.photo_share,
+        locate_crop_share=cfg.augment.locate_crop_share,
+        crop_images=crop_images,
+        photo_images=data.decode_all(photos, False, cfg.runtime.progress) if cfg.data.cache_images else None,
+        crop_to_bbox=cfg.data.crop_to_bbox,
+        evaluation=not training,
+    )
+
+
+def classify_and_locate(cfg: Config, model, frozen, splits, images, hw: Hardware, generator) -> Loop:
+    """A model with a box head trains on both views of each car: see data.LocalizingDataset."""
+    train_set = localizing_dataset(cfg, splits["train"], images["train"], training=True)
+    loop = Loop(
+        net=model,
+        frozen=frozen,
+        train_loader=make_loader(train_set, cfg, shuffle=True, generator=generator),
+        val_loader=None,
+        channels_last=hw.channels_last,
+        objective=ClassifyAndLocate(cfg.optim),
+    )
+    if not is_final_fit(cfg):
+        loop.val_loader = make_loader(
+            localizing_dataset(cfg, splits["val"], images["val"], training=False), cfg, shuffle=False
+        )
+    return loop
 
 
 def head_on_cached_features(cfg: Config, model, splits, images, hw: Hardware, generator) -> Loop:
@@ -273,19 +359,16 @@ def make_scheduler(optim: OptimConfig, optimizer, steps_per_epoch: int) -> lr_sc
 class Optimization:
     """What updates the weights: the loss, the optimiser, its per-step LR schedule, fp16 loss scaling."""
 
-    criterion: nn.Module
+    objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
 
     @classmethod
     def create(cls, optim: OptimConfig, loop: Loop, hw: Hardware) -> Optimization:
-        # Val loss is this same objective (label smoothing included), as in torchvision's references:
-        # plain cross-entropy rises as a smoothed model keeps getting more photos right, so early
-        # stopping on it stopped our first full run at 81 % val accuracy while accuracy was still climbing.
         optimizer = make_optimizer(optim, loop.net.parameters())
         return cls(
-            criterion=nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing),
+            objective=loop.objective or Objective(optim),
             optimizer=optimizer,
             scheduler=make_scheduler(optim, optimizer, len(loop.train_loader)),
             scaler=torch.amp.GradScaler(hw.device.type) if hw.dtype == torch.float16 else None,
@@ -313,7 +396,7 @@ class Optimization:
 def run_epoch(
     loop: Loop,
     loader,
-    criterion,
+    objective: Objective,
     hw: Hardware,
     *,
     optimization: Optimization | None = None,
@@ -330,10 +413,7 @@ def run_epoch(
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     with torch.set_grad_enabled(training):
         for inputs, targets in bar:
-            inputs, targets = hw.batch(inputs, loop.channels_last), targets.to(hw.device, non_blocking=True)
-            with hw.autocast():
-                logits = loop.net(inputs)
-            loss = criterion(logits.float(), targets)
+            loss, logits, targets = objective(loop.net, inputs, targets, hw, loop.channels_last)
             if training:
                 optimization.step(loss)
             total_loss += loss.item() * len(targets)
@@ -351,11 +431,11 @@ def train_and_validate(
     progress = cfg.runtime.progress
     desc = f"epoch {epoch}/{cfg.optim.epochs}"
     train_loss, train_acc = run_epoch(
-        loop, loop.train_loader, opt.criterion, hw, optimization=opt, desc=desc, progress=progress
+        loop, loop.train_loader, opt.objective, hw, optimization=opt, desc=desc, progress=progress
     )
     val_loss = val_acc = None
     if loop.val_loader is not None:
-        val_loss, val_acc = run_epoch(loop, loop.val_loader, opt.criterion, hw, desc="val", progress=progress)
+        val_loss, val_acc = run_epoch(loop, loop.val_loader, opt.objective, hw, desc="val", progress=progress)
     row = {
         "epoch": epoch,
         "lr": opt.lr,
