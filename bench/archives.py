@@ -5,6 +5,7 @@
 * stock: torch-model-archiver --handler image_classifier - TorchServe's own image classifier,
   with a model file defining a no-argument nn.Module (what TorchServe's eager path instantiates
   before loading the state_dict from --serialized-file) and the export's index_to_name.json.
+  Of a model with a box head it serves the classifier alone, on the whole image.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ class CarsNet(nn.Module):
         return self.net(x)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        # The export holds the bare network's state_dict (no "net." prefix).
+        # The export holds the bare network's state_dict, or a Localizer's: the network under "net."
+        # and a box head, which the stock handler has no use for (it classifies the whole image).
+        if any(key.startswith("net.") for key in state_dict):
+            state_dict = {{key[4:]: value for key, value in state_dict.items() if key.startswith("net.")}}
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 '''
 

@@ -1,10 +1,10 @@
 """The ceiling: what the handler's work costs in this process, with no HTTP and no TorchServe.
 
 Per batch, exactly the handler's steps through the same code: each request row read and decoded
-(serving.requests.read_request, with the handler's image limits), the predictor's eval preset,
-then one forward pass for the batch and the top-k (carmodel.predictor.Predictor, built as the
-worker builds it: same backend, precision and threads). Only the thread pool the handler decodes
-a batch in is left out.
+(serving.requests.read_request, with the handler's image limits), then carmodel's chain for the
+batch (carmodel.predictor.Predictor, built as the worker builds it: same backend, precision and
+threads): preset, [find and cut out the car], forward pass, top-k. Only the thread pool the
+handler decodes a batch in is left out.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ class Pipeline:
         return self.predictor.config.eval_size
 
     def __call__(self, body: bytes, batch_size: int) -> list[list[Prediction]]:
-        tensors, topks = [], []
+        prepared, topks = [], []
         for _ in range(batch_size):
-            image, topk = read_request({"body": body}, self.limits, self.max_topk, REQUEST_CONTENT_TYPES)
-            tensors.append(self.predictor.preprocess(image))
-            topks.append(topk or self.settings.topk)
-        return self.predictor.top_k(self.predictor.logits(tensors), topks)
+            request = read_request({"body": body}, self.limits, self.max_topk, REQUEST_CONTENT_TYPES)
+            prepared.append(self.predictor.prepare(request.image))
+            topks.append(request.topk or self.settings.topk)
+        return self.predictor.top_k(self.predictor.run(prepared).logits, topks)
 
 
 def time_batches(pipeline: Pipeline, body: bytes, batch_size: int, seconds: float) -> list[float]:

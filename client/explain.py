@@ -18,59 +18,29 @@ Exit status: 0 done; 2 bad local input; 3 TorchServe not reachable (or refused t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from client import add_server_arguments, server_client
-from serving.client import EXIT_SERVER, EXIT_USAGE, TorchServeClient, TorchServeError
+from client.photos import (
+    MAX_DISPLAY_SIDE,
+    ClientError,
+    exit_status,
+    fit_for_display,
+    load_display_image,
+    read_image_bytes,
+    save_answer,
+)
+from serving.client import EXIT_SERVER, TorchServeClient
 
 # Perceptually uniform and dark at zero, so unimportant regions stay close to the photo's colours.
 COLORMAP = "inferno"
-# Matplotlib resamples to the figure's pixels anyway; capping the photo keeps 24-megapixel
-# uploads from costing seconds and hundreds of MB for no visible gain.
-MAX_DISPLAY_SIDE = 1024
 EXPLAIN_TIMEOUT_S = 120  # Integrated Gradients runs the model ig_steps times
-
-
-class ExplainError(Exception):
-    """A failure of this tool's own (a local file, an answer without a heat map), with its exit status."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# ---------------------------------------------------------------------- local input
-
-
-def read_image_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise ExplainError(f"image not found: {path}", EXIT_USAGE)
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise ExplainError(f"cannot read {path}: {err.strerror or err}", EXIT_USAGE) from None
-
-
-def load_display_image(data: bytes, name: str) -> Image.Image:
-    """The photo as the handler saw it: EXIF orientation applied, RGB."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ExplainError(f"cannot decode {name} locally for drawing: {err}", EXIT_USAGE) from None
-    # The handler keeps a photo whose EXIF block is broken, unrotated; so does this drawing.
-    with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -88,7 +58,7 @@ def parse_explanation(body) -> dict:
     if isinstance(body, list) and len(body) == 1:
         body = body[0]
     if not isinstance(body, dict) or "heatmap" not in body:
-        raise ExplainError(f"server answer has no heatmap: {str(body)[:200]}", EXIT_SERVER)
+        raise ClientError(f"server answer has no heatmap: {str(body)[:200]}", EXIT_SERVER)
     return body
 
 
@@ -96,9 +66,9 @@ def heatmap_array(explanation: dict) -> np.ndarray:
     try:
         heatmap = np.asarray(explanation["heatmap"], dtype=np.float32)
     except (TypeError, ValueError):
-        raise ExplainError("heatmap is not a rectangular list of numbers", EXIT_SERVER) from None
+        raise ClientError("heatmap is not a rectangular list of numbers", EXIT_SERVER) from None
     if heatmap.ndim != 2 or min(heatmap.shape) == 0:
-        raise ExplainError(f"heatmap should be 2-D, got shape {heatmap.shape}", EXIT_SERVER)
+        raise ClientError(f"heatmap should be 2-D, got shape {heatmap.shape}", EXIT_SERVER)
     return heatmap
 
 
@@ -111,13 +81,24 @@ def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
-def fit_for_display(image: Image.Image, max_side: int = MAX_DISPLAY_SIDE) -> Image.Image:
-    if max(image.size) <= max_side:
-        return image
-    scale = max_side / max(image.size)
-    return image.resize(
-        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+def place_in_region(heatmap: np.ndarray, region, size: tuple[int, int]) -> np.ndarray:
+    """A model that localises explains the car it cut out: its heat map belongs in that `region`
+    ([x1, y1, x2, y2] of the photo), and the rest of the photo played no part."""
+    try:
+        x1, y1, x2, y2 = (int(v) for v in region)
+    except (TypeError, ValueError):
+        raise ClientError(f"region is not [x1, y1, x2, y2]: {region!r}", EXIT_SERVER) from None
+    width, height = size
+    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        raise ClientError(f"region {region} is not inside the {width}x{height} photo", EXIT_SERVER)
+    # At most display resolution: a 12-megapixel photo needs no 12-megapixel heat map.
+    scale = min(1.0, MAX_DISPLAY_SIDE / max(size))
+    full = np.zeros((max(1, round(height * scale)), max(1, round(width * scale))), dtype=np.float32)
+    left, top, right, bottom = (round(v * scale) for v in (x1, y1, x2, y2))
+    full[top : max(bottom, top + 1), left : max(right, left + 1)] = resize_heatmap(
+        heatmap, (max(right - left, 1), max(bottom - top, 1))
     )
+    return full
 
 
 def render_overlay(image: Image.Image, heatmap, title: str, out_path: Path, alpha: float = 0.5) -> Path:
@@ -188,6 +169,8 @@ def explain(args: argparse.Namespace) -> Path:
         explanation = request_explanation(client, args.model, data, args.image.name, target=args.target)
     heatmap = heatmap_array(explanation)
     image = load_display_image(data, str(args.image))
+    if explanation.get("region") is not None:
+        heatmap = place_in_region(heatmap, explanation["region"], image.size)
     out_path = args.out or default_out_path(args.image)
     render_overlay(image, heatmap, explanation_title(explanation, args.target), out_path, args.alpha)
     print(
@@ -195,23 +178,13 @@ def explain(args: argparse.Namespace) -> Path:
         f"p={explanation.get('probability')}: wrote {out_path}"
     )
     if args.json:
-        json_path = out_path.with_suffix(".json")
-        json_path.write_text(json.dumps(explanation))
-        print(f"wrote {json_path}")
+        save_answer(out_path, explanation)
     return out_path
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # argparse itself exits 2 (EXIT_USAGE) on bad flags
-    try:
-        explain(args)
-    except (ExplainError, TorchServeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except OSError as err:  # writing the PNG/JSON: a missing permission is the user's to fix
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+    return exit_status(lambda: explain(args))
 
 
 if __name__ == "__main__":

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from carmodel.images import InputError
+from carmodel.predictor import Forward, Prepared
 
 
 @dataclass
 class Batch:
     size: int
-    tensors: list[torch.Tensor] = field(default_factory=list)  # the good images
-    positions: list[int] = field(default_factory=list)  # request index of each tensor
+    prepared: list[Prepared] = field(default_factory=list)  # the good images
+    positions: list[int] = field(default_factory=list)  # request index of each good image
     topk: dict[int, int] = field(default_factory=dict)  # request index -> k
+    box: set[int] = field(default_factory=set)  # request indices that asked for the car's box
     errors: dict[int, InputError] = field(default_factory=dict)  # request index -> why it was refused
-    logits: torch.Tensor | None = None
+    forward: Forward | None = None  # the chain's outputs for the good images, in order
 
-    def add(self, idx: int, tensor: torch.Tensor, topk: int) -> None:
+    def add(self, idx: int, prepared: Prepared, topk: int, box: bool) -> None:
         self.positions.append(idx)
-        self.tensors.append(tensor)
+        self.prepared.append(prepared)
         self.topk[idx] = topk
+        if box:
+            self.box.add(idx)

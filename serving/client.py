@@ -191,8 +191,14 @@ class TorchServeClient:
         """The server's answer for one image, best class first; an HTTP error raises."""
         return self.call("PUT", self.prediction_url(model, version), **self._prediction(body, topk))
 
-    def _prediction(self, body: bytes, topk: int | None) -> dict:
+    def located(self, model: str, body: bytes, version: str | None = None, topk: int | None = None) -> dict:
+        """The answer with the car's box: {"predictions": [...], "box": [x1, y1, x2, y2] or None}."""
+        return self.call("PUT", self.prediction_url(model, version), **self._prediction(body, topk, box=True))
+
+    def _prediction(self, body: bytes, topk: int | None, box: bool = False) -> dict:
         headers = {"Content-Type": "application/octet-stream", **({"X-Top-K": str(topk)} if topk else {})}
+        if box:
+            headers["X-Box"] = "true"
         return {"token": self.inference_token, "data": body, "headers": headers}
 
     def explain(

@@ -8,6 +8,9 @@ itself (eval preset, runner, top-k) is carmodel's `Predictor`; here is what Torc
 * request rows -> images (serving/requests.py): raw body, multipart field or base64 JSON; each
   bad item in a batch gets its own 4xx JSON error while its neighbours get their predictions;
 * top-k per request: an `X-Top-K` header, or a `topk` multipart/JSON field;
+* the car's box, when the model localises and the request asks (`X-Box: true`, or a `box`
+  field): the answer becomes {"predictions": [...], "box": [x1, y1, x2, y2]} in the uploaded
+  image's pixels; without asking, the answer is the top-k list as always;
 * explanations: Integrated Gradients per image as a 2-D heat map;
 * metrics (config/metrics.yaml) and a description (`GET /models/<name>?customized=true`) with
   the engine and settings in use.
@@ -24,8 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
+from captum.attr import IntegratedGradients
 from PIL import Image
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
@@ -33,13 +36,14 @@ from ts.torch_handler.image_classifier import ImageClassifier
 
 from carmodel.export import ExportDir
 from carmodel.images import InputError
-from carmodel.predictor import Predictor
+from carmodel.predictor import Predictor, Prepared
 from serving.batch import Batch
 from serving.requests import read_request
 from serving.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
-TOPK_HEADER = "x-top-k"
+# TorchServe 0.12 does not pass query strings to handlers: these headers stand in for the fields.
+OPTION_HEADERS = {"x-top-k": "topk", "x-box": "box"}
 
 
 def content_types(headers: dict) -> dict[str, str]:
@@ -79,6 +83,7 @@ class CarClassifier(ImageClassifier):
             self.export, backend, self.settings.precision, self.settings.threads, model=self.model
         )
         self.model = self.predictor.model
+        self.ig = IntegratedGradients(self.predictor.classifier)  # the logits alone, without the box
         self.max_topk = self.settings.largest_topk(len(self.predictor.classes))
         self.decode_pool = ThreadPoolExecutor(self.settings.threads or os.cpu_count() or 1, thread_name_prefix="decode")
         logger.info("%s ready: %s", context.model_name, self.description())
@@ -95,6 +100,7 @@ class CarClassifier(ImageClassifier):
             "arch": self.predictor.config.arch,
             "classes": len(self.predictor.classes),
             "eval_size": self.predictor.config.eval_size,
+            "locate_size": self.predictor.config.locate_size,
             "backend": self.predictor.runner.backend,
             "precision": self.predictor.runner.precision,
             "pid": os.getpid(),
@@ -131,13 +137,16 @@ class CarClassifier(ImageClassifier):
         self._add_stage_time("preprocess", started, len(data))
         return batch
 
-    def _prepare(self, idx: int, row) -> tuple[torch.Tensor, int] | InputError:
+    def _prepare(self, idx: int, row) -> tuple[Prepared, int, bool] | InputError:
         try:
             headers = self._headers(idx)
-            image, topk = read_request(
-                self._with_header_topk(headers, row), self.settings.image_limits, self.max_topk, content_types(headers)
+            request = read_request(
+                self._with_header_options(headers, row),
+                self.settings.image_limits,
+                self.max_topk,
+                content_types(headers),
             )
-            return self.predictor.preprocess(image), topk or self.settings.topk
+            return self.predictor.prepare(request.image), request.topk or self.settings.topk, bool(request.box)
         except InputError as err:
             return err
 
@@ -149,28 +158,34 @@ class CarClassifier(ImageClassifier):
         no HTTP request of their own (no headers, no status; their errors go in the response body)."""
         return self.context is not None and idx < len(self.context.request_processor or [])
 
-    def _with_header_topk(self, headers: dict, row):
-        """TorchServe 0.12 does not pass query strings to handlers: `X-Top-K` works with curl -T."""
-        value = next((v for k, v in headers.items() if k.lower() == TOPK_HEADER), None)
-        if value is None or not isinstance(row, dict) or "topk" in row:
+    def _with_header_options(self, headers: dict, row):
+        """`X-Top-K` and `X-Box` as if they were fields (a field of the request itself wins), so they
+        work with curl -T."""
+        if not isinstance(row, dict):
             return row
-        return {**row, "topk": value}
+        given = {OPTION_HEADERS[k.lower()]: v for k, v in headers.items() if k.lower() in OPTION_HEADERS}
+        return {**{k: v for k, v in given.items() if k not in row}, **row}
 
     def inference(self, batch: Batch, *args, **kwargs):
-        if batch.tensors:
+        if batch.prepared:
             started = time.perf_counter()
-            batch.logits = self.predictor.logits(batch.tensors)
-            self._add_stage_time("inference", started, len(batch.tensors))
+            batch.forward = self.predictor.run(batch.prepared, map=self.decode_pool.map)
+            self._add_stage_time("inference", started, len(batch.prepared))
         return batch
 
     # ------------------------------------------------------------------ tensors -> responses
 
     def postprocess(self, batch: Batch):
         responses = {idx: self._error_response(idx, err) for idx, err in batch.errors.items()}
-        if batch.logits is not None:
-            answers = self.predictor.top_k(batch.logits, [batch.topk[idx] for idx in batch.positions])
-            for idx, answer in zip(batch.positions, answers, strict=True):
-                responses[idx] = [p.to_dict() for p in answer]
+        if batch.forward is not None:
+            answers = self.predictor.top_k(batch.forward.logits, [batch.topk[idx] for idx in batch.positions])
+            boxes = batch.forward.boxes or [None] * len(answers)
+            for idx, answer, box in zip(batch.positions, answers, boxes, strict=True):
+                predictions = [p.to_dict() for p in answer]
+                # the box only when asked for: clients reading the plain top-k list keep working
+                responses[idx] = (
+                    {"predictions": predictions, "box": box and list(box)} if idx in batch.box else predictions
+                )
                 self._record_prediction(answer[0])
         # For people reading the log (how requests met in batches); stage timings are on the metrics endpoint.
         logger.info("batch of %d request(s), %d refused", batch.size, len(batch.errors))
@@ -188,19 +203,24 @@ class CarClassifier(ImageClassifier):
         """Integrated Gradients for each good image, towards its top-1 class (or `target`)."""
         batch = self.inference(data_preprocess)
         results = {idx: self._error_response(idx, err) for idx, err in batch.errors.items()}
+        logits = batch.forward.logits if batch.forward is not None else None
         for row, idx in enumerate(batch.positions):
-            target = self._explain_target(raw_data[idx], batch.logits[row])
-            inputs = batch.tensors[row].unsqueeze(0).to(self.device).requires_grad_()
+            target = self._explain_target(raw_data[idx], logits[row])
+            # what was classified: with a box head, the car cut from the photo
+            inputs = batch.forward.inputs[row].unsqueeze(0).to(self.device).requires_grad_()
             attributions = self.ig.attribute(inputs, target=target, n_steps=self.settings.ig_steps)
             heatmap = attributions.squeeze(0).abs().sum(0)
             heatmap = heatmap / heatmap.max().clamp_min(1e-12)
-            probability = float(F.softmax(batch.logits[row].float(), 0)[target])
+            probability = float(F.softmax(logits[row].float(), 0)[target])
             results[idx] = {
                 "class_id": target,
                 "class_name": self.predictor.classes[target],
                 "probability": round(probability, 6),
                 "heatmap": [[round(v, 4) for v in line] for line in heatmap.tolist()],
             }
+            if batch.forward.boxes is not None:  # the heat map covers the car cut out, not the whole photo
+                region = self.predictor.region(batch.prepared[row].image.size, batch.forward.boxes[row])
+                results[idx]["region"] = list(region)
         return [results[idx] for idx in range(batch.size)]
 
     def _explain_target(self, row, logits) -> int:

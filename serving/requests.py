@@ -1,9 +1,10 @@
-"""Turn one TorchServe request row into image bytes and a top-k, or an `InputError` that says why not.
+"""Turn one TorchServe request row into image bytes and its options (top-k, whether to answer with
+the car's box), or an `InputError` that says why not.
 
 Pure functions with no TorchServe imports, so they are tested and fuzzed in-process
 (tests/test_requests.py). Decoding the bytes is carmodel.images'; the statuses added here:
 
-    400 malformed request (bad base64, bad JSON, no image field, bad topk)
+    400 malformed request (bad base64, bad JSON, no image field, bad topk or box)
     415 a binary body that claims to be text
 
 A request row is what TorchServe's Python worker hands the handler: a dict of parameter name
@@ -31,6 +32,14 @@ JSON_IMAGE_FIELDS = ("image", "data", "b64", "image_b64")
 class ParsedRequest:
     image_bytes: bytes
     topk: int | None
+    box: bool | None = None  # answer {"predictions": [...], "box": [x1, y1, x2, y2]} instead of the list
+
+
+@dataclass
+class ImageRequest:
+    image: Image.Image
+    topk: int | None
+    box: bool | None
 
 
 def _text(value) -> str:
@@ -48,6 +57,17 @@ def parse_topk(value, max_topk: int) -> int | None:
     if not 1 <= topk <= max_topk:
         raise InputError(400, f"topk must be between 1 and {max_topk}, got {topk}")
     return topk
+
+
+def parse_flag(name: str, value) -> bool | None:
+    if value is None:
+        return None
+    text = _text(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InputError(400, f"{name} must be true or false, got {text[:20]!r}")
 
 
 def decode_base64(text: str, limits: ImageLimits) -> bytes:
@@ -84,6 +104,7 @@ def parse_request(
     if not isinstance(row, dict):
         raise InputError(400, "unexpected request format")
     topk = parse_topk(row.get("topk"), max_topk)
+    box = parse_flag("box", row.get("box"))
     field = next((name for name in IMAGE_FIELDS if row.get(name) is not None), None)
     if field is None:
         raise InputError(
@@ -98,15 +119,17 @@ def parse_request(
             raise InputError(400, "JSON body needs a base64 string in the field 'image'")
         if topk is None and "topk" in value:
             topk = parse_topk(value["topk"], max_topk)
-        return ParsedRequest(decode_base64(value[key], limits), topk)
+        if box is None and "box" in value:
+            box = parse_flag("box", value["box"])
+        return ParsedRequest(decode_base64(value[key], limits), topk, box)
     if isinstance(value, str):  # a text body: base64, as the stock handler accepts
-        return ParsedRequest(decode_base64(value, limits), topk)
+        return ParsedRequest(decode_base64(value, limits), topk, box)
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
         if data[:1] in (b"{", b"["):
             raise InputError(400, "body looks like JSON but is not valid JSON with an 'image' field")
         check_binary_content_type((content_types or {}).get(field))
-        return ParsedRequest(data, topk)
+        return ParsedRequest(data, topk, box)
     if isinstance(value, list):
         raise InputError(400, "JSON body must be an object with a base64 'image' field, not a list")
     raise InputError(400, f"unsupported request value of type {type(value).__name__}")
@@ -114,6 +137,6 @@ def parse_request(
 
 def read_request(
     row: dict, limits: ImageLimits, max_topk: int, content_types: dict[str, str] | None = None
-) -> tuple[Image.Image, int | None]:
+) -> ImageRequest:
     parsed = parse_request(row, limits, max_topk, content_types)
-    return decode_image(parsed.image_bytes, limits), parsed.topk
+    return ImageRequest(decode_image(parsed.image_bytes, limits), parsed.topk, parsed.box)

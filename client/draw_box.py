@@ -1,0 +1,108 @@
+"""Ask TorchServe where the car is and what it is, and draw both onto the photo as a PNG.
+
+    draw-box car.jpg --model efficientnet_lite0_cars
+    draw-box car.jpg --model efficientnet_lite0_cars --out car_box.png --json
+
+The photo goes to ``{url}/predictions/{model}`` with ``X-Box: true``; a model with a box head
+answers ``{"predictions": [...], "box": [x1, y1, x2, y2]}`` in the photo's pixels. The PNG is the
+photo (EXIF orientation applied, as the handler sees it) with the box and the top-1 class and
+probability written above it. A model without a box head answers ``"box": null``: the label is
+drawn across the top of the photo instead.
+
+Exit status: 0 done; 2 bad local input; 3 TorchServe not reachable (or refused the token);
+4 TorchServe answered with an error (or with no predictions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from client import add_server_arguments, server_client
+from client.photos import ClientError, exit_status, fit_for_display, load_display_image, read_image_bytes, save_answer
+from serving.client import EXIT_SERVER
+
+BOX_COLOUR = (255, 208, 0)  # amber: visible on road grey, sky and most paint
+LABEL_TEXT = (0, 0, 0)
+MIN_DISPLAY_SIDE = 512  # a web thumbnail is scaled up, so that the label is readable on it
+
+
+def parse_answer(body) -> dict:
+    if not isinstance(body, dict) or not isinstance(body.get("predictions"), list) or not body["predictions"]:
+        raise ClientError(f"server answer has no predictions: {str(body)[:200]}", EXIT_SERVER)
+    box = body.get("box")
+    if box is not None and (not isinstance(box, list) or len(box) != 4):
+        raise ClientError(f"server answer's box is not [x1, y1, x2, y2]: {box!r}", EXIT_SERVER)
+    return body
+
+
+def label(prediction: dict) -> str:
+    return f"{prediction.get('class_name', '?')}  {prediction.get('probability', 0):.0%}"
+
+
+def draw(image: Image.Image, box: list[float] | None, text: str) -> Image.Image:
+    """The photo, scaled for display, with `box` (in the photo's pixels, or None) and `text` drawn on."""
+    shown = fit_for_display(image)
+    if max(shown.size) < MIN_DISPLAY_SIDE:
+        factor = MIN_DISPLAY_SIDE / max(shown.size)
+        shown = shown.resize((round(shown.width * factor), round(shown.height * factor)), Image.Resampling.LANCZOS)
+    shown = shown.copy()
+    scale = shown.width / image.width
+    canvas = ImageDraw.Draw(shown)
+    font = ImageFont.load_default(size=max(12, min(shown.size) // 20))
+    line = max(1, round(min(shown.size) / 100))
+    if box is not None:
+        x1, y1, x2, y2 = (round(v * scale) for v in box)
+        canvas.rectangle((x1, y1, x2 - 1, y2 - 1), outline=BOX_COLOUR, width=line)
+        anchor = (x1, y1)
+    else:
+        anchor = (0, 0)
+    left, top, right, bottom = canvas.textbbox((0, 0), text, font=font)
+    width, height = right - left + 2 * line, bottom - top + 2 * line
+    # above the box where there is room, else inside its top edge; never off the photo
+    x = min(max(anchor[0], 0), max(shown.width - width, 0))
+    y = anchor[1] - height if anchor[1] - height >= 0 else anchor[1]
+    canvas.rectangle((x, y, x + width, y + height), fill=BOX_COLOUR)
+    canvas.text((x + line - left, y + line - top), text, fill=LABEL_TEXT, font=font)
+    return shown
+
+
+def default_out_path(image_path: Path) -> Path:
+    return Path.cwd() / f"{image_path.stem}_box.png"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("image", type=Path, help="a photo of a car (JPEG, PNG, WebP, ...)")
+    parser.add_argument("--model", required=True, help="model name registered in TorchServe")
+    parser.add_argument("--out", type=Path, help="PNG to write (default: <image stem>_box.png here)")
+    parser.add_argument("--json", action="store_true", help="also write the server's answer next to the PNG")
+    add_server_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def draw_box(args: argparse.Namespace) -> Path:
+    data = read_image_bytes(args.image)
+    image = load_display_image(data, str(args.image))
+    with server_client(args) as client:
+        answer = parse_answer(client.located(args.model, data))
+    top1 = answer["predictions"][0]
+    out_path = args.out or default_out_path(args.image)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    draw(image, answer["box"], label(top1)).save(out_path, format="PNG")
+    print(f"{label(top1)} at {answer['box']}: wrote {out_path}")
+    if args.json:
+        save_answer(out_path, answer)
+    return out_path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)  # argparse itself exits 2 (EXIT_USAGE) on bad flags
+    return exit_status(lambda: draw_box(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

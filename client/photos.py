@@ -1,0 +1,79 @@
+"""The local side of the drawing clients (explain, draw-box): read the photo, show it as the
+handler saw it, and fail with an exit status that says whose problem it is."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serving.client import EXIT_USAGE, TorchServeError
+
+# Drawings are for people: capping the photo keeps 24-megapixel uploads from costing seconds and
+# hundreds of MB for no visible gain.
+MAX_DISPLAY_SIDE = 1024
+
+
+class ClientError(Exception):
+    """A failure of a client's own (a local file, an answer it cannot use), with its exit status."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def read_image_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise ClientError(f"image not found: {path}", EXIT_USAGE)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ClientError(f"cannot read {path}: {err.strerror or err}", EXIT_USAGE) from None
+
+
+def load_display_image(data: bytes, name: str) -> Image.Image:
+    """The photo as the handler saw it: EXIF orientation applied, RGB."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ClientError(f"cannot decode {name} locally for drawing: {err}", EXIT_USAGE) from None
+    # The handler keeps a photo whose EXIF block is broken, unrotated; so does this drawing.
+    with contextlib.suppress(Exception):
+        img = ImageOps.exif_transpose(img)
+    return img.convert("RGB")
+
+
+def fit_for_display(image: Image.Image, max_side: int = MAX_DISPLAY_SIDE) -> Image.Image:
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+    )
+
+
+def save_answer(out_path: Path, answer) -> Path:
+    """The server's answer as JSON beside the drawing (`--json`)."""
+    json_path = out_path.with_suffix(".json")
+    json_path.write_text(json.dumps(answer))
+    print(f"wrote {json_path}")
+    return json_path
+
+
+def exit_status(work: Callable[[], object]) -> int:
+    """Run a drawing client's work; its failures become the documented exit statuses."""
+    try:
+        work()
+    except (ClientError, TorchServeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # writing the PNG/JSON: a missing permission is the user's to fix
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
