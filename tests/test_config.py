@@ -9,7 +9,8 @@ import yaml
 from carmodel.config import ModelConfig
 from training import config as config_lib
 
-FLAT_EXPORT_CONFIG = "models/efficientnet_lite0_cars/config.yaml"  # written before there were sections
+# the flat config.yaml of the export shipped before there were sections (issue 11) and a box head (issue 12)
+FLAT_EXPORT_CONFIG = str(Path(__file__).parent / "data" / "flat_export_config.yaml")
 
 
 def parse(*argv: str) -> config_lib.Config:
@@ -142,3 +143,11 @@ def test_shipped_configs_load():
         assert set(yaml.safe_load(Path(f"configs/{name}.yaml").read_text())) <= set(config_lib.SECTIONS)  # sectioned
     resnet = config_lib.load("configs/resnet50.yaml")
     assert (resnet.finetune.unfreeze, resnet.optim.lr_schedule, resnet.tune.gpus_per_trial) == (2, "step", 1.0)
+    # stage 2 of the shipped model starts where stage 1 writes its weights
+    stage1, stage2 = (
+        config_lib.load("configs/efficientnet_lite0.yaml"),
+        config_lib.load("configs/efficientnet_lite0_photos.yaml"),
+    )
+    assert stage2.finetune.pretrained == f"{stage1.runtime.output_dir}/best.pth"
+    assert stage2.model.localizes and not stage1.model.localizes
+    assert (stage2.data.split_seed, stage2.data.test_fraction) == (stage1.data.split_seed, stage1.data.test_fraction)

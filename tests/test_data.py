@@ -6,9 +6,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy.io import savemat
 
+from carmodel.presets import ClassificationPresetEval, LocatePresetTrain
 from training import config as config_lib
 from training import data
 
@@ -214,3 +216,54 @@ def test_every_real_car_has_its_uncropped_photo(cars_root):
     assert len(photos) == len(samples) == 6923
     with Image.open(photos[0].path) as img:
         assert sorted(img.size) == [96, 128]
+
+
+# ----------------------------------------------------------------------------- boxes and the box head's data
+
+
+def test_boxes_csv_is_read_and_a_bad_line_is_named(tmp_path):
+    (tmp_path / data.PHOTOS_DIR).mkdir()
+    csv_file = tmp_path / data.PHOTOS_DIR / data.BOXES_FILE
+    csv_file.write_text("id,x1,y1,x2,y2,match,orig_w,orig_h\n00001,8.4,27.73,125.83,90.43,0.95,579,398\n")
+    assert data.read_boxes(tmp_path) == {"00001": data.PhotoBox((8.4, 27.73, 125.83, 90.43), 0.95)}
+    csv_file.write_text("id,x1,y1,x2,y2,match\n00001,8.4,oops,125.83,90.43,0.95\n")
+    with pytest.raises(data.DatasetError, match=r"boxes.csv:2"):
+        data.read_boxes(tmp_path)
+    with pytest.raises(data.DatasetError, match="box file not found"):
+        data.read_boxes(tmp_path / "elsewhere")
+
+
+def test_every_real_photo_has_its_box_and_most_are_trusted(cars_root):
+    boxes = data.photo_boxes(data.uncropped(data.scan(cars_root).train, cars_root), cars_root)
+    assert None not in boxes and len(boxes) == 6923
+    assert sum(b.match >= 0.8 for b in boxes) / len(boxes) > 0.9
+
+
+def test_localizing_dataset_gives_the_car_and_the_whole_photo_with_its_box(cars_root):
+    crops = data.scan(cars_root).train[:8]
+    photos = data.uncropped(crops, cars_root)
+    boxes = data.photo_boxes(photos, cars_root)
+    kwargs = dict(classify=ClassificationPresetEval(size=64), locate=LocatePresetTrain(size=32, hflip_prob=0.0))
+    evaluation = data.LocalizingDataset(crops, photos, boxes, min_match=0.8, evaluation=True, **kwargs)
+    for i in range(len(crops)):
+        (car, whole), (label, box, weight) = evaluation[i]
+        assert car.shape == (3, 64, 64) and whole.shape == (3, 32, 32) and label == crops[i].label
+        with Image.open(photos[i].path) as photo:
+            expected = torch.tensor(boxes[i].box) / torch.tensor([photo.width, photo.height] * 2)
+        assert torch.allclose(box, expected, atol=1e-4)  # the box as fractions of the photo
+        assert weight == float(boxes[i].match >= 0.8)
+    # training: the car cut from its photo (photo_share 1), the crop as the whole image (locate_crop_share 1)
+    cut = data.LocalizingDataset(
+        crops,
+        photos,
+        boxes,
+        min_match=0.0,
+        photo_share=1.0,
+        locate_crop_share=1.0,
+        classify=lambda img: img,
+        locate=LocatePresetTrain(size=32, hflip_prob=0.0),
+    )
+    car, _ = cut[0][0]
+    x1, y1, x2, y2 = boxes[0].box
+    assert 0.85 * (x2 - x1) - 1 <= car.shape[-1] <= 1.35 * (x2 - x1) + 1  # jittered by -5 %..+15 % a side
+    assert torch.allclose(cut[0][1][1], torch.tensor([0.0, 0.0, 1.0, 1.0]))  # a crop's box is all of it

@@ -1,17 +1,21 @@
-"""The shipped default model (models/efficientnet_lite0_cars) is a real car classifier.
+"""The shipped default model (models/efficientnet_lite0_cars) is a real car classifier, of the
+bounding-box crops it trained on and of the whole photos people take.
 
-Checked two ways on photos it never saw in training (the export's own split.json): its recorded
-held-out metrics, and predictions over HTTP from TorchServe (`curl -T` path), which must match
-the in-process model and get most of the held-out photos right.
+Checked on cars it never saw in training (the export's own split.json): its recorded held-out
+metrics for both views, and predictions over HTTP from TorchServe (`curl -T` path), which must
+match the in-process model, get most of the held-out crops and whole photos right, and find the
+car in the photo where photos/boxes.csv says it is.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import requests
-from helpers import DEFAULT_EXPORT
+from helpers import DEFAULT_EXPORT, encode
 from PIL import Image
 
 from carmodel.export import ExportDir
@@ -33,15 +37,73 @@ def held_out(cars_root) -> list[tuple[str, str]]:
     return [(rel, by_folder[rel.split("/")[1]]) for rel in test]
 
 
-# The shipped export measured 86.5 % top-1 on its 1,039-photo test split; the target is 85 % (see
-# README "The shipped model"). An export below the target must not ship.
-SHIPPED_TOP1_FLOOR = 0.85
+# Floors under which an export must not ship, on the 1,039 held-out cars (README "The shipped model" has
+# the measured figures: 86.2 % and 75.9 %; issue 12 asks for more, 92 % and 85 %).
+SHIPPED_TOP1_FLOOR = {"crops": 0.85, "photos": 0.75}
 
 
 def test_recorded_held_out_accuracy_is_that_of_a_real_model():
     metrics = json.loads((DEFAULT_EXPORT / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_images"] >= 1000
-    assert metrics["top1"] >= SHIPPED_TOP1_FLOOR, metrics["top1"]
+    for view, floor in SHIPPED_TOP1_FLOOR.items():
+        assert metrics["views"][view]["top1"] >= floor, (view, metrics["views"][view]["top1"])
+    assert metrics["views"]["photos"]["box_iou_at_least_0.5"] >= 0.9
+
+
+def whole_photo(cars_root, rel: str):
+    """The uncropped photo of the held-out car whose crop is `rel` (train/<class>/<id>.jpg)."""
+    return cars_root / "photos" / Path(rel).relative_to("train")
+
+
+def test_served_default_model_gets_whole_photos_right_and_finds_the_car(server, cars_root, held_out):
+    known = {row["id"]: row for row in csv.DictReader((cars_root / "photos" / "boxes.csv").open())}
+    correct, fitting, checked = 0, 0, 0
+    for rel, true_name in held_out:
+        path = whole_photo(cars_root, rel)
+        response = requests.put(
+            server.url("inference") + f"/predictions/{MODEL}",
+            data=path.read_bytes(),
+            headers={"X-Box": "true"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert set(answer) == {"predictions", "box"}
+        correct += answer["predictions"][0]["class_name"] == true_name
+        x1, y1, x2, y2 = answer["box"]
+        width, height = Image.open(path).size
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, (answer["box"], path)
+        row = known[path.stem]
+        if float(row["match"]) >= 0.8:  # boxes.csv's trusted boxes
+            checked += 1
+            fitting += iou(answer["box"], [float(row[k]) for k in ("x1", "y1", "x2", "y2")]) >= 0.5
+    assert correct / len(held_out) >= 0.7, f"{correct}/{len(held_out)} held-out whole photos right"
+    assert checked >= 20 and fitting / checked >= 0.85, f"box around the car in {fitting}/{checked}"
+
+
+def test_a_phone_sized_photo_gets_its_box_in_its_own_pixels(server, cars_root, held_out):
+    """The box is in the uploaded image's pixels: the same photo 8x larger gets an 8x larger box."""
+    path = whole_photo(cars_root, held_out[0][0])
+    small = Image.open(path).convert("RGB")
+    large = small.resize((small.width * 8, small.height * 8), Image.Resampling.BICUBIC)
+    boxes = []
+    for image in (small, large):
+        response = requests.put(
+            server.url("inference") + f"/predictions/{MODEL}",
+            data=encode(image, "JPEG", quality=92),
+            headers={"X-Box": "1"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        boxes.append(response.json()["box"])
+    assert boxes[1] == pytest.approx([8 * v for v in boxes[0]], abs=0.04 * large.width)
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def test_served_default_model_gets_held_out_photos_right(server, cars_root, held_out):

@@ -18,7 +18,8 @@ import yaml
 from helpers import run
 from PIL import Image
 
-from client.explain import render_overlay
+from client.explain import place_in_region, render_overlay
+from client.photos import ClientError
 from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 
 MODEL = "efficientnet_lite0_cars"
@@ -51,6 +52,27 @@ def test_cli_writes_overlay_png_and_normalised_heatmap(server, car_image, served
     assert heatmap.max() == pytest.approx(1.0)
     assert isinstance(explanation["class_name"], str) and explanation["class_name"]
     assert 0.0 <= explanation["probability"] <= 1.0
+
+
+def test_a_whole_photo_is_explained_in_the_region_that_was_classified(server, car_image, cars_root, tmp_path):
+    """The shipped model localises: it classified the car cut from the photo, so the heat map
+    comes with that region, inside the photo, and the drawing puts it there."""
+    photo = cars_root / "photos" / car_image.parent.name / car_image.name
+    out = tmp_path / "whole.png"
+    result = explain_cli(server, photo, out, "--json")
+    assert result.returncode == 0, result.stderr
+    x1, y1, x2, y2 = json.loads(out.with_suffix(".json").read_text())["region"]
+    width, height = Image.open(photo).size
+    assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+    assert (x2 - x1) * (y2 - y1) < width * height  # the car, not the whole photo
+
+
+def test_a_heat_map_is_placed_in_its_region_and_nothing_outside():
+    full = place_in_region(np.ones((8, 8), dtype=np.float32), [10, 5, 30, 25], (40, 30))
+    assert full.shape == (30, 40)
+    assert full[5:25, 10:30].min() == pytest.approx(1.0) and full.sum() == pytest.approx(400)
+    with pytest.raises(ClientError, match="not inside"):
+        place_in_region(np.ones((8, 8)), [10, 5, 50, 25], (40, 30))
 
 
 def test_cli_without_json_flag_writes_only_the_png(server, car_image, tmp_path):

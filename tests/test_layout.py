@@ -56,7 +56,9 @@ def test_no_file_touches_sys_path():
     assert offenders == [path for path in offenders if path == "tests/test_layout.py"]
 
 
-@pytest.mark.parametrize("module", ["client.predict_dir", "client.versions", "client.explain", "serving.serve"])
+@pytest.mark.parametrize(
+    "module", ["client.predict_dir", "client.versions", "client.explain", "client.draw_box", "serving.serve"]
+)
 def test_clients_start_without_torch(module):
     result = subprocess.run(
         [sys.executable, "-c", f"import sys, {module}; print('torch' in sys.modules)"],

@@ -12,8 +12,8 @@ from PIL import Image
 from carmodel.config import ModelConfig
 from carmodel.export import ExportDir, ExportError
 from carmodel.models import build_model
-from carmodel.predictor import Predictor
-from carmodel.presets import eval_preset
+from carmodel.predictor import Predictor, to_pixels
+from carmodel.presets import eval_preset, locate_preset
 
 MODEL = "efficientnet_lite0_cars"
 
@@ -25,7 +25,16 @@ def reference() -> Predictor:
 
 @pytest.fixture(scope="module")
 def photos(car_images) -> list[Image.Image]:
+    """Crops: the car is all of the image."""
     return [Image.open(path).convert("RGB") for path in list(car_images.values())[:4]]
+
+
+@pytest.fixture(scope="module")
+def whole_photos(car_images, cars_root) -> list[Image.Image]:
+    """The same cars uncropped."""
+    return [
+        Image.open(cars_root / "photos" / p.parent.name / p.name).convert("RGB") for p in list(car_images.values())[:4]
+    ]
 
 
 # ---------------------------------------------------------------------------- ExportDir
@@ -74,21 +83,71 @@ def test_save_then_load_gives_the_same_network(tmp_path):
         assert torch.equal(export.load_model()(inputs), model(inputs))
 
 
+def test_a_model_with_a_box_head_saves_and_loads_with_its_box_head(tmp_path):
+    config = ModelConfig(arch="mobilenet_v2", dropout=0.0, eval_size=64, locate_size=32)
+    model, _ = build_model(config.arch, 3, "none", config.dropout, locate=True)
+    export = ExportDir(tmp_path / "export")
+    export.save(model.eval(), ["a", "b", "c"], config)
+    assert ExportDir(export.path).model_config.localizes
+    inputs = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        for loaded, saved in zip(export.load_model()(inputs), model(inputs), strict=True):
+            assert torch.equal(loaded, saved)
+    # its classifier's weights alone start a new model with a box head (stage 2 of the shipped recipe)
+    torch.save(model.net.state_dict(), tmp_path / "classifier.pth")
+    again, init = build_model(config.arch, 3, str(tmp_path / "classifier.pth"), config.dropout, locate=True)
+    assert init.startswith("file:") and torch.equal(again.net.classifier[1].weight, model.net.classifier[1].weight)
+
+
 # ---------------------------------------------------------------------------- Predictor
 
 
-def test_predictor_is_preset_then_model_then_softmax_topk(reference, photos):
-    """The chain by hand (the eval preset, the eager model, softmax, top-k) gives the predictor's answer."""
-    model = ExportDir(DEFAULT_EXPORT).load_model()
-    preset = eval_preset(ExportDir(DEFAULT_EXPORT).model_config)
+def test_predictor_finds_the_car_then_classifies_it_cut_from_the_full_image(reference, whole_photos):
+    """The chain by hand: the whole photo squashed to the locate size gives the box; the car cut
+    from the full image at that box (widened by the margin), squashed to the eval size, gives the
+    softmax the predictor answers with."""
+    export = ExportDir(DEFAULT_EXPORT)
+    config, model = export.model_config, export.load_model()
+    assert config.localizes
     with torch.no_grad():
-        probabilities = model(torch.stack([preset(p) for p in photos])).softmax(1)
-    answers = reference.predict(photos, k=3)
-    for row, answer in zip(probabilities, answers, strict=True):
-        top = torch.topk(row, 3)
-        assert [p.class_id for p in answer] == top.indices.tolist()
-        assert [p.probability for p in answer] == pytest.approx(top.values.tolist(), abs=1e-4)
-        assert [p.class_name for p in answer] == [reference.classes[i] for i in top.indices.tolist()]
+        _, found = model(torch.stack([locate_preset(config)(p) for p in whole_photos]))
+        cars = []
+        for image, box in zip(whole_photos, found, strict=True):
+            x1, y1, x2, y2 = (box.clamp(0, 1) * torch.tensor([image.width, image.height] * 2)).tolist()
+            dx, dy = (x2 - x1) * config.crop_margin, (y2 - y1) * config.crop_margin
+            cars.append(
+                image.crop((max(x1 - dx, 0), max(y1 - dy, 0), min(x2 + dx, image.width), min(y2 + dy, image.height)))
+            )
+        probabilities = model(torch.stack([eval_preset(config)(car) for car in cars]))[0].softmax(1)
+    forward = reference.run([reference.prepare(p) for p in whole_photos])
+    answers = reference.top_k(forward.logits, 1)
+    for image, box, by_hand, row, answer in zip(
+        whole_photos, found, forward.boxes, probabilities, answers, strict=True
+    ):
+        expected = (box.clamp(0, 1) * torch.tensor([image.width, image.height] * 2)).tolist()
+        assert by_hand == pytest.approx(expected, abs=1)  # whole pixels of the uploaded image
+        assert answer[0].class_id == int(row.argmax())
+        # the chain cuts whole pixels (carmodel.presets.widen), this float ones: a pixel apart at most
+        assert answer[0].probability == pytest.approx(float(row.max()), abs=0.1)
+
+
+def test_a_crop_like_input_is_found_to_fill_the_frame(reference, photos):
+    """Crops (the car is the whole image) must not get worse: the box found is nearly all of it."""
+    forward = reference.run([reference.prepare(p) for p in photos])
+    for image, (x1, y1, x2, y2) in zip(photos, forward.boxes, strict=True):
+        assert (x2 - x1) * (y2 - y1) >= 0.7 * image.width * image.height, ((x1, y1, x2, y2), image.size)
+
+
+@pytest.mark.parametrize(
+    ("box", "expected"),
+    [
+        ((0.1, 0.2, 0.6, 0.9), (10, 10, 60, 45)),
+        ((0.6, 0.9, 0.1, 0.2), (10, 10, 60, 45)),  # corners swapped: ordered
+        ((-0.5, -0.1, 1.4, 2.0), (0, 0, 100, 50)),  # outside: clamped to the image
+    ],
+)
+def test_box_fractions_become_ordered_pixels_inside_the_image(box, expected):
+    assert to_pixels(torch.tensor(box), (100, 50)) == expected
 
 
 def test_top_k_per_row_best_first_and_capped_at_the_classes(reference, photos):

@@ -35,8 +35,7 @@ ERROR_STATUSES = {400, 413, 415, 422}
 
 
 def decode(data: bytes, limits: ImageLimits = LIMITS) -> Image.Image:
-    image, _ = read_request({"body": data}, limits, MAX_TOPK)
-    return image
+    return read_request({"body": data}, limits, MAX_TOPK).image
 
 
 def status_of(row: dict, limits: ImageLimits = LIMITS, max_topk: int = MAX_TOPK) -> int:
@@ -100,7 +99,8 @@ def test_base64_text_body_with_line_breaks(photo):
 def test_real_photos_decode_to_the_same_pixels_as_pil(car_images):
     for path in car_images.values():
         data = path.read_bytes()
-        image, topk = read_request({"body": data}, LIMITS, MAX_TOPK)
+        request = read_request({"body": data}, LIMITS, MAX_TOPK)
+        image, topk = request.image, request.topk
         with Image.open(path) as ref:
             expected = ref.convert("RGB")
         assert topk is None
@@ -126,6 +126,24 @@ def test_bad_topk_is_400(photo, value):
 def test_bad_topk_in_json_is_400(photo):
     body = {"image": base64.b64encode(photo).decode(), "topk": 0}
     assert status_of({"body": body}) == 400
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(b"1", True), (b"true", True), ("Yes", True), (True, True), (b"0", False), ("false", False)]
+)
+def test_box_flag_parsed_from_row_and_json(photo, value, expected):
+    assert parse_request({"body": photo, "box": value}, LIMITS, MAX_TOPK).box is expected
+    body = {"image": base64.b64encode(photo).decode(), "box": value}
+    assert parse_request({"body": body}, LIMITS, MAX_TOPK).box is expected
+
+
+def test_box_not_asked_for_is_none(photo):
+    assert parse_request({"body": photo}, LIMITS, MAX_TOPK).box is None
+
+
+@pytest.mark.parametrize("value", [b"maybe", b"2", b""])
+def test_bad_box_flag_is_400(photo, value):
+    assert status_of({"body": photo, "box": value}) == 400
 
 
 def test_topk_limit_follows_limits(photo):
@@ -519,7 +537,8 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
 def test_fuzz_every_outcome_is_rgb_or_input_error(fuzz_seeds, data):
     payload = data.draw(st.one_of(st.binary(max_size=2048), mutated(fuzz_seeds)), label="payload")
     try:
-        image, topk = read_request({"body": payload}, LIMITS, MAX_TOPK)
+        request = read_request({"body": payload}, LIMITS, MAX_TOPK)
+        image, topk = request.image, request.topk
     except InputError as err:
         event(f"InputError {err.status}")  # outcome mix: pytest --hypothesis-show-statistics
         assert err.status in ERROR_STATUSES, (err.status, err.message)
@@ -550,12 +569,12 @@ def test_binary_body_claiming_json_or_text_is_refused(photo, content_type, statu
 
 @pytest.mark.parametrize("content_type", [None, "", "application/octet-stream", "image/jpeg", "image/png"])
 def test_binary_body_with_a_binary_content_type_is_read(photo, content_type):
-    image, _ = read_request({"body": photo}, LIMITS, MAX_TOPK, {"body": content_type})
+    image = read_request({"body": photo}, LIMITS, MAX_TOPK, {"body": content_type}).image
     assert image.mode == "RGB"
 
 
 def test_multipart_part_content_type_is_the_one_checked(photo):
-    image, _ = read_request(
+    image = read_request(
         {"data": photo, "topk": b"3"}, LIMITS, MAX_TOPK, {"data": "image/jpeg", "topk": "text/plain"}
-    )
+    ).image
     assert image.mode == "RGB"

@@ -149,6 +149,41 @@ def test_bad_top_k_header_is_400_json(server, photo, value):
     check_error(post_raw(server, photo, **{"X-Top-K": value}), 400)
 
 
+def test_the_box_comes_only_when_asked_for(server, names, photo, car_rgb):
+    """Without asking, the plain top-k list (today's clients); asked for by header, multipart field
+    or JSON field, the top-k under "predictions" and the car's box inside the image."""
+    check_predictions(post_raw(server, photo), names[DEFAULT], k=5)
+    answers = [
+        post_raw(server, photo, **{"X-Box": "true", "X-Top-K": "2"}),
+        requests.post(
+            predict_url(server), files={"data": ("car.jpg", photo)}, data={"box": "1", "topk": "2"}, timeout=TIMEOUT
+        ),
+        requests.post(
+            predict_url(server),
+            json={"image": base64.b64encode(photo).decode(), "box": True, "topk": 2},
+            timeout=TIMEOUT,
+        ),
+    ]
+    for response in answers:
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert set(answer) == {"predictions", "box"} and len(answer["predictions"]) == 2
+        assert answer["predictions"][0]["class_name"] in names[DEFAULT].values()
+        x1, y1, x2, y2 = answer["box"]
+        assert 0 <= x1 < x2 <= car_rgb.width and 0 <= y1 < y2 <= car_rgb.height
+    assert post_raw(server, photo, **{"X-Box": "false"}).json()[0]["class_name"] in names[DEFAULT].values()
+
+
+def test_a_model_without_a_box_head_answers_box_null(server, names, photo):
+    response = post_raw(server, photo, RESNET, **{"X-Box": "true"})
+    assert response.status_code == 200, response.text
+    assert response.json()["box"] is None and len(response.json()["predictions"]) == 5
+
+
+def test_bad_box_flag_is_400_json(server, photo):
+    check_error(post_raw(server, photo, **{"X-Box": "perhaps"}), 400)
+
+
 def test_bad_topk_in_json_is_400_json(server, photo):
     response = requests.post(
         predict_url(server), json={"image": base64.b64encode(photo).decode(), "topk": 0}, timeout=TIMEOUT

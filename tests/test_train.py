@@ -60,7 +60,8 @@ def test_export_has_what_the_archive_builder_needs(lite0):
     assert {"true", "predicted", "count"} <= set(metrics["most_confused"][0])
     assert (lite0 / "confusion_test.png").stat().st_size > 0
     # the same held-out cars uncropped, side by side with the crops (the photos view)
-    assert set(metrics["views"]) == {"crops", "photos"} and metrics["views"]["crops"]["top1"] == metrics["top1"]
+    assert set(metrics["views"]) == {"crops", "photos", "small_crops"}
+    assert metrics["views"]["crops"]["top1"] == metrics["top1"]
     photos = metrics["views"]["photos"]
     assert photos["num_images"] == metrics["num_images"] and 0 <= photos["top1"] <= photos["top5"] <= 1
     assert len(photos["per_class"]) == 196 and (lite0 / "confusion_test_photos.png").stat().st_size > 0
@@ -136,6 +137,34 @@ def test_frozen_trunk_trains_the_head_on_cached_features(cars_root, tmp_path):
     trunk = [k for k in trained if not k.startswith(head + ".")]
     assert trunk and all(torch.equal(trained[k], reference[k]) for k in trunk)
     assert not torch.equal(trained[f"{head}.weight"], reference[f"{head}.weight"])
+
+
+def test_a_box_head_trains_on_the_photos_boxes_and_is_evaluated_on_them(cars_root, tmp_path):
+    """locate_size > 0: the Localizer trains on crops and photos (photos/boxes.csv), exports with
+    its box head, and the held-out whole photos are evaluated through the whole chain."""
+    export = smoke_train(
+        tmp_path, cars_root, "efficientnet_lite0", pretrained="none", locate_size=32, downscale_prob=0.5
+    )
+    config = yaml.safe_load((export / "model.yaml").read_text())
+    assert config["locate_size"] == 32 and config["crop_margin"] == 0.05
+    weights = torch.load(export / "efficientnet_lite0_cars.pth", weights_only=True)
+    assert any(k.startswith("box_head.") for k in weights) and any(k.startswith("net.") for k in weights)
+    metrics = json.loads((export / "metrics.json").read_text())
+    photos = metrics["views"]["photos"]
+    assert photos["num_images"] == metrics["views"]["crops"]["num_images"] > 0
+    assert photos["boxes_checked"] > 0.8 * photos["num_images"]  # the boxes boxes.csv trusts
+    assert 0 <= photos["box_iou_mean"] <= 1 and 0 <= photos["box_iou_at_least_0.5"] <= 1
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert rows and float(rows[0]["val_loss"]) > 0  # validated on the val cars' photos and crops
+    # int8 for both passes, through accuracy control; the smoke model is near chance, so any loss and any
+    # drift are allowed (searching for the operations to keep in float would take minutes)
+    result = python(
+        "-m", "training.quantize", "--export", str(export), "--images", "16", "--max_loss", "1", "--max_drift", "1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((export / "quantization.json").read_text())
+    assert report["accuracy_control"] and report["calibration_inputs"] == 24  # 8 crops, 8 photos twice
+    assert {"top1_int8", "top1_int8_photos"} <= set(report)
 
 
 @pytest.mark.parametrize(
