@@ -175,16 +175,17 @@ def test_versions_tool_with_the_management_key(hardened, keys):
     result = run([*base, "list", MODEL], env=env)
     assert result.returncode == EXIT_UNREACHABLE and TOKEN_REFUSED in result.stderr
     # The inference key is not the management key, whatever the flag; --token is the inference key.
-    result = run([*base, "--management_token", keys["inference"], "list", MODEL], env=env)
+    # KEY=VALUE form throughout: TorchServe's keys may start with "-", which argparse takes for a flag
+    result = run([*base, f"--management_token={keys['inference']}", "list", MODEL], env=env)
     assert result.returncode == EXIT_UNREACHABLE and TOKEN_REFUSED in result.stderr
-    result = run([*base, "--token", keys["management"], "list", MODEL], env=env)
+    result = run([*base, f"--token={keys['management']}", "list", MODEL], env=env)
     assert result.returncode == EXIT_UNREACHABLE and TOKEN_REFUSED in result.stderr
     assert "--management_token" in result.stderr  # the note for whoever used versions' old --token
 
     result = run([*base, "list", MODEL], env={**env, "TS_MANAGEMENT_TOKEN": keys["management"]})
     assert result.returncode == 0, result.stderr
     assert "* 1.0" in result.stdout and ARCHIVE in result.stdout
-    result = run([*base, "--management_token", keys["management"], "list", MODEL], env=env)
+    result = run([*base, f"--management_token={keys['management']}", "list", MODEL], env=env)
     assert result.returncode == 0, result.stderr
     assert "* 1.0" in result.stdout and ARCHIVE in result.stdout
 
@@ -214,9 +215,9 @@ def test_clients_take_the_inference_key_the_same_way(hardened, keys, car_image, 
             assert TOKEN_REFUSED in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
     token = keys["inference"]
     for flag in ("--token", "--inference_token"):
-        result = run([*commands["predict-dir"], flag, token, "--quiet"], env=env)
+        result = run([*commands["predict-dir"], f"{flag}={token}", "--quiet"], env=env)
         assert result.returncode == 0, result.stderr
-    result = run(commands["versions"][:1] + ["--token", token] + commands["versions"][1:], env=env)
+    result = run(commands["versions"][:1] + [f"--token={token}"] + commands["versions"][1:], env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[0]["class_name"]
     result = run(commands["explain"], env={**env, "TS_INFERENCE_TOKEN": token})
