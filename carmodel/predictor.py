@@ -74,6 +74,7 @@ class Predictor:
         self.locator = locator if config.localizes else None
         self.preprocess = eval_preset(config)
         self.locate_preprocess = locate_preset(config) if config.localizes else None
+        self.margins = (config.crop_margin,) * 4  # left, top, right, bottom
 
     @classmethod
     def for_export(
@@ -127,11 +128,11 @@ class Predictor:
     def region(self, size: tuple[int, int], box: Box) -> Box:
         """The part of a `size` (width, height) image classified for a car found at `box`: the box
         widened by the model's margin, inside the image."""
-        return widen(box, (self.config.crop_margin,) * 4, *size)
+        return widen(box, self.margins, *size)
 
     def cut_car(self, image: Image.Image, box: Box) -> torch.Tensor:
         """The car at `box`, widened by the model's margin, cut from the full image and preprocessed."""
-        return self.preprocess(cut_out(image, box, (self.config.crop_margin,) * 4))
+        return self.preprocess(cut_out(image, box, self.margins))
 
     def run(self, prepared: Sequence[Prepared], map: Callable = map) -> Forward:
         """The chain after `prepare`, for a batch. `map`: how to cut out the cars (a thread pool's map
@@ -155,8 +156,12 @@ class Predictor:
             )
         return answers
 
+    def forward(self, images: Sequence[Image.Image]) -> Forward:
+        """The whole chain for a batch of images, in this thread."""
+        return self.run([self.prepare(image) for image in images])
+
     def predict(self, images: Sequence[Image.Image], k: int = 5) -> list[list[Prediction]]:
-        return self.top_k(self.run([self.prepare(image) for image in images]).logits, k)
+        return self.top_k(self.forward(images).logits, k)
 
 
 def to_pixels(box: torch.Tensor, size: tuple[int, int]) -> Box:

@@ -168,7 +168,3 @@ def eval_preset(cfg) -> ClassificationPresetEval:
 def locate_preset(cfg) -> ClassificationPresetEval:
     """The whole image squashed to the model's `locate_size`, to find the car in."""
     return ClassificationPresetEval(size=cfg.locate_size, mean=cfg.mean, std=cfg.std)
-
-
-def locate_train_preset(augment, model) -> LocatePresetTrain:
-    return LocatePresetTrain(size=model.locate_size, mean=model.mean, std=model.std, hflip_prob=augment.hflip_prob)

@@ -76,7 +76,9 @@ def openvino_runner(
         bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         precision = "int8" if has_int8 else "bf16" if bf16 else "fp32"
     ov_model = core.read_model(int8_model) if precision == "int8" else to_openvino(model, image_size)
-    ov_model.reshape([-1, 3, image_size, image_size])  # the int8 model was calibrated at the eval size
+    # one network for both passes of a box-head model: the int8 file is stored at the eval size (or with
+    # any size), so it is fixed here to this runner's size
+    ov_model.reshape([-1, 3, image_size, image_size])
     # int8: quantized layers run in int8 (VNNI); the few left in float stay fp32 for accuracy.
     properties = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:

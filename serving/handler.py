@@ -164,7 +164,7 @@ class CarClassifier(ImageClassifier):
         if not isinstance(row, dict):
             return row
         given = {OPTION_HEADERS[k.lower()]: v for k, v in headers.items() if k.lower() in OPTION_HEADERS}
-        return {**{k: v for k, v in given.items() if k not in row}, **row}
+        return {**given, **row}
 
     def inference(self, batch: Batch, *args, **kwargs):
         if batch.prepared:

@@ -29,6 +29,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from carmodel.images import IMAGE_SUFFIXES
+from carmodel.presets import cut_out
 from training import config as config_lib
 
 # Folder names cannot hold "/", so "Ram C/V Cargo Van Minivan 2012" is stored with a "-".
@@ -390,8 +391,6 @@ class LocalizingDataset(torch.utils.data.Dataset):
         return not self.evaluation and float(torch.rand(())) < share
 
     def __getitem__(self, i: int):
-        from carmodel.presets import cut_out
-
         found = self.boxes[i]
         trusted = found is not None and found.match >= self.min_match
         if trusted and self._chance(self.photo_share):

@@ -101,7 +101,7 @@ def predict(predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None
     """(logits, labels, boxes) over `samples`, through the whole chain; boxes None without a box head."""
     logits, labels, boxes = [], [], []
     for images, targets in image_batches(samples, cfg, crop_to_bbox, longest_side):
-        forward = predictor.run([predictor.prepare(image) for image in images])
+        forward = predictor.forward(images)
         logits.append(forward.logits)
         labels.append(targets)
         boxes += forward.boxes or []
@@ -117,7 +117,7 @@ def compare_top1(predictors: dict[str, Predictor], samples, cfg, crop_to_bbox: b
         top1 = {}
         for name, predictor in predictors.items():
             started = time.perf_counter()
-            top1[name] = predictor.run([predictor.prepare(image) for image in images]).logits.argmax(1)
+            top1[name] = predictor.forward(images).logits.argmax(1)
             seconds[name] += time.perf_counter() - started
             correct[name] += int((top1[name] == labels).sum())
             agree[name] += int((top1[name] == top1[names[0]]).sum())
