@@ -1,7 +1,13 @@
 """Image bytes -> an RGB PIL image, or an `InputError` that says why not.
 
-The first link of the inference chain, shared by the server, the benchmarks and the clients'
-file lists. Every rejection carries the HTTP status a server answers with:
+The first link of the inference chain, shared by the server, the benchmarks, training's
+evaluation and the clients' file lists. A phone photo has far more pixels than the model looks
+at, so an image is decoded no larger than the model needs (`decode_side`, from
+carmodel.presets.decode_side): a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps that
+many pixels on its shorter side - most of a 12-megapixel JPEG's decoding is never done - and any
+image still twice that size is box-averaged down (`Image.reduce`).
+
+Every rejection carries the HTTP status a server answers with:
 
     400 empty
     413 too large (bytes, or pixels: decompression bombs)
@@ -13,15 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+pillow_heif.register_heif_opener()  # HEIC: what an iPhone sends by default (AVIF is Pillow's own)
 Image.init()  # register every plugin now, so the allow-list below can name them
 # An allow-list: PIL also parses EPS (Ghostscript), PSD, ICO, ... that no car photo needs.
-ACCEPTED_FORMATS = sorted({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"} & set(Image.OPEN))
+ACCEPTED_FORMATS = sorted({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF"} & set(Image.OPEN))
+DCT_SCALED = {"JPEG", "MPO"}  # formats PIL can decode at 1/2, 1/4, 1/8 scale (Image.draft)
+# Image.info key: the upload's (width, height), upright, before decoding shrank it. Boxes are
+# answered in these pixels: the ones the client has.
+UPLOADED_SIZE = "uploaded_size"
+SUPPORTED = "JPEG, PNG, WebP, HEIC, AVIF, BMP, GIF, TIFF"  # as people know them
 # File suffixes of those formats: what a folder scan (training data, the batch client) picks up.
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in ACCEPTED_FORMATS)
 
@@ -38,10 +52,11 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    # Below TorchServe's max_request_size (10 MiB): an oversized image gets a JSON 413, not
-    # the front end's bare one. Phone photos are 2-6 MB; base64 JSON adds a third.
-    max_bytes: int = 8 * 1024 * 1024
-    max_pixels: int = 40_000_000  # ~ 8000 x 5000: real photos pass, bombs do not
+    # A 12-megapixel phone photo is 2-6 MB as JPEG or HEIC and 15-25 MB as PNG: 30 MiB lets the PNG
+    # through. TorchServe's max_request_size is 48 MiB (config.properties), above this plus base64's
+    # third, so an oversized image reaches the handler and gets a JSON 413 that names the limit.
+    max_bytes: int = 30 * 1024 * 1024
+    max_pixels: int = 50_000_000  # a 48-megapixel phone photo (8064 x 6048) passes, bombs do not
     min_side: int = 16  # below this there is no car to see
 
 
@@ -63,7 +78,52 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+def shrink_while_decoding(img: Image.Image, decode_side: int) -> None:
+    """Before `load()`: a JPEG decodes at the smallest DCT scale whose shorter side keeps `decode_side` pixels."""
+    factor = min(img.size) / decode_side if decode_side else 1
+    if img.format in DCT_SCALED and factor >= 2:
+        img.draft("RGB", (math.ceil(img.width / factor), math.ceil(img.height / factor)))
+
+
+def reduce_to(img: Image.Image, decode_side: int) -> Image.Image:
+    """Box-average `img` by the largest whole factor that keeps `decode_side` pixels on its shorter side."""
+    factor = min(img.size) // decode_side if decode_side else 1
+    return img.reduce(factor) if factor >= 2 else img
+
+
+def open_image(path, decode_side: int = 0) -> Image.Image:
+    """An image file, decoded no larger than `decode_side` needs (0: full size), upright, RGB.
+    PIL's own errors pass through: the caller knows what a bad file means to it."""
+    with Image.open(path) as img:
+        return _decoded(img, decode_side)
+
+
+def uploaded_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as uploaded (upright), whatever size it was decoded at."""
+    return img.info.get(UPLOADED_SIZE, img.size)
+
+
+def _decoded(img: Image.Image, decode_side: int) -> Image.Image:
+    """An opened image -> loaded no larger than `decode_side` needs, upright, RGB, its uploaded size recorded."""
+    width, height = img.size
+    shrink_while_decoding(img, decode_side)
+    img.load()
+    upright = _upright(img)
+    if (upright.width > upright.height) != (img.width > img.height):  # EXIF turned it by 90 degrees
+        width, height = height, width
+    out = reduce_to(_to_8bit_rgb(upright), decode_side)
+    out.info[UPLOADED_SIZE] = (width, height)
+    return out
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    with contextlib.suppress(Exception):  # a broken EXIF block must not cost the user a valid photo
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+def decode_image(data: bytes, limits: ImageLimits, decode_side: int = 0) -> Image.Image:
+    """`data` as an upright RGB image no larger than `decode_side` needs (0: full size)."""
     if not data:
         raise InputError(400, "empty request body: send a JPEG, PNG or WebP image")
     if len(data) > limits.max_bytes:
@@ -75,7 +135,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(413, f"image has more than {limits.max_pixels} pixels") from None
     except UnidentifiedImageError:
-        raise InputError(415, "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+        raise InputError(415, f"not an image in a supported format ({SUPPORTED})") from None
     except Exception as err:  # a known format's magic bytes, then a header PIL cannot parse
         raise InputError(422, f"corrupt or truncated image header: {type(err).__name__}: {str(err)[:120]}") from None
     width, height = img.size
@@ -85,10 +145,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InputError(422, f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
     try:
         img.seek(0)  # animated GIF/WebP, multi-page TIFF: classify the first frame
-        img.load()
-        with contextlib.suppress(Exception):  # a broken EXIF block must not cost the user a valid photo
-            img = ImageOps.exif_transpose(img)
-        return _to_8bit_rgb(img)
+        return _decoded(img, decode_side)
     except InputError:
         raise
     except Exception as err:  # truncated/corrupt pixel data: OSError, SyntaxError, ValueError, ...

@@ -24,7 +24,8 @@ from PIL import Image
 
 from carmodel.config import ModelConfig
 from carmodel.export import ExportDir
-from carmodel.presets import cut_out, eval_preset, locate_preset, widen
+from carmodel.images import uploaded_size
+from carmodel.presets import cut_out, decode_side, eval_preset, locate_preset, widen
 from carmodel.runners import Runner, make_runner
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in the image's pixels (x2, y2 exclusive)
@@ -53,7 +54,7 @@ class Prepared:
 class Forward:
     logits: torch.Tensor  # one row per image
     inputs: list[torch.Tensor]  # what was classified: the cars cut out, or the whole images
-    boxes: list[Box] | None  # where the car was found in each image; None without a box head
+    boxes: list[Box] | None  # where the car was found, in each upload's pixels; None without a box head
 
 
 class Predictor:
@@ -75,6 +76,7 @@ class Predictor:
         self.preprocess = eval_preset(config)
         self.locate_preprocess = locate_preset(config) if config.localizes else None
         self.margins = (config.crop_margin,) * 4  # left, top, right, bottom
+        self.decode_side = decode_side(config)  # what images are decoded to (carmodel.images)
 
     @classmethod
     def for_export(
@@ -121,7 +123,7 @@ class Predictor:
         return Prepared(image, (self.locate_preprocess or self.preprocess)(image))
 
     def locate(self, prepared: Sequence[Prepared]) -> list[Box]:
-        """The car's box in each image, in its own pixels."""
+        """The car's box in each image, in the decoded image's pixels."""
         _, found = self.locator.run(torch.stack([p.tensor for p in prepared]))
         return [to_pixels(row, p.image.size) for row, p in zip(found, prepared, strict=True)]
 
@@ -141,8 +143,9 @@ class Predictor:
             inputs = [p.tensor for p in prepared]
             return Forward(self.logits(inputs), inputs, None)
         boxes = self.locate(prepared)
-        inputs = list(map(self.cut_car, [p.image for p in prepared], boxes))
-        return Forward(self.logits(inputs), inputs, boxes)
+        images = [p.image for p in prepared]
+        inputs = list(map(self.cut_car, images, boxes))
+        return Forward(self.logits(inputs), inputs, list(map(in_uploaded_pixels, boxes, images)))
 
     def top_k(self, logits: torch.Tensor, k: int | Sequence[int]) -> list[list[Prediction]]:
         """Best first; `k` for every row, or one k per row."""
@@ -162,6 +165,16 @@ class Predictor:
 
     def predict(self, images: Sequence[Image.Image], k: int = 5) -> list[list[Prediction]]:
         return self.top_k(self.forward(images).logits, k)
+
+
+def in_uploaded_pixels(box: Box, image: Image.Image) -> Box:
+    """`box` in `image`'s pixels -> in the pixels of the upload it was decoded from (perhaps shrunk)."""
+    (width, height), (up_width, up_height) = image.size, uploaded_size(image)
+    if (width, height) == (up_width, up_height):
+        return box
+    sx, sy = up_width / width, up_height / height
+    x1, y1, x2, y2 = box
+    return round(x1 * sx), round(y1 * sy), min(round(x2 * sx), up_width), min(round(y2 * sy), up_height)
 
 
 def to_pixels(box: torch.Tensor, size: tuple[int, int]) -> Box:

@@ -12,6 +12,8 @@ range of aspect ratios so that the squash it sees matches the one at evaluation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
@@ -163,6 +165,19 @@ def train_preset(augment, model) -> ClassificationPresetTrain:
 def eval_preset(cfg) -> ClassificationPresetEval:
     """`cfg`: a ModelConfig (or anything with eval_size, mean and std)."""
     return ClassificationPresetEval(size=cfg.eval_size, mean=cfg.mean, std=cfg.std)
+
+
+# A localising model cuts the car out of the decoded image: decode large enough for a car that spans
+# this share of the image's shorter side to reach the classifier with all of its eval-size pixels.
+CAR_SHARE_AT_FULL_DETAIL = 2 / 3
+
+
+def decode_side(cfg) -> int:
+    """The shorter side an image is decoded to, at least (carmodel.images): the model never sees more.
+    `cfg`: a ModelConfig. A 4032x3024 JPEG decodes at 1/8 scale (504x378) for the shipped model."""
+    if not cfg.localizes:
+        return cfg.eval_size  # the whole image is squashed to eval_size x eval_size
+    return math.ceil(cfg.eval_size / CAR_SHARE_AT_FULL_DETAIL)
 
 
 def locate_preset(cfg) -> ClassificationPresetEval:

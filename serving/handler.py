@@ -35,7 +35,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.image_classifier import ImageClassifier
 
 from carmodel.export import ExportDir
-from carmodel.images import InputError
+from carmodel.images import InputError, uploaded_size
 from carmodel.predictor import Predictor, Prepared
 from serving.batch import Batch
 from serving.requests import read_request
@@ -145,6 +145,7 @@ class CarClassifier(ImageClassifier):
                 self.settings.image_limits,
                 self.max_topk,
                 content_types(headers),
+                self.predictor.decode_side,
             )
             return self.predictor.prepare(request.image), request.topk or self.settings.topk, bool(request.box)
         except InputError as err:
@@ -219,7 +220,7 @@ class CarClassifier(ImageClassifier):
                 "heatmap": [[round(v, 4) for v in line] for line in heatmap.tolist()],
             }
             if batch.forward.boxes is not None:  # the heat map covers the car cut out, not the whole photo
-                region = self.predictor.region(batch.prepared[row].image.size, batch.forward.boxes[row])
+                region = self.predictor.region(uploaded_size(batch.prepared[row].image), batch.forward.boxes[row])
                 results[idx]["region"] = list(region)
         return [results[idx] for idx in range(batch.size)]
 

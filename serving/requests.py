@@ -136,7 +136,12 @@ def parse_request(
 
 
 def read_request(
-    row: dict, limits: ImageLimits, max_topk: int, content_types: dict[str, str] | None = None
+    row: dict,
+    limits: ImageLimits,
+    max_topk: int,
+    content_types: dict[str, str] | None = None,
+    decode_side: int = 0,
 ) -> ImageRequest:
+    """`decode_side`: the shorter side the image is decoded to, at least (Predictor.decode_side; 0: full size)."""
     parsed = parse_request(row, limits, max_topk, content_types)
-    return ImageRequest(decode_image(parsed.image_bytes, limits), parsed.topk, parsed.box)
+    return ImageRequest(decode_image(parsed.image_bytes, limits, decode_side), parsed.topk, parsed.box)

@@ -119,3 +119,25 @@ def test_served_default_model_gets_held_out_photos_right(server, cars_root, held
         assert top[0]["class_id"] == expected, rel  # the server runs the same model as training exported
         correct += top[0]["class_name"] == true_name
     assert correct / len(held_out) >= 0.8, f"{correct}/{len(held_out)} held-out photos right"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "scale"),
+    [("HEIF", 1), ("AVIF", 1), ("JPEG", 8)],  # as an iPhone sends them, and a JPEG at phone resolution
+    ids=["heic", "avif", "jpeg-8x"],
+)
+def test_phone_formats_and_sizes_are_classified_like_the_photo(server, cars_root, held_out, fmt, scale):
+    """Real held-out crops re-encoded as a phone would send them get the answer their original gets:
+    HEIC and AVIF decode like JPEG, and a large JPEG decoded at a DCT scale sees the same car."""
+    same, correct = 0, 0
+    for rel, true_name in held_out[:12]:
+        original = Image.open(cars_root / rel).convert("RGB")
+        phone = original.resize((original.width * scale, original.height * scale), Image.Resampling.BICUBIC)
+        answers = []
+        for body in (encode(original, "JPEG", quality=95), encode(phone, fmt, quality=90)):
+            response = requests.put(server.url("inference") + f"/predictions/{MODEL}", data=body, timeout=60)
+            assert response.status_code == 200, response.text
+            answers.append(response.json()[0]["class_name"])
+        same += answers[0] == answers[1]
+        correct += answers[1] == true_name
+    assert same >= 10 and correct >= 8, f"{fmt} x{scale}: {same}/12 as the original, {correct}/12 right"

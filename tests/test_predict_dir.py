@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import DEFAULT_EXPORT, python, run
+from PIL import Image
 
 from client.predict_dir import main
 from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
@@ -22,15 +23,17 @@ PREDICT_DIR = str(Path(sys.executable).parent / "predict-dir")  # the entry poin
 
 @pytest.fixture
 def image_tree(tmp_path, car_images) -> Path:
-    """Real photos at the top, in a nested folder and with an upper-case extension; a corrupt one; a text file."""
+    """Real photos at the top, in a nested folder, with an upper-case extension and as an iPhone's HEIC;
+    a corrupt one; a text file."""
     root = tmp_path / "photos"
     nested = root / "lot" / "row 2"
     nested.mkdir(parents=True)
-    sources = list(car_images.values())[:4]
+    sources = list(car_images.values())[:5]
     shutil.copy(sources[0], root / "car_a.jpg")
     shutil.copy(sources[1], root / "car_b.jpeg")
     shutil.copy(sources[2], nested / "car_c.jpg")
     shutil.copy(sources[3], root / "CAR_D.JPG")
+    Image.open(sources[4]).convert("RGB").save(root / "IMG_0001.HEIC", "HEIF", quality=90)
     (root / "broken.jpg").write_bytes(random.Random(0).randbytes(4096))
     (root / "notes.txt").write_text("not a photo\n")
     return root
@@ -64,9 +67,9 @@ def test_directory_is_classified_and_saved(server, image_tree, tmp_path, capsys)
     assert json.loads(saved_json[0].read_text()) == printed
     assert str(saved_json[0]) in captured.err and str(saved_csv[0]) in captured.err
 
-    expected = {"car_a.jpg", "car_b.jpeg", "CAR_D.JPG", "lot/row 2/car_c.jpg", "broken.jpg"}
+    expected = {"car_a.jpg", "car_b.jpeg", "CAR_D.JPG", "IMG_0001.HEIC", "lot/row 2/car_c.jpg", "broken.jpg"}
     assert set(printed["predictions"]) == expected
-    assert printed["counts"] == {"ok": 4, "error": 1}
+    assert printed["counts"] == {"ok": 5, "error": 1}
     assert printed["model"] == MODEL and printed["url"] == server.url("inference")
     assert printed["images_per_second"] > 0
 

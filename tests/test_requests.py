@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from carmodel.images import ACCEPTED_FORMATS, ImageLimits, InputError
+from carmodel.images import ACCEPTED_FORMATS, IMAGE_SUFFIXES, ImageLimits, InputError, uploaded_size
 from serving.requests import parse_request, read_request
 
 LIMITS = ImageLimits()
@@ -213,8 +213,9 @@ def test_formats_outside_the_allow_list_are_415(fmt):
 
 
 def test_allow_list_is_the_documented_one():
-    assert set(ACCEPTED_FORMATS) <= {"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
-    assert {"JPEG", "PNG", "WEBP"} <= set(ACCEPTED_FORMATS)
+    assert set(ACCEPTED_FORMATS) <= {"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF"}
+    assert {"JPEG", "PNG", "WEBP", "HEIF", "AVIF"} <= set(ACCEPTED_FORMATS)
+    assert {".heic", ".heif", ".avif"} <= IMAGE_SUFFIXES  # folder scans and the batch client pick them up
 
 
 # ---------------------------------------------------------------------------- broken images: 422
@@ -272,7 +273,7 @@ def test_smallest_accepted_size():
 # ---------------------------------------------------------------------------- too large: 413
 
 
-@pytest.mark.parametrize("size", [(100_000, 100_000), (2**31 - 1, 2**31 - 1), (20_000, 20_000), (7000, 6000)])
+@pytest.mark.parametrize("size", [(100_000, 100_000), (2**31 - 1, 2**31 - 1), (20_000, 20_000), (9000, 6000)])
 def test_decompression_bomb_png_is_413(size):
     """A ~100-byte PNG that declares billions of pixels is refused before any pixel is allocated."""
     data = png_declaring(*size)
@@ -578,3 +579,72 @@ def test_multipart_part_content_type_is_the_one_checked(photo):
         {"data": photo, "topk": b"3"}, LIMITS, MAX_TOPK, {"data": "image/jpeg", "topk": "text/plain"}
     ).image
     assert image.mode == "RGB"
+
+
+# ---------------------------------------------------------------------------- phones: HEIC, AVIF, big photos
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_decode_like_the_jpeg(car_rgb, fmt):
+    out = decode(encode(car_rgb, fmt, quality=90))
+    assert out.mode == "RGB" and out.size == car_rgb.size
+    assert np.abs(pixels(out).astype(int) - pixels(car_rgb).astype(int)).mean() < 6  # lossy, but the same photo
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_exif_orientation_is_applied(car_rgb, fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode(encode(car_rgb, fmt, quality=90, exif=exif.tobytes()))
+    assert out.size == (car_rgb.height, car_rgb.width)
+
+
+def phone_photo(car_rgb, size=(4032, 3024)) -> Image.Image:
+    return car_rgb.resize(size, Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize(
+    ("size", "decode_side", "decoded"),
+    [
+        ((4032, 3024), 336, (504, 378)),  # 1/8 DCT scale: the shipped model's need, a 12-megapixel photo
+        ((1600, 1200), 336, (800, 600)),  # 1/4 would leave 300 < 336
+        ((4032, 3024), 224, (504, 378)),  # a crop classifier: 1/8 still keeps 224
+        ((4032, 3024), 0, (4032, 3024)),  # 0: full size
+        ((300, 200), 336, (300, 200)),  # small photos as they are
+    ],
+)
+def test_jpeg_decodes_at_the_smallest_scale_the_model_needs(car_rgb, size, decode_side, decoded):
+    data = encode(phone_photo(car_rgb, size), "JPEG", quality=90)
+    out = read_request({"body": data}, LIMITS, MAX_TOPK, decode_side=decode_side).image
+    assert out.size == decoded and out.mode == "RGB"
+    assert uploaded_size(out) == size  # boxes are answered in the upload's pixels
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "HEIF"])
+def test_other_formats_are_reduced_to_what_the_model_needs(car_rgb, fmt):
+    data = encode(phone_photo(car_rgb, (2000, 1500)), fmt)
+    out = read_request({"body": data}, LIMITS, MAX_TOPK, decode_side=336).image
+    assert out.size == (500, 375)  # reduced by 4, the largest factor that keeps 336 on the shorter side
+
+
+def test_a_rotated_phone_photo_is_shrunk_and_upright(car_rgb):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(phone_photo(car_rgb), "JPEG", quality=90, exif=exif.tobytes())
+    out = read_request({"body": data}, LIMITS, MAX_TOPK, decode_side=336).image
+    assert out.size == (378, 504) and uploaded_size(out) == (3024, 4032)
+
+
+def test_shrunk_decode_shows_the_same_picture(car_rgb):
+    """DCT scaling + the eval preset's resize give nearly the pixels of a full decode + the same resize."""
+    data = encode(phone_photo(car_rgb), "JPEG", quality=90)
+    fast = read_request({"body": data}, LIMITS, MAX_TOPK, decode_side=336).image.resize((224, 224))
+    full = read_request({"body": data}, LIMITS, MAX_TOPK).image.resize(
+        (224, 224), Image.Resampling.BILINEAR, reducing_gap=None
+    )
+    assert np.abs(pixels(fast).astype(int) - pixels(full).astype(int)).mean() < 4
+
+
+def test_phone_sized_uploads_fit_the_limits():
+    """A 48-megapixel photo passes the pixel guard; a 12-megapixel PNG (15-25 MB) the byte limit."""
+    assert LIMITS.max_pixels >= 8064 * 6048 and ImageLimits().max_bytes >= 25 * 10**6

@@ -28,6 +28,7 @@ import requests
 from bad_inputs import Case, corpus
 from helpers import (
     DEFAULT,
+    ROOT,
     check_error,
     check_predictions,
     management,
@@ -157,10 +158,19 @@ def test_every_bad_upload_gets_its_json_error_and_the_worker_lives_on(server, ca
     say(capsys, f"bad-input corpus: {len(cases)} cases, each its 4xx JSON error; worker pid unchanged {pids}")
 
 
+def front_end_limit() -> int:
+    return int(re.search(r"^max_request_size=(\d+)$", (ROOT / "config.properties").read_text(), re.M)[1])
+
+
+def test_the_front_end_lets_every_image_the_handler_accepts_through():
+    """Even as base64 JSON, an image at the handler's byte limit must reach the handler (its 413 says the limit)."""
+    assert ImageLimits().max_bytes * 4 // 3 + 1024 < front_end_limit()
+
+
 def test_body_over_the_front_end_limit_is_a_fast_413(server, photo):
-    """TorchServe's own limit (max_request_size, 10 MiB) answers before any handler: a bare 413."""
+    """TorchServe's own limit (max_request_size) answers before any handler: a bare 413."""
     started = time.monotonic()
-    r = post_raw(server, photo + bytes(11 * 1024 * 1024))
+    r = post_raw(server, photo + bytes(front_end_limit()))
     assert r.status_code == 413 and time.monotonic() - started < 10
     assert post_raw(server, photo).status_code == 200
 

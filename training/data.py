@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from carmodel.images import IMAGE_SUFFIXES
+from carmodel.images import IMAGE_SUFFIXES, open_image
 from carmodel.presets import cut_out
 from training import config as config_lib
 
@@ -186,14 +186,16 @@ def scan(root: str | Path, layout: str = "auto") -> CarsIndex:
 # ----------------------------------------------------------------------------- images
 
 
-def load_image(sample: Sample, crop_to_bbox: bool = False) -> Image.Image:
-    """Decode fully (not just the header) so a truncated file fails here, naming itself."""
+def load_image(sample: Sample, crop_to_bbox: bool = False, decode_side: int = 0) -> Image.Image:
+    """Decode fully (not just the header) so a truncated file fails here, naming itself.
+    `decode_side`: decode no larger than a model needs, as the server does (carmodel.images);
+    0, or a crop to the bounding box, decodes at full size."""
+    cropping = crop_to_bbox and sample.bbox is not None
     try:
-        with Image.open(sample.path) as img:
-            img = img.convert("RGB")
+        img = open_image(sample.path, 0 if cropping else decode_side)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DatasetError(f"corrupt or unreadable image {sample.path}: {err}") from err
-    if crop_to_bbox and sample.bbox is not None:
+    if cropping:
         x1, y1, x2, y2 = sample.bbox
         img = img.crop((max(0, x1), max(0, y1), min(img.width, x2 + 1), min(img.height, y2 + 1)))
     return img

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from carmodel import models as model_lib
 from carmodel.export import MODEL_CONFIG, TRAINING_CONFIG, ExportDir, ExportError
 from carmodel.predictor import Predictor
+from carmodel.presets import decode_side
 from carmodel.runners import torch_runner
 from training import config as config_lib
 from training import data, plots, tracking
@@ -90,7 +91,7 @@ def image_batches(samples, cfg, crop_to_bbox: bool | None = None, longest_side: 
     size = cfg.optim.batch_size
     for start in tqdm(range(0, len(samples), size), desc="evaluating", disable=not cfg.runtime.progress, leave=False):
         chunk = samples[start : start + size]
-        images = [data.load_image(s, crop) for s in chunk]
+        images = [data.load_image(s, crop, decode_side(cfg.model)) for s in chunk]  # as the server decodes
         if longest_side:
             for image in images:
                 image.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
