@@ -43,6 +43,7 @@ class Row:
     engine: str | None = None  # how the forward pass runs, e.g. "torch fp32", "openvino bf16"
     client_cpu_pct: float | None = None  # load generator's CPU, % of one core
     other_cpu_pct: float | None = None  # everyone else's CPU during the measurement, % of one core
+    photo: str = ""  # the request photo: size, format, bytes (bench.photos.label)
     detail: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:

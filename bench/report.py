@@ -9,6 +9,7 @@ from bench.common import Row
 
 COLUMNS = [
     "model",
+    "photo",
     "setup",
     "load",
     "img/s",
@@ -39,28 +40,31 @@ def _share(value: float, ceiling: float | None) -> str:
     return f"{100 * value / ceiling:.0f}%" if ceiling else "-"
 
 
-def ceiling(rows: list[Row], model: str) -> float | None:
-    """The best in-process img/s for a model, if measured."""
-    values = [r.img_s for r in rows if r.model == model and r.setup == "inprocess"]
+def ceiling(rows: list[Row], row: Row) -> float | None:
+    """The best in-process img/s for `row`'s model and photo, if measured."""
+    values = [r.img_s for r in rows if (r.model, r.photo) == (row.model, row.photo) and r.setup == "inprocess"]
     return max(values) if values else None
 
 
-def stock_img_s(rows: list[Row], model: str, level: str) -> float | None:
-    return next((r.img_s for r in rows if r.model == model and r.setup == "stock" and r.level == level), None)
+def stock_img_s(rows: list[Row], row: Row) -> float | None:
+    same = ((r.model, r.photo, r.level) == (row.model, row.photo, row.level) for r in rows)
+    return next((r.img_s for r, match in zip(rows, same, strict=True) if match and r.setup == "stock"), None)
 
 
 def table_rows(rows: list[Row]) -> list[Row]:
     shown = [r for r in rows if r.detail.get("in_table", True)]
     models = list(dict.fromkeys(r.model for r in rows))
-    return sorted(shown, key=lambda r: (models.index(r.model), SETUP_ORDER[r.setup]))
+    photos = list(dict.fromkeys(r.photo for r in rows))
+    return sorted(shown, key=lambda r: (models.index(r.model), photos.index(r.photo), SETUP_ORDER[r.setup]))
 
 
 def cells(row: Row, rows: list[Row], quiet_pct: float) -> list[str]:
     http = row.setup != "inprocess"
     disturbed = "!" if (row.other_cpu_pct or 0) >= quiet_pct else ""
-    vs_stock = _ratio(row.img_s, stock_img_s(rows, row.model, row.level)) if row.setup == "ours" else ""
+    vs_stock = _ratio(row.img_s, stock_img_s(rows, row)) if row.setup == "ours" else ""
     return [
         row.model,
+        row.photo or "-",
         row.setup,
         row.level,
         f"{row.img_s:.1f}{disturbed}",
@@ -72,7 +76,7 @@ def cells(row: Row, rows: list[Row], quiet_pct: float) -> list[str]:
         str(row.input_size or "-"),
         row.engine or "-",
         vs_stock,
-        _share(row.img_s, ceiling(rows, row.model)) if http else "",
+        _share(row.img_s, ceiling(rows, row)) if http else "",
     ]
 
 

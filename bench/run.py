@@ -10,6 +10,9 @@ One TorchServe at a time; run it on an otherwise idle machine.
     python -m bench.run
     python -m bench.run --models resnet50_cars efficientnet_lite0_cars --concurrency 1 8 32 --duration 15s
     python -m bench.run --only ours --batch_size 8 --max_batch_delay 10 --workers 2
+    python -m bench.run --models efficientnet_lite0_cars --only ours inprocess --photos benchmark web phone phone_png
+
+`--photos`: the request photo as it is (benchmark) and re-made at the sizes people send (bench/photos.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import inprocess, loadgen, report
+from bench import inprocess, loadgen, photos, report
 from bench.common import BENCH_VAR, ROOT, BenchError, Row, describe_image, pick_image, timestamp
 from bench.cpu import CpuMeter, wait_until_quiet
 from bench.exports import resolve_export
@@ -93,35 +96,46 @@ def level_row(model: str, setup: str, concurrency: int, result: loadgen.HeyResul
     )
 
 
-def http_rows(setup: str, model: str, export: ExportDir, image: Path, args) -> list[Row]:
+def http_rows(setup: str, model: str, export: ExportDir, images: list[Path], args) -> list[Row]:
+    """One server for every photo: each photo warms it up, then runs each concurrency level."""
     size = STOCK_INPUT_SIZE if setup == "stock" else export.model_config.eval_size
     rows = []
     with fresh_server(setup, export, args) as served:
         server = {**served.settings(), "engine": served.engine(), "input_size": size, "handler": served.description()}
         print(f"  {setup}: {server['workers']} worker(s) x {server['batch_size']}, {server['engine']}", flush=True)
-        warm_up(served, image)
-        for concurrency in args.concurrency:
-            result, others = measure_level(served.predict_url, image, concurrency, args)
-            row = level_row(model, setup, concurrency, result, server, others)
-            rows.append(row)
-            print(f"    c={concurrency}: {row.img_s:.1f} img/s, {row.errors} errors, others {others:.0f}%", flush=True)
+        for image in images:
+            warm_up(served, image)
+            for concurrency in args.concurrency:
+                result, others = measure_level(served.predict_url, image, concurrency, args)
+                row = level_row(model, setup, concurrency, result, server, others)
+                row.photo = photos.label(image)
+                rows.append(row)
+                print(
+                    f"    {row.photo}, c={concurrency}: {row.img_s:.1f} img/s, {row.errors} errors, "
+                    f"others {others:.0f}%",
+                    flush=True,
+                )
     return rows
 
 
-def inprocess_rows(model: str, export: ExportDir, image: Path, args) -> list[Row]:
+def inprocess_rows(model: str, export: ExportDir, images: list[Path], args) -> list[Row]:
     _, handler = ours_settings(args)  # the handler's engine and limits: the same work as ours
-    wait_for_quiet(args)
-    meter = CpuMeter(str(RUN_DIRS)).start()
-    rows = inprocess.measure(model, export, image, args.inprocess_batches, args.inprocess_seconds, handler)
-    for row in rows:  # one figure for the whole sweep
-        row.other_cpu_pct = meter.others_pct()
+    rows = []
+    for image in images:
+        wait_for_quiet(args)
+        meter = CpuMeter(str(RUN_DIRS)).start()
+        measured = inprocess.measure(model, export, image, args.inprocess_batches, args.inprocess_seconds, handler)
+        for row in measured:  # one figure for the whole sweep
+            row.other_cpu_pct = meter.others_pct()
+            row.photo = photos.label(image)
+        rows += measured
     return rows
 
 
 # ------------------------------------------------------------------------------ orchestration
 
 
-def bench_model(model: str, image: Path, args, failures: dict) -> list[Row]:
+def bench_model(model: str, images: list[Path], args, failures: dict) -> list[Row]:
     export = resolve_export(model)
     print(f"{model}: export {export.path}", flush=True)
     rows = []
@@ -129,9 +143,9 @@ def bench_model(model: str, image: Path, args, failures: dict) -> list[Row]:
         try:
             if setup == "inprocess":
                 print("  inprocess: batch sizes " + " ".join(map(str, args.inprocess_batches)), flush=True)
-                rows += inprocess_rows(model, export, image, args)
+                rows += inprocess_rows(model, export, images, args)
             else:
-                rows += http_rows(setup, model, export, image, args)
+                rows += http_rows(setup, model, export, images, args)
         except BenchError as err:
             print(f"  {setup} failed: {err}", file=sys.stderr)
             failures[f"{model}/{setup}"] = str(err)
@@ -147,7 +161,7 @@ def git_state() -> str:
     return f"{head or '?'}" + (f" + uncommitted: {', '.join(changed)}" if changed else "")
 
 
-def metadata(args, image: Path) -> dict:
+def metadata(args, image: Path, images: list[Path]) -> dict:
     import torch
     import ts
 
@@ -158,6 +172,7 @@ def metadata(args, image: Path) -> dict:
         "cpus": os.cpu_count(),
         "load_average_at_start": round(os.getloadavg()[0], 2),
         "image": describe_image(image),
+        "photos": [photos.label(path) for path in images],
         "per_level": f"{args.requests} requests" if args.requests else f"{args.duration:g} s",
         "load_generator": f"hey {loadgen.hey_version() or '?'} (-cpus {loadgen.HEY_CPUS})",
         "torch": torch.__version__,
@@ -175,6 +190,13 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, help="per level, instead of --duration")
     p.add_argument("--only", nargs="+", choices=SETUPS, default=SETUPS, help="which setups to run")
     p.add_argument("--image", type=Path, help="request body (default: a ~500x300 car from ../shared)")
+    p.add_argument(
+        "--photos",
+        nargs="+",
+        choices=list(photos.KINDS),
+        default=["benchmark"],
+        help="the request body as it is, and re-made at real-world sizes (bench/photos.py)",
+    )
     p.add_argument("--out", type=Path, help="results folder (default: var/bench/results/<timestamp>)")
     add_ours_arguments(p)
     quiet = p.add_argument_group("a quiet machine")
@@ -193,11 +215,12 @@ def main(argv=None) -> int:
         if set(args.only) & {"stock", "ours"}:
             loadgen.ensure_hey()
         image = (args.image or pick_image()).resolve()
-        meta = metadata(args, image)
-        print(f"image {image} ({meta['image']['width']}x{meta['image']['height']}), {meta['per_level']} per level")
+        images = [photos.real_world_photo(image, kind) for kind in args.photos]
+        meta = metadata(args, image, images)
+        print(f"image {image}; photos {', '.join(meta['photos'])}; {meta['per_level']} per level")
         failures, rows = {}, []
         for model in args.models:
-            rows += bench_model(model, image, args, failures)
+            rows += bench_model(model, images, args, failures)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
