@@ -28,7 +28,7 @@ from helpers import python, run, smoke_train, start_server
 
 from carmodel.export import ExportDir
 from carmodel.images import ImageLimits, decode_image
-from carmodel.presets import eval_preset
+from carmodel.presets import decode_side, eval_preset
 from client import versions
 from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, TorchServeClient, TorchServeError
 from serving.torchserve import free_ports
@@ -104,11 +104,11 @@ def image(car_images) -> Path:
 @pytest.fixture(scope="module")
 def reference(exports, image) -> dict[str, torch.Tensor]:
     """Each export's class probabilities for `image`, in-process, as the handler computes them:
-    the same decoder, the export's eval preset, fp32, channels_last."""
-    pil = decode_image(image.read_bytes(), ImageLimits())
+    the same decoder (shrinking to the export's decode side), the export's eval preset, fp32, channels_last."""
     probs = {}
     for version, export in exports.items():
         export_dir = ExportDir(export)
+        pil = decode_image(image.read_bytes(), ImageLimits(), decode_side(export_dir.model_config))
         model = export_dir.load_model("cpu").to(memory_format=torch.channels_last)
         batch = eval_preset(export_dir.model_config)(pil).unsqueeze(0).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
