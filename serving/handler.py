@@ -44,11 +44,18 @@ from serving.settings import HandlerSettings
 logger = logging.getLogger(__name__)
 # TorchServe 0.12 does not pass query strings to handlers: these headers stand in for the fields.
 OPTION_HEADERS = {"x-top-k": "topk", "x-box": "box"}
+STREAM_NEXT_HEADER = "ts_stream_next"  # TorchServe's: "true" while a streamed answer has more parts
 
 
 def content_types(headers: dict) -> dict[str, str]:
     """TorchServe files each field's Content-Type under the field's name: {"body": {"content-type": ...}}."""
     return {name: value.get("content-type") for name, value in headers.items() if isinstance(value, dict)}
+
+
+def http_headers(headers: dict) -> dict[str, str]:
+    """The HTTP headers among a request's (every HTTP request has some: Host, Content-Length, ...); a
+    gRPC call has none, only each input's content type (a dict, see `content_types`)."""
+    return {name: value for name, value in headers.items() if isinstance(value, str)}
 
 
 class CarClassifier(ImageClassifier):
@@ -112,11 +119,22 @@ class CarClassifier(ImageClassifier):
 
     def handle(self, data, context):
         if self.load_error is None:
-            return super().handle(data, context)
-        self.context = context
-        if self._is_describe():
-            return [self.describe_handle()]
-        return [self._load_error_response(idx) for idx in range(len(data))]
+            responses = super().handle(data, context)
+        else:
+            self.context = context
+            if self._is_describe():
+                return [self.describe_handle()]
+            responses = [self._load_error_response(idx) for idx in range(len(data))]
+        self._end_streams(len(data))
+        return responses
+
+    def _end_streams(self, size: int) -> None:
+        """A gRPC answer is whole: mark it the last part of its stream. TorchServe 0.12's gRPC
+        StreamPredictions reads this header of every answer and fails the worker when it is missing;
+        over HTTP the same header would turn the answer into a chunked stream, so only gRPC gets it."""
+        for idx in range(size):
+            if self._is_request(idx) and not http_headers(self._headers(idx)):
+                self.context.set_response_header(idx, STREAM_NEXT_HEADER, "false")
 
     def _load_error_response(self, idx: int) -> dict:
         self.context.set_response_status(503, self.load_error, idx)

@@ -51,6 +51,7 @@ TorchServe is up; {model} is READY.
   predict-dir path/to/images --model {model}
   versions list {model}          # management API: {mgmt}
   curl -s {met}/metrics | grep ts_inference
+  gRPC: inference {server.grpc_address("inference")}, management {server.grpc_address("management")}
   make stop
 """)
 

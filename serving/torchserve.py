@@ -123,6 +123,12 @@ class Server:
     def url(self, api: str) -> str:
         return self.props[ADDRESS_KEYS[api]]
 
+    def grpc_address(self, api: str) -> str:
+        """host:port of TorchServe's gRPC `api` ("inference" or "management")."""
+        host = self.props.get(f"grpc_{api}_address", "127.0.0.1")
+        port = self.props.get(f"grpc_{api}_port", GRPC_DEFAULT_PORTS[api])
+        return f"{host}:{port}"
+
     @property
     def env(self) -> dict[str, str]:
         tmp = self.run_dir / "tmp"
@@ -282,6 +288,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+GRPC_DEFAULT_PORTS = {"inference": "7070", "management": "7071"}  # TorchServe's own defaults
 
 
 def rendered_ports(run_dir: Path) -> dict[str, int]:

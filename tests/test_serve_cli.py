@@ -3,7 +3,9 @@ and a stale snapshot (its archive deleted) set aside instead of resurrecting the
 
 from __future__ import annotations
 
+import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -50,6 +52,11 @@ def test_start_status_restart_and_stale_snapshot(cli):
     inference = f"http://127.0.0.1:{cli.ports['inference']}"
     assert f"{DEFAULT} is READY" in started.stdout
     assert f"curl -T car.jpg {inference}/predictions/{DEFAULT}" in started.stdout
+    # with --*_port flags gRPC moves to free ports too: the output says where, and they listen
+    grpc_addresses = re.search(r"gRPC: inference (\S+):(\d+), management (\S+):(\d+)", started.stdout)
+    assert grpc_addresses, started.stdout
+    for host, port in (grpc_addresses.group(1, 2), grpc_addresses.group(3, 4)):
+        socket.create_connection((host, int(port)), timeout=10).close()
     assert cli("status").stdout.strip() == "running"
     assert cli("start").stdout.startswith("TorchServe is already running")
 
