@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 
 from PIL import Image
@@ -26,6 +27,9 @@ from carmodel.images import ImageLimits, InputError, decode_image
 # the stock clients' multipart field; "file"/"image" are the names people reach for in forms.
 IMAGE_FIELDS = ("data", "body", "file", "image")
 JSON_IMAGE_FIELDS = ("image", "data", "b64", "image_b64")
+# Base64 text (or a data: URL) arriving as bytes: a form field (`requests.post(url, data={"image": b64})`)
+# or a text body. No image format's bytes are all of this alphabet (JPEG starts 0xFF, PNG 0x89).
+BASE64_TEXT = re.compile(rb"(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=\s]+")
 
 
 @dataclass
@@ -81,6 +85,18 @@ def decode_base64(text: str, limits: ImageLimits) -> bytes:
         raise InputError(400, "image field is not valid base64") from None
 
 
+def base64_image(data: bytes, limits: ImageLimits) -> bytes | None:
+    """The image in `data` when `data` is valid base64 text; None when it is not (it may be a binary image)."""
+    if not BASE64_TEXT.fullmatch(data):
+        return None
+    try:
+        return decode_base64(data.decode("ascii"), limits)
+    except InputError as err:
+        if err.status == 413:
+            raise
+        return None
+
+
 def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
 
@@ -128,6 +144,9 @@ def parse_request(
         data = bytes(value)
         if data[:1] in (b"{", b"["):
             raise InputError(400, "body looks like JSON but is not valid JSON with an 'image' field")
+        image = base64_image(data, limits)
+        if image is not None:
+            return ParsedRequest(image, topk, box)
         check_binary_content_type((content_types or {}).get(field))
         return ParsedRequest(data, topk, box)
     if isinstance(value, list):

@@ -648,3 +648,16 @@ def test_shrunk_decode_shows_the_same_picture(car_rgb):
 def test_phone_sized_uploads_fit_the_limits():
     """A 48-megapixel photo passes the pixel guard; a 12-megapixel PNG (15-25 MB) the byte limit."""
     assert LIMITS.max_pixels >= 8064 * 6048 and ImageLimits().max_bytes >= 25 * 10**6
+
+
+@pytest.mark.parametrize("field", ["image", "data", "body"])
+def test_base64_as_bytes_in_a_form_field_or_body_is_the_image(photo, field):
+    """requests.post(url, data={"image": b64}) sends the base64 text form-encoded: the field arrives as bytes."""
+    text = base64.b64encode(photo)
+    assert parse_request({field: text}, LIMITS, MAX_TOPK).image_bytes == photo
+    data_url = b"data:image/jpeg;base64," + text
+    assert parse_request({field: data_url}, LIMITS, MAX_TOPK).image_bytes == photo
+
+
+def test_text_that_is_not_base64_of_anything_stays_not_an_image():
+    assert status_of({"body": b"hello world this is text"}) == 415

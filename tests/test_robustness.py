@@ -10,6 +10,7 @@ Figures (requests, errors, RSS, recovery time) are printed; run with `-s` to see
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -189,6 +190,13 @@ def test_binary_form_urlencoded_body_is_refused_by_the_front_end(server, photo):
     assert r.json()["code"] == r.status_code
     assert worker_pids(server, DEFAULT) == pids
     assert post_raw(server, photo).status_code == 200
+
+
+def test_base64_in_a_url_encoded_form_field_is_classified(server, photo, names):
+    """What urllib/requests users write when they do not send the bytes: `data={"image": <base64>}`,
+    form-urlencoded text that TorchServe's form decoder does read. It used to be 415 "not an image"."""
+    r = requests.post(predict_url(server), data={"image": base64.b64encode(photo)}, timeout=CLIENT_TIMEOUT)
+    check_predictions(r, names)
 
 
 # ---------------------------------------------------------------------------- 2. load
