@@ -47,8 +47,9 @@ def ceiling(rows: list[Row], row: Row) -> float | None:
 
 
 def stock_img_s(rows: list[Row], row: Row) -> float | None:
-    same = ((r.model, r.photo, r.level) == (row.model, row.photo, row.level) for r in rows)
-    return next((r.img_s for r, match in zip(rows, same, strict=True) if match and r.setup == "stock"), None)
+    """The stock handler's img/s for `row`'s model and photo at the same load, if measured."""
+    key = (row.model, row.photo, row.level)
+    return next((r.img_s for r in rows if r.setup == "stock" and (r.model, r.photo, r.level) == key), None)
 
 
 def table_rows(rows: list[Row]) -> list[Row]:

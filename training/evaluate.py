@@ -88,10 +88,10 @@ def image_batches(samples, cfg, crop_to_bbox: bool | None = None, longest_side: 
     """(PIL images, labels) in batches of `samples`, each photo decoded once (and shrunk so that its
     longer side is at most `longest_side`)."""
     crop = cfg.data.crop_to_bbox if crop_to_bbox is None else crop_to_bbox
-    size = cfg.optim.batch_size
+    size, side = cfg.optim.batch_size, decode_side(cfg.model)  # decoded as the server decodes
     for start in tqdm(range(0, len(samples), size), desc="evaluating", disable=not cfg.runtime.progress, leave=False):
         chunk = samples[start : start + size]
-        images = [data.load_image(s, crop, decode_side(cfg.model)) for s in chunk]  # as the server decodes
+        images = [data.load_image(s, crop, side) for s in chunk]
         if longest_side:
             for image in images:
                 image.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
