@@ -35,7 +35,15 @@ $(STAMP): requirements/torch.txt requirements/serve.txt requirements/train.txt r
 	$(PY) -c "import torch, torchvision; torchvision.ops.nms" # fails fast on a mismatched pair
 	touch $@
 
-env: $(STAMP) java
+# TorchServe's KServe wrapper (tests/test_kserve.py runs it) needs kserve 0.13.0, whose pins clash with ours.
+KSERVE_VENV := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
+$(KSERVE_STAMP): requirements/kserve.txt
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet -r requirements/kserve.txt
+	touch $@
+
+env: $(STAMP) $(KSERVE_STAMP) java
 
 # TorchServe's frontend is Java: install 17 when we can (root, apt), else say exactly what to do.
 java:

@@ -37,11 +37,13 @@ from ts.torch_handler.image_classifier import ImageClassifier
 from carmodel.export import ExportDir
 from carmodel.images import InputError, uploaded_size
 from carmodel.predictor import Predictor, Prepared
+from serving import oip
 from serving.batch import Batch
 from serving.requests import read_request
 from serving.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
+oip.install()  # before TorchServe builds the `kservev2` envelope (KServe's v2 protocol) around this handler
 # TorchServe 0.12 does not pass query strings to handlers: these headers stand in for the fields.
 OPTION_HEADERS = {"x-top-k": "topk", "x-box": "box"}
 STREAM_NEXT_HEADER = "ts_stream_next"  # TorchServe's: "true" while a streamed answer has more parts

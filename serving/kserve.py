@@ -1,7 +1,7 @@
 """Assemble the storage folder KServe's TorchServe runtime mounts at /mnt/models:
 
     <out>/config/config.properties   deploy/kserve/config/config.properties + this model's snapshot
-    <out>/model-store/<archive>.mar  copied from model_store/
+    <out>/model-store/<model>.mar    copied from model_store/, named after the model alone
 
     python -m serving.kserve                                          # v2, the default .mar
     python -m serving.kserve --protocol v1 --archive model_store/resnet50_cars_v2.0.mar
@@ -45,13 +45,21 @@ def read_manifest(archive: Path) -> tuple[dict, dict]:
     return manifest, model_config or {}
 
 
+def store_name(archive: Path) -> str:
+    """The archive's name in the layout: `<model>.mar`. KServe's wrapper only counts a model store
+    file whose suffixes are exactly ['.mar'], so `<model>_v1.0.mar` (['.0', '.mar']) would leave the
+    pod without a model (ModelMissingError, a crash loop); the version lives in the snapshot."""
+    manifest, _ = read_manifest(archive)
+    return f"{manifest['model']['modelName']}.mar"
+
+
 def snapshot(archive: Path) -> str:
     """TorchServe's model_snapshot: load this archive at start-up, with its own worker settings."""
     manifest, model_config = read_manifest(archive)
     model = manifest["model"]
     entry = {
         "defaultVersion": True,
-        "marName": archive.name,
+        "marName": store_name(archive),
         "minWorkers": model_config.get("minWorkers", 1),
         "maxWorkers": model_config.get("maxWorkers", 1),
         # TorchServe's KServe envelopes read only the first request of a batch: one request per
@@ -83,7 +91,7 @@ def assemble(archive: Path, out: Path, protocol: str = "v2") -> Path:
     shutil.rmtree(out / "model-store", ignore_errors=True)
     (out / "config").mkdir(parents=True, exist_ok=True)
     (out / "model-store").mkdir(parents=True)
-    shutil.copy(archive, out / "model-store" / archive.name)
+    shutil.copy(archive, out / "model-store" / store_name(archive))
     (out / "config" / "config.properties").write_text(config)
     return out
 
@@ -100,7 +108,8 @@ def main(argv=None) -> int:
     except AssembleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"KServe storage for {args.protocol} in {out}: config/config.properties, model-store/{args.archive.name}")
+    stored = store_name(args.archive)
+    print(f"KServe storage for {args.protocol} in {out}: config/config.properties, model-store/{stored}")
     return 0
 
 

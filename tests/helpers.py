@@ -10,10 +10,12 @@ import io
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
 import requests
+import ts
 from PIL import Image
 
 from serving.torchserve import Server, free_ports
@@ -78,6 +80,14 @@ def start_server(run_dir: Path, store: Path, models: dict[str, str], **kwargs) -
 
 
 # ---------------------------------------------------------------------------- images
+
+
+def extract_protos(out: Path) -> Path:
+    """The .proto files inside the installed TorchServe's front-end jar (proto/inference.proto, ...), into `out`."""
+    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+    with zipfile.ZipFile(jar) as archive:
+        archive.extractall(out, [name for name in archive.namelist() if name.endswith(".proto")])
+    return out
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:

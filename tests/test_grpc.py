@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zipfile
-from pathlib import Path
 
 import grpc
 import pytest
 import requests
-import ts
-from helpers import DEFAULT, worker_pids
+from helpers import DEFAULT, extract_protos, worker_pids
 
 MODEL = DEFAULT
 PROTOS = ("proto/inference.proto", "proto/management.proto", "google/rpc/status.proto")
@@ -25,9 +22,7 @@ TIMEOUT = 60
 def stubs(tmp_path_factory):
     """inference_pb2 / inference_pb2_grpc / management_pb2 / management_pb2_grpc, compiled by grpcio-tools."""
     out = tmp_path_factory.mktemp("grpc_stubs")
-    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
-    with zipfile.ZipFile(jar) as archive:
-        archive.extractall(out, [name for name in archive.namelist() if name.endswith(".proto")])
+    extract_protos(out)
     protoc = [sys.executable, "-m", "grpc_tools.protoc", f"-I{out / 'proto'}", f"-I{out}"]
     result = subprocess.run(
         [*protoc, f"--python_out={out}", f"--grpc_python_out={out}", *(str(out / p) for p in PROTOS)],
