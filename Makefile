@@ -12,7 +12,7 @@ ARCHIVE := model_store/$(MODEL)_v1.0.mar
 # The archive packs these two packages whole (serving/archive.py).
 SERVING_SOURCES := $(wildcard carmodel/*.py serving/*.py)
 
-.PHONY: help env java serve stop status test lint format archive train evaluate export eda tune clean bench \
+.PHONY: help env java promtool serve stop status test lint format archive train evaluate export eda tune clean bench \
 	gate register promote fetch release-archive kserve image
 
 help:
@@ -43,7 +43,7 @@ $(KSERVE_STAMP): requirements/kserve.txt
 	$(KSERVE_VENV)/bin/pip install --quiet -r requirements/kserve.txt
 	touch $@
 
-env: $(STAMP) $(KSERVE_STAMP) java
+env: $(STAMP) $(KSERVE_STAMP) java promtool
 
 # TorchServe's frontend is Java: install 17 when we can (root, apt), else say exactly what to do.
 java:
@@ -52,6 +52,16 @@ java:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
 	  else \
 	    echo "TorchServe needs Java 17+: sudo apt-get install -y openjdk-17-jre-headless"; exit 1; \
+	  fi; \
+	fi
+
+# promtool, Prometheus's own check of the metrics endpoint (tests/test_serving.py): Debian's prometheus package.
+promtool:
+	@if ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else \
+	    echo "The tests need promtool: sudo apt-get install -y --no-install-recommends prometheus"; exit 1; \
 	  fi; \
 	fi
 

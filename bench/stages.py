@@ -9,7 +9,7 @@ For each level it runs hey (as bench/run.py does) and reads, over exactly that w
   and everything else on the machine - in core-milliseconds per image, so the stages add up;
 * TorchServe's own Prometheus counters: time a request waited in the model's queue, and its
   whole time inside TorchServe (queue + worker round trip);
-* our handler's Prometheus counters (the same metrics endpoint): milliseconds spent and images
+* our handler's Prometheus counters (the same metrics endpoint): seconds spent and images
   handled per stage, preprocess (decode + eval preset) and inference (model forward), in the worker.
 
 Every figure is a difference of running totals taken before and after the level.
@@ -34,16 +34,14 @@ from bench.exports import resolve_export
 from bench.harness import add_ours_arguments, fresh_server, parse_duration, warm_up
 from bench.servers import ServedModel
 from serving.client import TorchServeError
+from serving.metrics import STAGE_BATCHES, STAGE_IMAGES, STAGE_SECONDS  # the handler's, per stage
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 QUEUE_COUNTER = "ts_queue_latency_microseconds"
 TOTAL_COUNTER = "ts_inference_latency_microseconds"
 REQUESTS_COUNTER = "ts_inference_requests_total"
-STAGE_MS = "StageMilliseconds"  # the handler's running totals, per Stage (serving/handler.py)
-STAGE_IMAGES = "StageImages"
-STAGE_BATCHES = "StageBatches"
 STAGES = ("preprocess", "inference")
-METRICS = [QUEUE_COUNTER, TOTAL_COUNTER, REQUESTS_COUNTER, STAGE_MS, STAGE_IMAGES, STAGE_BATCHES]
+METRICS = [QUEUE_COUNTER, TOTAL_COUNTER, REQUESTS_COUNTER, STAGE_SECONDS, STAGE_IMAGES, STAGE_BATCHES]
 METRICS_SETTLE_S = 1.0  # the worker's metrics reach the front end through its log stream
 
 
@@ -70,8 +68,8 @@ def counters(served: ServedModel) -> dict[str, float]:
         raise BenchError(f"reading the metrics endpoint: {err.message}") from err
     totals = {name: prometheus.total(samples, name, model_name=served.name) for name in METRICS[:3]}
     for stage in STAGES:
-        for name in (STAGE_MS, STAGE_IMAGES, STAGE_BATCHES):
-            totals[f"{name}/{stage}"] = prometheus.total(samples, name, Stage=stage, ModelName=served.name)
+        for name in (STAGE_SECONDS, STAGE_IMAGES, STAGE_BATCHES):
+            totals[f"{name}/{stage}"] = prometheus.total(samples, name, stage=stage, ModelName=served.name)
     return totals
 
 
@@ -128,7 +126,7 @@ def profile_level(served: ServedModel, workers: list[int], image: Path, concurre
         return round(delta(counter) / requests_done / 1000, 2)
 
     def per_image_ms(stage: str) -> float:
-        return round(delta(f"{STAGE_MS}/{stage}") / max(1.0, delta(f"{STAGE_IMAGES}/{stage}")), 2)
+        return round(1000 * delta(f"{STAGE_SECONDS}/{stage}") / max(1.0, delta(f"{STAGE_IMAGES}/{stage}")), 2)
 
     window = after.at - before.at
     frontend_s = after.frontend_s - before.frontend_s
@@ -138,7 +136,7 @@ def profile_level(served: ServedModel, workers: list[int], image: Path, concurre
     cpu = {"front end (Java)": frontend_s, "worker(s) (Python)": workers_s, "hey": client_s, "others": others_s}
     per_image = {k: round(1000 * v / images, 2) for k, v in cpu.items()}
     server_ms = per_image["front end (Java)"] + per_image["worker(s) (Python)"]
-    busy_ms = sum(delta(f"{STAGE_MS}/{stage}") for stage in STAGES)
+    busy_ms = 1000 * sum(delta(f"{STAGE_SECONDS}/{stage}") for stage in STAGES)
     return StageProfile(
         concurrency=concurrency,
         img_s=round(result.img_s, 1),

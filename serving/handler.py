@@ -37,6 +37,7 @@ from ts.torch_handler.image_classifier import ImageClassifier
 from carmodel.export import ExportDir
 from carmodel.images import InputError, uploaded_size
 from carmodel.predictor import Predictor, Prepared
+from serving import metrics as names
 from serving import oip
 from serving.batch import Batch
 from serving.requests import read_request
@@ -215,7 +216,7 @@ class CarClassifier(ImageClassifier):
     def _error_response(self, idx: int, err: InputError) -> dict:
         if self._is_request(idx):
             self.context.set_response_status(err.status, err.message, idx)
-        self._metrics().add_counter("InputErrors", 1, None, [Dimension("Status", str(err.status))])
+        self._metrics().add_counter(names.INPUT_ERRORS, 1, None, [Dimension("status", str(err.status))])
         return err.to_json()
 
     # ------------------------------------------------------------------ explanations
@@ -258,18 +259,18 @@ class CarClassifier(ImageClassifier):
         return self.context.metrics
 
     def _add_stage_time(self, stage: str, started: float, images: int) -> None:
-        """A gauge of the last batch for dashboards, plus running totals (counters) from which a
-        scraper such as bench/stages.py derives the time per image and the batch size of each stage."""
-        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        """A histogram of the batch's seconds, plus running totals (counters) from which a scraper
+        such as bench/stages.py derives the time per image and the batch size of each stage."""
+        elapsed = time.perf_counter() - started
         if self.context is None:
             return
-        metrics, dims = self._metrics(), [Dimension("Stage", stage)]
-        metrics.add_time("PreprocessTime" if stage == "preprocess" else "InferenceTime", elapsed_ms, None, "ms")
-        metrics.add_counter("StageMilliseconds", elapsed_ms, None, dims)
-        metrics.add_counter("StageImages", images, None, dims)
-        metrics.add_counter("StageBatches", 1, None, dims)
+        metrics, dims = self._metrics(), [Dimension("stage", stage)]
+        metrics.add_time(names.STAGE_SECONDS_HISTOGRAM[stage], elapsed, None, "s", [], MetricTypes.HISTOGRAM)
+        metrics.add_counter(names.STAGE_SECONDS, elapsed, None, dims)
+        metrics.add_counter(names.STAGE_IMAGES, images, None, dims)
+        metrics.add_counter(names.STAGE_BATCHES, 1, None, dims)
 
     def _record_prediction(self, top1):
         metrics = self._metrics()
-        metrics.add_counter("PredictionsPerClass", 1, None, [Dimension("ClassName", top1.class_name)])
-        metrics.add_metric("Top1Confidence", top1.probability, "percent", None, [], MetricTypes.HISTOGRAM)
+        metrics.add_counter(names.PREDICTIONS, 1, None, [Dimension("class_name", top1.class_name)])
+        metrics.add_metric(names.TOP1_PROBABILITY, top1.probability, "probability", None, [], MetricTypes.HISTOGRAM)
