@@ -1,0 +1,126 @@
+"""api/openapi.yaml, the published description of the inference API: it validates
+(openapi-spec-validator), and the real server's answers to every kind of request it documents are
+among the statuses it lists, with bodies that match its schemas. TorchServe's own descriptions fail
+validation; pinned, so that we notice if that changes."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+import requests
+import yaml
+from helpers import DEFAULT, ROOT, TIMEOUT, encode, png_declaring
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import validate
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+from PIL import Image
+
+SPEC_PATH = ROOT / "api" / "openapi.yaml"
+RESNET = "resnet50_cars"  # no box head: its box is null
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict:
+    return yaml.safe_load(SPEC_PATH.read_text())
+
+
+def test_the_document_validates(spec):
+    validate(spec)
+
+
+def operation(spec: dict, method: str, url: str) -> tuple[str, dict]:
+    """The documented path template and operation that `url` (a path) and `method` call."""
+    for template, item in spec["paths"].items():
+        pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"
+        if re.match(pattern, url) and method.lower() in item:
+            return template, item[method.lower()]
+    raise AssertionError(f"{method} {url} is not in {SPEC_PATH.name}")
+
+
+def deref(spec: dict, node: dict) -> dict:
+    """Follow a local $ref (#/components/...) to what it names."""
+    while isinstance(node, dict) and "$ref" in node:
+        target = spec
+        for part in node["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def check_answer(spec: dict, method: str, response: requests.Response) -> None:
+    """The status is documented for the operation called, and the JSON body matches its schema."""
+    path = requests.utils.urlparse(response.url).path
+    template, op = operation(spec, method, path)
+    documented = op["responses"]
+    assert str(response.status_code) in documented, f"{method} {template}: {response.status_code} undocumented"
+    content = deref(spec, documented[str(response.status_code)]).get("content", {})
+    schema = deref(spec, content["application/json"]["schema"])
+    # the schema with the document's components beside it, so that its $refs resolve
+    OAS30Validator({**schema, "components": spec["components"]}).validate(response.json())
+
+
+def check_request_type(spec: dict, method: str, path: str, content_type: str) -> None:
+    _, op = operation(spec, method, path)
+    types = deref(spec, op["requestBody"])["content"]
+    assert content_type in types or f"{content_type.split('/')[0]}/*" in types, content_type
+
+
+def _jpeg_b64(photo: bytes) -> str:
+    return base64.b64encode(photo).decode()
+
+
+def requests_to_send(url: str, photo: bytes) -> list[tuple[str, str, dict, int]]:
+    """(method, url, requests kwargs, expected status): each kind of request the document describes."""
+    tiny = encode(Image.new("RGB", (8, 8)), "PNG")
+    return [
+        ("PUT", url, {"data": photo, "headers": {"Content-Type": "image/jpeg"}}, 200),
+        ("PUT", url, {"data": photo, "headers": {"Content-Type": "image/jpeg", "X-Box": "true", "X-Top-K": "2"}}, 200),
+        ("POST", url, {"files": {"data": ("car.jpg", photo, "image/jpeg")}, "data": {"topk": "3"}}, 200),
+        ("POST", url, {"json": {"image": _jpeg_b64(photo), "box": True}}, 200),
+        ("POST", url, {"data": _jpeg_b64(photo), "headers": {"Content-Type": "text/plain"}}, 200),
+        ("PUT", url + "/1.0", {"data": photo, "headers": {"Content-Type": "application/octet-stream"}}, 200),
+        ("POST", url, {"json": {"picture": "x"}}, 400),
+        ("PUT", url, {"data": photo, "headers": {"Content-Type": "image/jpeg", "X-Top-K": "0"}}, 400),
+        ("PUT", url.rsplit("/", 1)[0] + "/no_such_model", {"data": photo}, 404),
+        ("PUT", url, {"data": png_declaring(100_000, 100_000), "headers": {"Content-Type": "image/png"}}, 413),
+        ("PUT", url, {"data": b"%PDF-1.4 not a car", "headers": {"Content-Type": "application/pdf"}}, 415),
+        ("PUT", url, {"data": tiny, "headers": {"Content-Type": "image/png"}}, 422),
+        ("PUT", url, {"data": photo[: len(photo) // 2], "headers": {"Content-Type": "image/jpeg"}}, 422),
+        ("POST", url, {"data": photo, "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 500),
+    ]
+
+
+def test_the_server_answers_as_documented(server, spec, photo):
+    url = f"{server.url('inference')}/predictions/{DEFAULT}"
+    for method, target, kwargs, status in requests_to_send(url, photo):
+        response = requests.request(method, target, timeout=TIMEOUT, **kwargs)
+        assert response.status_code == status, (method, target, response.text[:300])
+        check_answer(spec, method, response)
+        sent = response.request.headers.get("Content-Type", "").split(";")[0]
+        if status == 200:  # what was accepted is documented
+            check_request_type(spec, method, requests.utils.urlparse(target).path, sent)
+
+
+def test_boxes_and_explanations_as_documented(server, spec, photo):
+    base = server.url("inference")
+    null_box = requests.put(f"{base}/predictions/{RESNET}", data=photo, headers={"X-Box": "true"}, timeout=TIMEOUT)
+    assert null_box.status_code == 200 and null_box.json()["box"] is None
+    check_answer(spec, "PUT", null_box)
+    explained = requests.post(f"{base}/explanations/{DEFAULT}", data=photo, timeout=TIMEOUT * 2)
+    assert explained.status_code == 200, explained.text[:300]
+    check_answer(spec, "POST", explained)
+    check_answer(spec, "GET", requests.get(f"{base}/ping", timeout=TIMEOUT))
+
+
+def test_torchserves_own_descriptions_fail_validation(server):
+    """TorchServe 0.12's OPTIONS descriptions: invalid (duplicate operation ids, string defaults for
+    integers), and the per-model one advertises /prediction/<model>, which is 404. Pinned; README says so."""
+    inference, management = server.url("inference"), server.url("management")
+    for url in (f"{inference}/", f"{management}/", f"{inference}/predictions/{DEFAULT}"):
+        with pytest.raises(OpenAPIValidationError):
+            validate(requests.options(url, timeout=TIMEOUT).json())
+    per_model = requests.options(f"{inference}/predictions/{DEFAULT}", timeout=TIMEOUT).json()
+    assert f"/prediction/{DEFAULT}" in per_model["paths"]
+    assert requests.post(f"{inference}/prediction/{DEFAULT}", timeout=TIMEOUT).status_code == 404
