@@ -33,6 +33,7 @@ from PIL import Image
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.image_classifier import ImageClassifier
+from ts.utils.util import PredictionException
 
 from carmodel.export import ExportDir
 from carmodel.images import InputError, uploaded_size
@@ -48,6 +49,8 @@ oip.install()  # before TorchServe builds the `kservev2` envelope (KServe's v2 p
 # TorchServe 0.12 does not pass query strings to handlers: these headers stand in for the fields.
 OPTION_HEADERS = {"x-top-k": "topk", "x-box": "box"}
 STREAM_NEXT_HEADER = "ts_stream_next"  # TorchServe's: "true" while a streamed answer has more parts
+# HTTP statuses the gRPC front end would map to FAILED_PRECONDITION: a bad image is an invalid argument
+GRPC_BATCH_STATUS = {415: 400, 422: 400}
 
 
 def content_types(headers: dict) -> dict[str, str]:
@@ -128,15 +131,29 @@ class CarClassifier(ImageClassifier):
             if self._is_describe():
                 return [self.describe_handle()]
             responses = [self._load_error_response(idx) for idx in range(len(data))]
+        self._fail_a_lone_grpc_error(responses)
         self._end_streams(len(data))
         return responses
+
+    def _fail_a_lone_grpc_error(self, responses: list) -> None:
+        """A gRPC request refused alone in its batch becomes a non-OK gRPC status. TorchServe 0.12's gRPC
+        front end drops the per-request status (the answer is OK with our JSON error inside) and keeps
+        only a batch's: a batch of one can fail as a whole without costing a neighbour its answer.
+        4xx map to INVALID_ARGUMENT (413: RESOURCE_EXHAUSTED), 503 to UNAVAILABLE."""
+        if len(responses) != 1 or not oip.is_error(responses[0]) or not self._is_grpc(0):
+            return
+        code = responses[0]["code"]
+        raise PredictionException(responses[0]["message"], GRPC_BATCH_STATUS.get(code, code))
+
+    def _is_grpc(self, idx: int) -> bool:
+        return self._is_request(idx) and not http_headers(self._headers(idx))
 
     def _end_streams(self, size: int) -> None:
         """A gRPC answer is whole: mark it the last part of its stream. TorchServe 0.12's gRPC
         StreamPredictions reads this header of every answer and fails the worker when it is missing;
         over HTTP the same header would turn the answer into a chunked stream, so only gRPC gets it."""
         for idx in range(size):
-            if self._is_request(idx) and not http_headers(self._headers(idx)):
+            if self._is_grpc(idx):
                 self.context.set_response_header(idx, STREAM_NEXT_HEADER, "false")
 
     def _load_error_response(self, idx: int) -> dict:

@@ -11,7 +11,7 @@ import sys
 import grpc
 import pytest
 import requests
-from helpers import DEFAULT, extract_protos, worker_pids
+from helpers import DEFAULT, extract_protos, png_declaring, worker_pids
 
 MODEL = DEFAULT
 PROTOS = ("proto/inference.proto", "proto/management.proto", "google/rpc/status.proto")
@@ -69,12 +69,23 @@ def test_predictions_answer_as_http_does(server, inference, stubs, photo, car_im
     assert answer == http and len(answer) == 5
 
 
-def test_a_bad_image_is_an_ok_status_with_the_handler_error_inside(inference, stubs):
-    """TorchServe 0.12's gRPC front end ignores the per-request status the handler sets (GRPCJob.response
-    sends every PREDICT answer with onNext): a gRPC client must read the JSON `code`. Pinned so that we
-    notice when it changes; README, "gRPC", says so."""
-    answer = json.loads(inference.Predictions(request(stubs, b"not an image"), timeout=TIMEOUT).prediction)
-    assert answer["code"] == 415 and answer["type"] == "InputError" and "supported format" in answer["message"]
+def test_a_bad_image_is_a_non_ok_status_naming_the_problem(server, inference, stubs, photo):
+    """TorchServe 0.12's gRPC front end keeps only a batch's status: the handler fails a refused gRPC
+    request that is alone in its batch (README, "gRPC"; batched with others it is OK with the JSON error)."""
+    pids = worker_pids(server, MODEL)
+    for body, status, says in [
+        (b"not an image", grpc.StatusCode.INVALID_ARGUMENT, "supported format"),
+        (b"\xff\xd8\xff\xe0 truncated jpeg", grpc.StatusCode.INVALID_ARGUMENT, "corrupt"),
+        (png_declaring(100_000, 100_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "pixels"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            inference.Predictions(request(stubs, body), timeout=TIMEOUT)
+        assert info.value.code() == status and says in info.value.details(), info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(inference.StreamPredictions(request(stubs, body), timeout=TIMEOUT))
+        assert info.value.code() == status
+    assert worker_pids(server, MODEL) == pids  # a failed batch is an answer, not a crash
+    assert len(json.loads(inference.Predictions(request(stubs, photo), timeout=TIMEOUT).prediction)) == 5
 
 
 def test_an_unknown_model_is_an_internal_error_naming_it(inference, stubs, photo):
