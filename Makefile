@@ -12,12 +12,13 @@ ARCHIVE := model_store/$(MODEL)_v1.0.mar
 # The archive packs these two packages whole (serving/archive.py).
 SERVING_SOURCES := $(wildcard carmodel/*.py serving/*.py)
 
-.PHONY: help env java promtool serve stop status test lint format archive train evaluate export eda tune clean bench \
+.PHONY: help env system serve demo stop status test lint format archive train evaluate export eda tune clean bench \
 	gate register promote fetch release-archive kserve image
 
 help:
 	@echo "make serve   - create the environment if needed, build the archive, start TorchServe, wait until READY"
 	@echo "make stop    - stop TorchServe"
+	@echo "make demo    - a page in the browser on 127.0.0.1:8090: drop car photos, see the answers"
 	@echo "make test    - lint + the whole test suite (what CI runs)"
 	@echo "make train   - train the default model on ../shared/stanford_cars (two stages: crops, then whole photos"
 	@echo "               and the box head), evaluate, export, calibrate int8 into $(EXPORT)"
@@ -43,25 +44,21 @@ $(KSERVE_STAMP): requirements/kserve.txt
 	$(KSERVE_VENV)/bin/pip install --quiet -r requirements/kserve.txt
 	touch $@
 
-env: $(STAMP) $(KSERVE_STAMP) java promtool
+env: $(STAMP) $(KSERVE_STAMP) system
 
-# TorchServe's frontend is Java: install 17 when we can (root, apt), else say exactly what to do.
-java:
-	@if ! java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])'; then \
+# Debian packages: Java 17 for TorchServe's front end, and for the tests promtool (Prometheus's check of
+# the metrics endpoint; Debian's prometheus package) and Chromium (the demo page's browser test).
+# Installed when missing and we are root (apt); otherwise the exact command to run.
+system:
+	@missing=""; \
+	java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || missing="$$missing openjdk-17-jre-headless"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else \
-	    echo "TorchServe needs Java 17+: sudo apt-get install -y openjdk-17-jre-headless"; exit 1; \
-	  fi; \
-	fi
-
-# promtool, Prometheus's own check of the metrics endpoint (tests/test_serving.py): Debian's prometheus package.
-promtool:
-	@if ! command -v promtool >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
-	  else \
-	    echo "The tests need promtool: sudo apt-get install -y --no-install-recommends prometheus"; exit 1; \
+	    echo "Needed: sudo apt-get install -y --no-install-recommends$$missing"; exit 1; \
 	  fi; \
 	fi
 
@@ -76,6 +73,11 @@ serve: env $(ARCHIVE)
 
 stop:
 	$(VENV)/bin/serve stop
+
+# The page for people (client/demo.py): http://127.0.0.1:8090, on the TorchServe of `make serve` (started
+# here if it is not running). Ctrl-C stops the page; `make stop` stops TorchServe.
+demo: serve
+	$(VENV)/bin/demo
 
 status:
 	$(VENV)/bin/serve status

@@ -52,6 +52,7 @@ TorchServe is up; {model} is READY.
   versions list {model}          # management API: {mgmt}
   curl -s {met}/metrics | grep ts_inference
   gRPC: inference {server.grpc_address("inference")}, management {server.grpc_address("management")}
+  demo --url {inf} --management_url {mgmt}   # a page in the browser, on 127.0.0.1:8090
   make stop
 """)
 

@@ -49,7 +49,7 @@ def poisoned_export(tmp_path) -> tuple[Path, Path]:
 HANDLER_MODULES = {
     *(f"carmodel/{name}.py" for name in ("__init__", "config", "export", "images", "models", "predictor", "presets")),
     "carmodel/runners.py",
-    *(f"serving/{name}.py" for name in ("__init__", "batch", "requests", "settings")),
+    *(f"serving/{name}.py" for name in ("__init__", "batch", "metrics", "oip", "requests", "settings")),
 }
 
 

@@ -1,0 +1,178 @@
+// The demo page: photos go to this page's own server (client/demo.py), which asks TorchServe.
+"use strict";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const modelSelect = $("#model");
+const versionSelect = $("#version");
+const statusLine = $("#status");
+let models = [];
+
+async function api(path, body) {
+  // The page server's JSON answer; an error carries the server's own message and status.
+  let response;
+  try {
+    response = await fetch(path, body === undefined ? {} : {
+      method: "POST", body, headers: {"Content-Type": "application/octet-stream"},
+    });
+  } catch (err) {
+    throw new Error("the demo server is not reachable: is `make demo` still running?");
+  }
+  const type = response.headers.get("Content-Type") || "";
+  const answer = type.includes("json") ? await response.json() : await response.blob();
+  if (!response.ok) {
+    throw new Error(`${response.status}: ${answer.error || response.statusText}`);
+  }
+  return {answer, response};
+}
+
+async function loadModels() {
+  try {
+    models = (await api("/api/models")).answer.models;
+  } catch (err) {
+    statusLine.textContent = `TorchServe: ${err.message}`;
+    statusLine.className = "down";
+    return;
+  }
+  modelSelect.replaceChildren(...models.map((m) => new Option(m.name, m.name)));
+  statusLine.textContent = `TorchServe: ${models.length} model(s)`;
+  showVersions();
+}
+
+function showVersions() {
+  const model = models.find((m) => m.name === modelSelect.value);
+  const options = [new Option("default", "")];
+  for (const v of (model ? model.versions : [])) {
+    options.push(new Option(v.default ? `${v.version} (default)` : v.version, v.version));
+  }
+  versionSelect.replaceChildren(...options);
+}
+
+function query() {
+  // no model listed (TorchServe down): the page server asks its default model
+  const params = new URLSearchParams();
+  if (modelSelect.value) params.set("model", modelSelect.value);
+  if (versionSelect.value) params.set("version", versionSelect.value);
+  return params.toString();
+}
+
+async function showPhoto(card, file) {
+  // The photo as the browser shows it, or (HEIC, ...) as the page server decodes it; `size` is the
+  // photo's own pixel size, in which the server's box is given.
+  const img = $("img", card);
+  const loaded = (src) => new Promise((resolve, reject) => {
+    img.onload = resolve;
+    img.onerror = reject;
+    img.src = src;
+  });
+  try {
+    await loaded(URL.createObjectURL(file));
+    return {width: img.naturalWidth, height: img.naturalHeight};
+  } catch (err) {
+    try {
+      const {answer, response} = await api("/api/preview", file);
+      const [width, height] = response.headers.get("X-Image-Size").split(" ").map(Number);
+      await loaded(URL.createObjectURL(answer));
+      return {width, height};
+    } catch (err2) {
+      img.hidden = true;  // not an image the page server can read either: the answer will say why
+      return null;
+    }
+  }
+}
+
+function place(element, rect, size, img) {
+  const scale = img.clientWidth / size.width;
+  element.style.left = `${rect[0] * scale}px`;
+  element.style.top = `${rect[1] * scale}px`;
+  element.style.width = `${(rect[2] - rect[0]) * scale}px`;
+  element.style.height = `${(rect[3] - rect[1]) * scale}px`;
+  element.hidden = false;
+}
+
+function showAnswer(card, answer, size) {
+  const top = answer.predictions[0];
+  $(".name", card).textContent = top.class_name;
+  $(".meta", card).textContent = `${card.dataset.file} · ${answer.model} v${answer.version} · ${answer.ms} ms`;
+  $(".top", card).replaceChildren(...answer.predictions.map((p) => {
+    const li = document.createElement("li");
+    const percent = (100 * p.probability).toFixed(1);
+    li.innerHTML = '<span class="label"></span> <span class="percent"></span><div class="bar"><div></div></div>';
+    $(".label", li).textContent = p.class_name;
+    $(".percent", li).textContent = `${percent} %`;
+    $(".bar div", li).style.width = `${percent}%`;
+    return li;
+  }));
+  if (answer.box && size) place($(".box", card), answer.box, size, $("img", card));
+}
+
+async function explain(card, file, size, version) {
+  const link = $(".explain", card);
+  link.textContent = "Explaining...";
+  try {
+    const params = new URLSearchParams({model: card.dataset.model});
+    if (version) params.set("version", version);
+    const {answer} = await api(`/api/explain?${params}`, file);
+    const rows = answer.heatmap;
+    const canvas = $(".heatmap", card);
+    canvas.width = rows[0].length;
+    canvas.height = rows.length;
+    const context = canvas.getContext("2d");
+    const pixels = context.createImageData(canvas.width, canvas.height);
+    rows.forEach((row, y) => row.forEach((value, x) => {
+      const i = 4 * (y * canvas.width + x);
+      pixels.data.set([255, 40, 0, Math.round(255 * Math.min(1, value * 2))], i);
+    }));
+    context.putImageData(pixels, 0, 0);
+    const region = answer.region || [0, 0, size.width, size.height];
+    place(canvas, region, size, $("img", card));
+    link.textContent = `Heat map of "${answer.class_name}" shown`;
+  } catch (err) {
+    link.textContent = `Explanation failed: ${err.message}`;
+  }
+}
+
+async function classify(file) {
+  const card = $("#card").content.firstElementChild.cloneNode(true);
+  card.dataset.file = file.name;
+  $("#results").append(card);
+  $(".name", card).textContent = file.name;
+  $(".meta", card).textContent = "asking the model...";
+  const size = await showPhoto(card, file);
+  try {
+    const {answer} = await api(`/api/predict?${query()}`, file);
+    showAnswer(card, answer, size);
+    card.dataset.model = answer.model;
+    card.classList.add("done");
+    if (size) {
+      const link = $(".explain", card);
+      link.hidden = false;
+      link.onclick = (event) => {
+        event.preventDefault();
+        explain(card, file, size, answer.version);
+      };
+    }
+  } catch (err) {
+    $(".name", card).textContent = `${file.name}: not classified`;
+    $(".meta", card).textContent = "";
+    const error = $(".error", card);
+    error.textContent = err.message;
+    error.hidden = false;
+    card.classList.add("done", "failed");
+  }
+}
+
+async function classifyAll(files) {
+  for (const file of files) await classify(file);
+}
+
+const drop = $("#drop");
+$("#files").addEventListener("change", (event) => classifyAll([...event.target.files]));
+drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  classifyAll([...event.dataTransfer.files]);
+});
+modelSelect.addEventListener("change", showVersions);
+loadModels();
