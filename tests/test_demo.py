@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from serving.torchserve import free_port
 
-CHROMIUM = "/usr/bin/chromium"  # make env installs Debian's chromium
+# make env installs Debian's chromium; a CI runner may bring Google Chrome instead
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("google-chrome")
 ARCHIVE = f"{DEFAULT}_v1.0.mar"
 SCREENSHOT = ROOT / "var" / "demo.png"
 WAIT_MS = 90_000
@@ -38,7 +40,7 @@ def start_demo(inference: str, management: str, env: dict | None = None) -> tupl
 
 @pytest.fixture(scope="module")
 def chromium():
-    assert Path(CHROMIUM).exists(), "make env installs Debian's chromium"
+    assert CHROMIUM, "no chromium or google-chrome: make env installs Debian's chromium"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield browser
