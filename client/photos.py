@@ -10,9 +10,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serving.client import EXIT_USAGE, TorchServeError
+
+# HEIC, as the handler accepts it (carmodel/images.py): an iPhone photo must draw as it classifies
+pillow_heif.register_heif_opener()
 
 # Drawings are for people: capping the photo keeps 24-megapixel uploads from costing seconds and
 # hundreds of MB for no visible gain.

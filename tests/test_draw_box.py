@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pillow_heif
 from helpers import command, run
 from PIL import Image
 
@@ -37,6 +38,15 @@ def test_draws_the_box_and_label_onto_a_whole_photo(server, car_image, cars_root
     edge = pixels[round((y1 + y2) / 2 * scale), left : left + 2]
     assert (edge == BOX_COLOUR).all(axis=1).any(), edge
     assert (pixels[bottom - 1 : bottom + 1, round((x1 + x2) / 2 * scale)] == BOX_COLOUR).all(axis=1).any()
+
+
+def test_draws_onto_an_iphone_heic(server, car_image, cars_root, tmp_path):
+    photo = cars_root / "photos" / car_image.parent.name / car_image.name
+    heic = tmp_path / "photo.heic"
+    pillow_heif.from_pillow(Image.open(photo).convert("RGB")).save(heic, quality=90)
+    result = draw_box(server.url("inference"), heic, tmp_path / "heic.png")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "heic.png").size == (MIN_DISPLAY_SIDE, MIN_DISPLAY_SIDE * 96 // 128)
 
 
 def test_drawing_needs_no_server_and_works_without_a_box():
