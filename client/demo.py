@@ -114,7 +114,7 @@ class DemoHandler(BaseHTTPRequestHandler):
             # the page names none when it could not list the models (TorchServe down): ask the default
             model, version = query.get("model") or self.default_model, query.get("version") or None
         except DemoError as err:
-            self._json(err.status, {"error": err.message, "status": err.status})
+            self._error(err)
             return
         if url.path == "/api/predict":
             self._answer(lambda: predict(self.client, model, version, body))
@@ -143,7 +143,7 @@ class DemoHandler(BaseHTTPRequestHandler):
         try:
             jpeg, (width, height) = preview(body)
         except ClientError as err:
-            self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": str(err), "status": 415})
+            self._error(DemoError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(err)))
             return
         self._send(HTTPStatus.OK, jpeg, "image/jpeg", {"X-Image-Size": f"{width} {height}"})
 
@@ -151,10 +151,9 @@ class DemoHandler(BaseHTTPRequestHandler):
         try:
             self._json(HTTPStatus.OK, work())
         except TorchServeError as err:
-            error = from_torchserve(err)
-            self._json(error.status, {"error": error.message, "status": error.status})
+            self._error(from_torchserve(err))
         except DemoError as err:
-            self._json(err.status, {"error": err.message, "status": err.status})
+            self._error(err)
 
     def _static(self, name: str) -> None:
         path = (PAGE / name).resolve()
@@ -162,6 +161,10 @@ class DemoHandler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {name}"})
             return
         self._send(HTTPStatus.OK, path.read_bytes(), STATIC_TYPES[path.suffix])
+
+    def _error(self, err: DemoError) -> None:
+        """What the page shows: the status and the server's (or TorchServe's) own message."""
+        self._json(err.status, {"error": err.message, "status": err.status})
 
     def _json(self, status: int, body: dict) -> None:
         self._send(status, json.dumps(body).encode(), "application/json")

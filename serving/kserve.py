@@ -45,21 +45,19 @@ def read_manifest(archive: Path) -> tuple[dict, dict]:
     return manifest, model_config or {}
 
 
-def store_name(archive: Path) -> str:
+def store_name(manifest: dict) -> str:
     """The archive's name in the layout: `<model>.mar`. KServe's wrapper only counts a model store
     file whose suffixes are exactly ['.mar'], so `<model>_v1.0.mar` (['.0', '.mar']) would leave the
     pod without a model (ModelMissingError, a crash loop); the version lives in the snapshot."""
-    manifest, _ = read_manifest(archive)
     return f"{manifest['model']['modelName']}.mar"
 
 
-def snapshot(archive: Path) -> str:
-    """TorchServe's model_snapshot: load this archive at start-up, with its own worker settings."""
-    manifest, model_config = read_manifest(archive)
+def snapshot(manifest: dict, model_config: dict) -> str:
+    """TorchServe's model_snapshot: load the archive at start-up, with its own worker settings."""
     model = manifest["model"]
     entry = {
         "defaultVersion": True,
-        "marName": store_name(archive),
+        "marName": store_name(manifest),
         "minWorkers": model_config.get("minWorkers", 1),
         "maxWorkers": model_config.get("maxWorkers", 1),
         # TorchServe's KServe envelopes read only the first request of a batch: one request per
@@ -72,8 +70,8 @@ def snapshot(archive: Path) -> str:
     return json.dumps({"name": "startup.cfg", "modelCount": 1, "models": models}, separators=(",", ":"))
 
 
-def render_config(template: str, protocol: str, archive: Path) -> str:
-    values = {"service_envelope": ENVELOPES[protocol], "model_snapshot": snapshot(archive)}
+def render_config(template: str, protocol: str, model_snapshot: str) -> str:
+    values = {"service_envelope": ENVELOPES[protocol], "model_snapshot": model_snapshot}
     lines = []
     for line in template.splitlines():
         key = line.split("=", 1)[0].strip()
@@ -83,17 +81,20 @@ def render_config(template: str, protocol: str, archive: Path) -> str:
 
 
 def assemble(archive: Path, out: Path, protocol: str = "v2") -> Path:
+    """Writes the layout into `out`; returns the archive's path there."""
     if protocol not in ENVELOPES:
         raise AssembleError(f"protocol must be one of {sorted(ENVELOPES)}, got {protocol!r}")
     if not archive.is_file():
         raise AssembleError(f"archive not found: {archive} (build it: make archive)")
-    config = render_config(TEMPLATE.read_text(), protocol, archive)
+    manifest, model_config = read_manifest(archive)
+    config = render_config(TEMPLATE.read_text(), protocol, snapshot(manifest, model_config))
     shutil.rmtree(out / "model-store", ignore_errors=True)
     (out / "config").mkdir(parents=True, exist_ok=True)
     (out / "model-store").mkdir(parents=True)
-    shutil.copy(archive, out / "model-store" / store_name(archive))
+    stored = out / "model-store" / store_name(manifest)
+    shutil.copy(archive, stored)
     (out / "config" / "config.properties").write_text(config)
-    return out
+    return stored
 
 
 def main(argv=None) -> int:
@@ -104,12 +105,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or ROOT / "var" / "kserve" / args.protocol
     try:
-        assemble(args.archive, out, args.protocol)
+        stored = assemble(args.archive, out, args.protocol)
     except AssembleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stored = store_name(args.archive)
-    print(f"KServe storage for {args.protocol} in {out}: config/config.properties, model-store/{stored}")
+    print(f"KServe storage for {args.protocol} in {out}: config/config.properties, model-store/{stored.name}")
     return 0
 
 
