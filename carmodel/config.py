@@ -6,11 +6,10 @@ so the archive and the server never see data paths, optimiser settings or tune a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from carmodel import typed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +27,9 @@ class ModelConfig:
     # the whole image is classified as it is.
     locate_size: int = 0
     crop_margin: float = 0.05  # widen the found box by this fraction of its size on each side
+    # With a box head: a car/no-car logit from the same first pass (training.car_head trains it), so a
+    # photo without a car is answered "no car" rather than with a car's name.
+    car_head: bool = False
 
     @property
     def localizes(self) -> bool:
@@ -39,19 +41,15 @@ class ModelConfig:
         return f"{self.arch}_cars"
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return typed.to_dict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        values = {k: tuple(float(x) for x in v) if k in ("mean", "std") else v for k, v in values.items()}
-        return cls(**values)
+        return typed.from_dict(cls, values)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        typed.save_yaml(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        return typed.load_yaml(cls, path)

@@ -4,6 +4,7 @@
     index_to_name.json     {"0": "AM General Hummer SUV 2000", ...}: official names
     model.yaml             ModelConfig: architecture and preprocessing, all that inference needs
     <name>_int8.xml/.bin   optional: the calibrated int8 OpenVINO model (training.quantize)
+    calibration.json       optional: temperature and thresholds fitted on val (carmodel/calibration.py)
     -- training's record, kept beside them, never shipped to a server --
     config.yaml, metrics.json, split.json, quantization.json, curves.png, ...
 
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from carmodel.calibration import CALIBRATION, Calibration
 from carmodel.config import ModelConfig
-from carmodel.models import build_model
+from carmodel.models import build_for
 
 MODEL_CONFIG = "model.yaml"
 CLASSES = "index_to_name.json"
@@ -52,7 +54,8 @@ class ExportDir:
         try:
             return ModelConfig.load(file)
         except (ValueError, TypeError) as err:
-            raise ExportError(f"{file}: {err}") from err
+            message = str(err)
+            raise ExportError(message if message.startswith(str(file)) else f"{file}: {message}") from err
 
     @property
     def model_name(self) -> str:
@@ -75,6 +78,10 @@ class ExportDir:
         return [self.int8_xml, self.int8_xml.with_suffix(".bin")]
 
     @property
+    def calibration_file(self) -> Path:
+        return self.path / CALIBRATION
+
+    @property
     def has_int8(self) -> bool:
         return all(p.is_file() for p in self.int8_files)
 
@@ -85,6 +92,7 @@ class ExportDir:
     def serving_files(self, with_int8: bool = True) -> list[Path]:
         """What a server needs from this export: the archive packs exactly these."""
         files = [self.path / MODEL_CONFIG, self.classes_file, self.weights]
+        files += [self.calibration_file] if self.calibration_file.is_file() else []
         return files + (self.int8_files if with_int8 and self.has_int8 else [])
 
     # ------------------------------------------------------------------ read
@@ -92,6 +100,13 @@ class ExportDir:
     def classes(self) -> list[str]:
         mapping = json.loads(self.classes_file.read_text())
         return [mapping[str(i)] for i in range(len(mapping))]
+
+    def calibration(self) -> Calibration:
+        """How the answer is calibrated (the identity where the export has no calibration.json)."""
+        try:
+            return Calibration.load(self.calibration_file)
+        except (ValueError, TypeError) as err:
+            raise ExportError(str(err)) from err
 
     def validate(self, model_name: str | None = None) -> None:
         """Everything a server needs is here and sound; raises ExportError saying what is not."""
@@ -111,7 +126,7 @@ class ExportDir:
     def load_model(self, device="cpu") -> torch.nn.Module:
         """The network in eval mode. weights_only=True: a .pth may hold tensors, never code."""
         cfg = self.model_config
-        model, _ = build_model(cfg.arch, len(self.classes()), "none", cfg.dropout, locate=cfg.localizes)
+        model, _ = build_for(cfg, len(self.classes()))
         model.load_state_dict(torch.load(self.weights, map_location=device, weights_only=True))
         return model.to(device).eval()
 

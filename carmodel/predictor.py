@@ -1,16 +1,21 @@
-"""The inference chain, once: image -> [find the car, cut it out] -> eval preset -> runner -> top-k.
+"""The inference chain, once: image -> [find the car, cut it out] -> eval preset -> runner -> answer.
 
 A model with a box head (ModelConfig.locate_size) localises, then classifies: the whole image,
-squashed small, gives the car's box; the car is cut from the full-resolution image (where a phone
-photo's detail is) at that box, widened by `crop_margin`, and classified. A model without one
-classifies the whole image.
+squashed small, gives the car's box (and, with a car head, whether there is a car at all); the car
+is cut from the full-resolution image (where a phone photo's detail is) at that box, widened by
+`crop_margin`, and classified. A model without one classifies the whole image.
+
+The answer (`Answer`) is calibrated (carmodel/calibration.py): probabilities a person can read as
+odds, the make and body type with their probabilities summed over their classes
+(carmodel/vehicles.py), "no car" and "not sure" at the export's thresholds.
 
 The TorchServe handler, the in-process benchmark, the parity check, int8 calibration's check
 and training's evaluation all run a model through a `Predictor`, so a change here (a new stage,
 another preset) reaches every one of them.
 
     predictor = Predictor.for_export(ExportDir("models/efficientnet_lite0_cars"))
-    predictor.predict([Image.open("car.jpg").convert("RGB")], k=5)
+    answer = predictor.predict([Image.open("car.jpg").convert("RGB")], k=5)[0]
+    answer.make, answer.uncertain, answer.predictions[0].class_name
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from carmodel.calibration import Calibration
 from carmodel.config import ModelConfig
 from carmodel.export import ExportDir
 from carmodel.images import uploaded_size
 from carmodel.presets import cut_out, decode_side, eval_preset, locate_preset, widen
 from carmodel.runners import Runner, make_runner
+from carmodel.vehicles import Vehicle, describe, groups
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in the image's pixels (x2, y2 exclusive)
 
@@ -36,9 +42,57 @@ class Prediction:
     class_id: int
     class_name: str
     probability: float
+    vehicle: Vehicle
 
     def to_dict(self) -> dict:
-        return {"class_id": self.class_id, "class_name": self.class_name, "probability": round(self.probability, 6)}
+        return {
+            "class_id": self.class_id,
+            "class_name": self.class_name,
+            "probability": round(self.probability, 6),
+            **self.vehicle.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class Share:
+    """A make or body type and its probability, summed over its classes."""
+
+    name: str
+    probability: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "probability": round(self.probability, 6)}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the model says of one image."""
+
+    car_found: bool
+    car_score: float | None  # the car/no-car score; None for a model without a car head
+    box: Box | None  # where the car is, in the upload's pixels; None without a box head or a car
+    make: Share | None  # None without a car, or when even the make is not sure
+    body_type: Share | None  # None without a car
+    uncertain: bool  # a car, but the top-1 probability is below the sure threshold
+    predictions: list[Prediction]  # best first; [] without a car
+
+    def rows(self) -> list[dict]:
+        """The plain answer: the top-k rows ([] for a photo without a car)."""
+        return [p.to_dict() for p in self.predictions]
+
+    def details(self) -> dict:
+        """The detailed answer (X-Details), every field present."""
+        return {
+            "car": {
+                "found": self.car_found,
+                "score": None if self.car_score is None else round(self.car_score, 6),
+                "box": None if self.box is None else list(self.box),
+            },
+            "make": self.make and self.make.to_dict(),
+            "body_type": self.body_type and self.body_type.to_dict(),
+            "uncertain": self.uncertain,
+            "predictions": self.rows(),
+        }
 
 
 @dataclass(frozen=True)
@@ -50,11 +104,33 @@ class Prepared:
     tensor: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """Where the model looked for one class: `heatmap` (0-1) over what was classified, and `region`,
+    where that lies in the upload (None: the whole image)."""
+
+    prediction: Prediction
+    heatmap: torch.Tensor
+    region: Box | None
+
+    def to_dict(self) -> dict:
+        answer = {
+            "class_id": self.prediction.class_id,
+            "class_name": self.prediction.class_name,
+            "probability": round(self.prediction.probability, 6),
+            "heatmap": [[round(v, 4) for v in line] for line in self.heatmap.tolist()],
+        }
+        return answer | ({"region": list(self.region)} if self.region else {})
+
+
 @dataclass
 class Forward:
     logits: torch.Tensor  # one row per image
     inputs: list[torch.Tensor]  # what was classified: the cars cut out, or the whole images
     boxes: list[Box] | None  # where the car was found, in each upload's pixels; None without a box head
+    sides: torch.Tensor  # the classified region's size, sqrt(width x height) in decoded pixels: what T depends on
+    car_scores: torch.Tensor | None = None  # the car/no-car score of each image; None without a car head
+    uploaded_sizes: list[tuple[int, int]] | None = None  # each upload's (width, height), before decoding shrank it
 
 
 class Predictor:
@@ -65,12 +141,18 @@ class Predictor:
         classes: list[str],
         runner: Runner,
         locator: Runner | None = None,
+        calibration: Calibration | None = None,
     ):
         if config.localizes and locator is None:
             raise ValueError("a model with a box head needs a locator: a runner at its locate_size")
         self.model = model  # the eager reference: explanations need its gradients
         self.config = config
         self.classes = classes
+        self.vehicles = [describe(name) for name in classes]
+        self.makes, make_of = groups(classes, "make")
+        self.body_types, body_of = groups(classes, "body_type")
+        self.make_of, self.body_of = torch.tensor(make_of), torch.tensor(body_of)
+        self.calibration = calibration or Calibration()
         self.runner = runner
         self.locator = locator if config.localizes else None
         self.preprocess = eval_preset(config)
@@ -96,7 +178,7 @@ class Predictor:
         locator = None
         if config.localizes:
             locator = make_runner(model, config.locate_size, backend, precision, export.int8_xml, threads)
-        return cls(model, config, export.classes(), runner, locator)
+        return cls(model, config, export.classes(), runner, locator, export.calibration())
 
     @property
     def engine(self) -> str:
@@ -122,10 +204,12 @@ class Predictor:
         """Per image, safe to run in threads side by side: the first pass's input."""
         return Prepared(image, (self.locate_preprocess or self.preprocess)(image))
 
-    def locate(self, prepared: Sequence[Prepared]) -> list[Box]:
-        """The car's box in each image, in the decoded image's pixels."""
-        _, found = self.locator.run(torch.stack([p.tensor for p in prepared]))
-        return [to_pixels(row, p.image.size) for row, p in zip(found, prepared, strict=True)]
+    def locate(self, prepared: Sequence[Prepared]) -> tuple[list[Box], torch.Tensor | None]:
+        """The car's box in each image, in the decoded image's pixels, and (with a car head) the
+        score that there is a car at all."""
+        _, found, *car = self.locator.run(torch.stack([p.tensor for p in prepared]))
+        boxes = [to_pixels(row, p.image.size) for row, p in zip(found, prepared, strict=True)]
+        return boxes, torch.sigmoid(car[0].float()) if car else None
 
     def region(self, size: tuple[int, int], box: Box) -> Box:
         """The part of a `size` (width, height) image classified for a car found at `box`: the box
@@ -139,32 +223,93 @@ class Predictor:
     def run(self, prepared: Sequence[Prepared], map: Callable = map) -> Forward:
         """The chain after `prepare`, for a batch. `map`: how to cut out the cars (a thread pool's map
         runs them side by side)."""
+        images = [p.image for p in prepared]
         if not self.localizes:
             inputs = [p.tensor for p in prepared]
-            return Forward(self.logits(inputs), inputs, None)
-        boxes = self.locate(prepared)
-        images = [p.image for p in prepared]
+            return Forward(self.logits(inputs), inputs, None, side_lengths([(0, 0, *i.size) for i in images]))
+        boxes, car_scores = self.locate(prepared)
         inputs = list(map(self.cut_car, images, boxes))
-        return Forward(self.logits(inputs), inputs, list(map(in_uploaded_pixels, boxes, images)))
+        regions = [self.region(image.size, box) for image, box in zip(images, boxes, strict=True)]
+        uploaded = list(map(in_uploaded_pixels, boxes, images))
+        sizes = [uploaded_size(image) for image in images]
+        return Forward(self.logits(inputs), inputs, uploaded, side_lengths(regions), car_scores, sizes)
 
-    def top_k(self, logits: torch.Tensor, k: int | Sequence[int]) -> list[list[Prediction]]:
+    def probabilities(self, forward: Forward) -> torch.Tensor:
+        """Calibrated class probabilities, one row per image."""
+        return self.calibration.probabilities(forward.logits, forward.sides)
+
+    def top_k(self, probabilities: torch.Tensor, k: int | Sequence[int]) -> list[list[Prediction]]:
         """Best first; `k` for every row, or one k per row."""
-        ks = [k] * len(logits) if isinstance(k, int) else list(k)
-        probabilities = F.softmax(logits.float(), dim=1)
+        ks = [k] * len(probabilities) if isinstance(k, int) else list(k)
         answers = []
         for row, row_k in zip(probabilities, ks, strict=True):
             probs, ids = torch.topk(row, min(row_k, len(self.classes)))
-            answers.append(
-                [Prediction(int(i), self.classes[int(i)], float(p)) for p, i in zip(probs, ids, strict=True)]
-            )
+            answers.append([self.prediction(int(i), float(p)) for p, i in zip(probs, ids, strict=True)])
         return answers
+
+    def prediction(self, class_id: int, probability: float) -> Prediction:
+        return Prediction(class_id, self.classes[class_id], probability, self.vehicles[class_id])
+
+    @staticmethod
+    def summed(probabilities: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
+        """Class probabilities summed per make (`of` = make_of) or body type (body_of): [images, groups]."""
+        return torch.zeros(len(probabilities), int(of.max()) + 1).index_add_(1, of, probabilities.float())
+
+    def shares(self, probabilities: torch.Tensor, of: torch.Tensor, names: list[str]) -> list[Share]:
+        """The most probable make or body type of each row, its probability summed over its classes."""
+        best, ids = self.summed(probabilities, of).max(1)
+        return [Share(names[int(i)], float(p)) for p, i in zip(best, ids, strict=True)]
+
+    def answer(self, forward: Forward, k: int | Sequence[int]) -> list[Answer]:
+        """The answer for each image of `forward`: `k` predictions (one k, or one per image)."""
+        probabilities = self.probabilities(forward)
+        rows = self.top_k(probabilities, k)
+        makes = self.shares(probabilities, self.make_of, self.makes)
+        bodies = self.shares(probabilities, self.body_of, self.body_types)
+        scores = forward.car_scores.tolist() if forward.car_scores is not None else [None] * len(rows)
+        boxes = forward.boxes or [None] * len(rows)
+        c = self.calibration
+        answers = []
+        for top, make, body, score, box in zip(rows, makes, bodies, scores, boxes, strict=True):
+            if score is not None and score < c.car_threshold:
+                answers.append(Answer(False, score, None, None, None, False, []))
+                continue
+            uncertain = top[0].probability < c.sure_threshold
+            named = make if not uncertain or make.probability >= c.make_threshold else None
+            answers.append(Answer(True, score, box, named, body, uncertain, top))
+        return answers
+
+    def explain(self, forward: Forward, targets: Sequence[int | None], steps: int) -> list[Explanation]:
+        """Integrated Gradients of each image of `forward` towards its class in `targets` (None or out of
+        range: its top-1), summed over colour channels into a 0-1 heat map of what was classified:
+        with a box head the car cut out, whose place in the upload is `region`."""
+        from captum.attr import IntegratedGradients  # explanations only: the answer path does without
+
+        integrated_gradients = IntegratedGradients(self.classifier)
+        device = next(self.model.parameters()).device
+        probabilities = self.probabilities(forward)
+        explanations = []
+        for row, target in enumerate(targets):
+            if target is None or not 0 <= target < len(self.classes):
+                target = int(forward.logits[row].argmax())
+            inputs = forward.inputs[row].unsqueeze(0).to(device).requires_grad_()
+            heatmap = integrated_gradients.attribute(inputs, target=target, n_steps=steps).squeeze(0).abs().sum(0)
+            region = self.region(forward.uploaded_sizes[row], forward.boxes[row]) if forward.boxes else None
+            prediction = self.prediction(target, float(probabilities[row, target]))
+            explanations.append(Explanation(prediction, heatmap / heatmap.max().clamp_min(1e-12), region))
+        return explanations
 
     def forward(self, images: Sequence[Image.Image]) -> Forward:
         """The whole chain for a batch of images, in this thread."""
         return self.run([self.prepare(image) for image in images])
 
-    def predict(self, images: Sequence[Image.Image], k: int = 5) -> list[list[Prediction]]:
-        return self.top_k(self.forward(images).logits, k)
+    def predict(self, images: Sequence[Image.Image], k: int = 5) -> list[Answer]:
+        return self.answer(self.forward(images), k)
+
+
+def side_lengths(regions: Sequence[Box]) -> torch.Tensor:
+    """sqrt(width x height) of each region: one number for how many pixels a car had."""
+    return torch.tensor([float(((x2 - x1) * (y2 - y1)) ** 0.5) for x1, y1, x2, y2 in regions])
 
 
 def in_uploaded_pixels(box: Box, image: Image.Image) -> Box:

@@ -84,3 +84,18 @@ def server(tmp_path_factory, model_store):
     )
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def no_car_pictures(tmp_path_factory) -> dict[str, Path]:
+    """Pictures without a car from the no-car test set (training/nocar.py), as JPEG files: {name: path}."""
+    from training.nocar import test_pictures
+
+    folder = tmp_path_factory.mktemp("no_car")
+    wanted = ("skimage:cat", "skimage:astronaut", "skimage:coffee", "skimage:rocket", "sklearn:flower.jpg")
+    paths = {}
+    for name, picture in test_pictures():
+        if name in wanted:
+            paths[name] = folder / f"{name.split(':')[1].removesuffix('.jpg')}.jpg"
+            picture.save(paths[name], quality=92)
+    return paths

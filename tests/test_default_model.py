@@ -23,18 +23,23 @@ from carmodel.predictor import Predictor
 
 MODEL = "efficientnet_lite0_cars"
 SAMPLE_EVERY = 35  # ~30 held-out photos spread over the classes: enough to tell a real model from chance
+CALIBRATION_EVERY = 10  # ~100: the mean probability's gap to accuracy measured within a few points
 
 
-@pytest.fixture(scope="module")
-def held_out(cars_root) -> list[tuple[str, str]]:
-    """[(path relative to the data root, official class name)] from the export's test split."""
+def held_out_cars(every: int) -> list[tuple[str, str]]:
+    """[(path relative to the data root, official class name)]: every `every`th car of the export's test split."""
     split = json.loads((DEFAULT_EXPORT / "split.json").read_text())
     train = set(split["files"]["train"]) | set(split["files"]["val"])
-    test = split["files"]["test"][::SAMPLE_EVERY]
+    test = split["files"]["test"][::every]
     assert test and not train & set(test)
     classes = json.loads((DEFAULT_EXPORT / "index_to_name.json").read_text())
     by_folder = {name.replace("/", "-"): name for name in classes.values()}
     return [(rel, by_folder[rel.split("/")[1]]) for rel in test]
+
+
+@pytest.fixture(scope="module")
+def held_out(cars_root) -> list[tuple[str, str]]:
+    return held_out_cars(SAMPLE_EVERY)
 
 
 # Floors under which an export must not ship, on the 1,039 held-out cars (README "The shipped model" has
@@ -115,7 +120,7 @@ def test_served_default_model_gets_held_out_photos_right(server, cars_root, held
         response = requests.put(server.url("inference") + f"/predictions/{MODEL}", data=path.read_bytes(), timeout=60)
         assert response.status_code == 200, response.text
         top = response.json()
-        expected = local.predict([Image.open(path).convert("RGB")], k=1)[0][0].class_id
+        expected = local.predict([Image.open(path).convert("RGB")], k=1)[0].predictions[0].class_id
         assert top[0]["class_id"] == expected, rel  # the server runs the same model as training exported
         correct += top[0]["class_name"] == true_name
     assert correct / len(held_out) >= 0.8, f"{correct}/{len(held_out)} held-out photos right"
@@ -141,3 +146,48 @@ def test_phone_formats_and_sizes_are_classified_like_the_photo(server, cars_root
         same += answers[0] == answers[1]
         correct += answers[1] == true_name
     assert same >= 10 and correct >= 8, f"{fmt} x{scale}: {same}/12 as the original, {correct}/12 right"
+
+
+def details(server, data: bytes) -> dict:
+    response = requests.put(
+        server.url("inference") + f"/predictions/{MODEL}", data=data, headers={"X-Details": "true"}, timeout=60
+    )
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/json", response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("view", ["crops", "photos"])
+def test_served_probabilities_say_how_often_the_answer_is_right(server, cars_root, view):
+    """Calibrated: over ~100 held-out cars the mean top-1 probability is within a few points of the
+    accuracy; every car is found, and the answer's make and body type are the top-1 class's when sure."""
+    cars = held_out_cars(CALIBRATION_EVERY)
+    right, probabilities = [], []
+    for rel, true_name in cars:
+        path = cars_root / rel if view == "crops" else whole_photo(cars_root, rel)
+        answer = details(server, path.read_bytes())
+        assert answer["car"]["found"], (rel, answer["car"])
+        top1 = answer["predictions"][0]
+        right.append(top1["class_name"] == true_name)
+        probabilities.append(top1["probability"])
+        # a make's or body type's probability is summed over its classes, the top-1's among them
+        assert answer["body_type"]["probability"] >= top1["probability"] - 1e-6
+        if not answer["uncertain"]:
+            assert answer["make"] is not None  # sure of the car, so of its make
+        if answer["make"] and top1["probability"] > 0.5:  # then no other make can hold more
+            assert answer["make"]["name"] == top1["make"] and answer["make"]["probability"] >= top1["probability"]
+    accuracy, confidence = sum(right) / len(right), sum(probabilities) / len(probabilities)
+    assert abs(confidence - accuracy) <= 0.08, (
+        f"{view}: mean top-1 probability {confidence:.3f}, accuracy {accuracy:.3f}"
+    )
+
+
+def test_pictures_without_a_car_are_answered_no_car(server, no_car_pictures):
+    """A cat, an astronaut, a coffee cup, a rocket, a flower: the plain answer is [] and the detailed one
+    says no car, with its score."""
+    url = server.url("inference") + f"/predictions/{MODEL}"
+    for name, path in no_car_pictures.items():
+        plain = requests.put(url, data=path.read_bytes(), timeout=60)
+        assert plain.status_code == 200 and plain.json() == [], (name, plain.text[:300])
+        answer = details(server, path.read_bytes())
+        assert answer["car"]["found"] is False and 0 <= answer["car"]["score"] < 1, (name, answer)
+        assert answer["car"]["box"] is None and answer["make"] is None and answer["predictions"] == []

@@ -45,7 +45,7 @@ IMAGENET_CAR_CLASSES = {
 
 def test_efficientnet_lite0_imagenet_mapping_sees_cars_in_real_photos(cars_root):
     """The key mapping is right iff the 1000-class ImageNet head recognises cars as cars."""
-    model, init = model_lib.build_model("efficientnet_lite0", 1000, "imagenet")
+    model, init = model_cli.build_model("efficientnet_lite0", 1000, "imagenet")
     assert init == "imagenet"
     files = sorted((cars_root / "train").glob("*/*.jpg"))
     files = random.Random(0).sample(files, 32)
@@ -55,7 +55,7 @@ def test_efficientnet_lite0_imagenet_mapping_sees_cars_in_real_photos(cars_root)
         top1 = model.eval()(batch).argmax(1).tolist()
     car_share = sum(c in IMAGENET_CAR_CLASSES for c in top1) / len(top1)
     assert car_share >= 0.8, f"only {car_share:.0%} of car photos got an ImageNet car class"
-    random_model, _ = model_lib.build_model("efficientnet_lite0", 1000, "none")
+    random_model, _ = model_cli.build_model("efficientnet_lite0", 1000, "none")
     with torch.no_grad():
         random_top1 = random_model.eval()(batch).argmax(1).tolist()
     assert sum(c in IMAGENET_CAR_CLASSES for c in random_top1) / len(top1) < 0.5
@@ -63,15 +63,15 @@ def test_efficientnet_lite0_imagenet_mapping_sees_cars_in_real_photos(cars_root)
 
 def test_init_is_logged_and_random_only_on_request(caplog):
     with caplog.at_level(logging.INFO, logger="carmodel.models"):
-        model_lib.build_model("mobilenet_v2", 196, "none")
+        model_cli.build_model("mobilenet_v2", 196, "none")
     assert "init random (pretrained=none)" in caplog.text
 
 
 def test_local_weights_file_initialises_the_trunk_and_keeps_a_fresh_head(tmp_path):
-    source, _ = model_lib.build_model("mobilenet_v2", 1000, "none")
+    source, _ = model_cli.build_model("mobilenet_v2", 1000, "none")
     path = tmp_path / "imagenet_like.pth"
     torch.save(source.state_dict(), path)
-    model, init = model_lib.build_model("mobilenet_v2", 196, str(path))
+    model, init = model_cli.build_model("mobilenet_v2", 196, str(path))
     assert init == f"file:{path}"
     assert torch.equal(model.features[3].conv[0][0].weight, source.features[3].conv[0][0].weight)
     assert model.classifier[1].out_features == 196
@@ -79,14 +79,14 @@ def test_local_weights_file_initialises_the_trunk_and_keeps_a_fresh_head(tmp_pat
 
 def test_missing_weights_file_is_an_error_not_a_random_model(tmp_path):
     with pytest.raises(model_lib.PretrainedWeightsError, match="weights file not found"):
-        model_lib.build_model("resnet50", 196, str(tmp_path / "nope.pth"))
+        model_cli.build_model("resnet50", 196, str(tmp_path / "nope.pth"))
 
 
 def test_weights_for_another_architecture_are_refused(tmp_path):
-    other, _ = model_lib.build_model("mobilenet_v2", 196, "none")
+    other, _ = model_cli.build_model("mobilenet_v2", 196, "none")
     torch.save(other.state_dict(), tmp_path / "m.pth")
     with pytest.raises(model_lib.PretrainedWeightsError, match="do not fit"):
-        model_lib.build_model("efficientnet_b0", 196, str(tmp_path / "m.pth"))
+        model_cli.build_model("efficientnet_b0", 196, str(tmp_path / "m.pth"))
 
 
 @pytest.mark.parametrize(
@@ -94,23 +94,23 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
     [("resnet50", 1), ("resnet50", 2), ("efficientnet_lite0", 5), ("efficientnet_b0", 2), ("mobilenet_v2", 3)],
 )
 def test_freeze_trains_only_the_last_blocks_and_the_head(arch, unfreeze):
-    model, _ = model_lib.build_model(arch, 196, "none")
-    frozen = model_lib.freeze(model, arch, unfreeze)
+    model, _ = model_cli.build_model(arch, 196, "none")
+    frozen = model_cli.freeze(model, arch, unfreeze)
     blocks = model_lib.spec(arch).blocks(model)
     assert len(frozen) == len(blocks) - unfreeze
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     expected = {id(p) for m in blocks[-unfreeze:] + [model_lib.head_module(model, arch)] for p in m.parameters()}
     assert trainable == expected
-    model_lib.train_mode(model, frozen)
+    model_cli.train_mode(model, frozen)
     assert all(not m.training for b in frozen for m in b.modules())
     assert model_lib.head_module(model, arch).training
 
 
 def test_unfreeze_zero_is_a_linear_probe_and_minus_one_trains_all():
-    model, _ = model_lib.build_model("mobilenet_v2", 196, "none")
-    model_lib.freeze(model, "mobilenet_v2", 0)
+    model, _ = model_cli.build_model("mobilenet_v2", 196, "none")
+    model_cli.freeze(model, "mobilenet_v2", 0)
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.classifier.parameters()}
-    model_lib.freeze(model, "mobilenet_v2", -1)
+    model_cli.freeze(model, "mobilenet_v2", -1)
     assert all(p.requires_grad for p in model.parameters())
 
 

@@ -66,7 +66,7 @@ def test_export_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(ExportError, match="index_to_name.json missing"):
         ExportDir(tmp_path).validate()
     (tmp_path / "model.yaml").write_text("arch: efficientnet_lite0\nlearning_rate: 0.1\n")
-    with pytest.raises(ExportError, match="unknown model config keys: learning_rate"):
+    with pytest.raises(ExportError, match="unknown settings: learning_rate"):
         ExportDir(tmp_path).validate()
 
 
@@ -120,7 +120,7 @@ def test_predictor_finds_the_car_then_classifies_it_cut_from_the_full_image(refe
             )
         probabilities = model(torch.stack([eval_preset(config)(car) for car in cars]))[0].softmax(1)
     forward = reference.run([reference.prepare(p) for p in whole_photos])
-    answers = reference.top_k(forward.logits, 1)
+    answers = reference.top_k(forward.logits.softmax(1), 1)
     for image, box, by_hand, row, answer in zip(
         whole_photos, found, forward.boxes, probabilities, answers, strict=True
     ):
@@ -152,16 +152,26 @@ def test_box_fractions_become_ordered_pixels_inside_the_image(box, expected):
 
 def test_top_k_per_row_best_first_and_capped_at_the_classes(reference, photos):
     logits = reference.logits([reference.preprocess(p) for p in photos[:3]])
-    answers = reference.top_k(logits, [1, 5, 500])
+    answers = reference.top_k(logits.softmax(1), [1, 5, 500])
     assert [len(a) for a in answers] == [1, 5, 196]
     for answer in answers:
         probabilities = [p.probability for p in answer]
         assert probabilities == sorted(probabilities, reverse=True)
     assert sum(p.probability for p in answers[2]) == pytest.approx(1.0, abs=1e-4)
-    assert answers[0][0].to_dict().keys() == {"class_id", "class_name", "probability"}
+    assert answers[0][0].to_dict().keys() == {
+        "class_id",
+        "class_name",
+        "probability",
+        "make",
+        "model",
+        "year",
+        "body_type",
+    }
 
 
 def test_the_default_predictor_serves_the_int8_model_and_agrees(reference, photos):
     fast = Predictor.for_export(ExportDir(DEFAULT_EXPORT))
     assert fast.engine == "openvino int8" and reference.engine == "torch fp32"
-    assert [a[0].class_id for a in fast.predict(photos, k=1)] == [a[0].class_id for a in reference.predict(photos, k=1)]
+    assert [a.predictions[0].class_id for a in fast.predict(photos, k=1)] == [
+        a.predictions[0].class_id for a in reference.predict(photos, k=1)
+    ]

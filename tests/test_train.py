@@ -18,6 +18,7 @@ from carmodel import models as model_lib
 from carmodel.export import ExportDir
 from carmodel.presets import ClassificationPresetEval
 from training import config as config_lib
+from training import model as training_model
 from training import train
 from training.evaluate import load_run
 
@@ -116,7 +117,7 @@ def test_resumed_lr_schedule_matches_an_uninterrupted_run_even_with_more_epochs(
 
     def optimization(epochs: int) -> train.Optimization:
         optim = config_lib.OptimConfig(epochs=epochs, warmup_epochs=1, lr_schedule=schedule, lr_step_epochs=2)
-        return train.Optimization.create(optim, loop, hw)
+        return train.Optimization.create(optim, loop, hw, train.Objective(optim))
 
     interrupted = optimization(epochs=3)
     lr_trace(interrupted, 2 * 5)
@@ -131,7 +132,7 @@ def test_resumed_lr_schedule_matches_an_uninterrupted_run_even_with_more_epochs(
 def test_frozen_trunk_trains_the_head_on_cached_features(cars_root, tmp_path):
     export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", unfreeze=0, **SMOKE)
     trained = torch.load(export / "efficientnet_lite0_cars.pth", weights_only=True)
-    imagenet, _ = model_lib.build_model("efficientnet_lite0", 196, "imagenet")
+    imagenet, _ = training_model.build_model("efficientnet_lite0", 196, "imagenet")
     reference = imagenet.state_dict()
     head = model_lib.spec("efficientnet_lite0").head
     trunk = [k for k in trained if not k.startswith(head + ".")]

@@ -16,10 +16,12 @@ level of the metrics JSON; every view's are under `views`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,9 @@ from sklearn.metrics import top_k_accuracy_score
 from tqdm import tqdm
 
 from carmodel import models as model_lib
+from carmodel.calibration import CALIBRATION, Calibration
 from carmodel.export import MODEL_CONFIG, TRAINING_CONFIG, ExportDir, ExportError
-from carmodel.predictor import Predictor
+from carmodel.predictor import Forward, Predictor
 from carmodel.presets import decode_side
 from carmodel.runners import torch_runner
 from training import config as config_lib
@@ -39,6 +42,7 @@ from training.train import pick_device
 
 log = logging.getLogger(__name__)
 MOST_CONFUSED = 15
+ECE_BINS = 15
 
 
 def load_trained(folder: Path, overrides: dict | None = None):
@@ -56,9 +60,7 @@ def load_run(run_dir: Path, overrides: dict | None = None):
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished training run?")
     cfg = config_lib.load(run_dir / "config.yaml", overrides)
     classes = json.loads((run_dir / "classes.json").read_text())
-    model, _ = model_lib.build_model(
-        cfg.model.arch, len(classes), "none", cfg.model.dropout, locate=cfg.model.localizes
-    )
+    model, _ = model_lib.build_for(cfg.model, len(classes))
     model.load_state_dict(torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True))
     return cfg, classes, model
 
@@ -77,11 +79,11 @@ def held_out_samples(cfg, run_dir: Path, split: str) -> list[data.Sample]:
     return samples
 
 
-def reference_predictor(model, cfg, classes: list[str], device=None) -> Predictor:
+def reference_predictor(model, cfg, classes: list[str], calibration: Calibration | None = None) -> Predictor:
     """The fp32 eager model behind carmodel's inference chain: what every fast path is held to."""
-    model = model.eval().to(device or pick_device(cfg.runtime.device))
+    model = model.eval().to(pick_device(cfg.runtime.device))
     runner = torch_runner(model)  # eager torch takes any image size: the locator too
-    return Predictor(model, cfg.model, classes, runner, runner if cfg.model.localizes else None)
+    return Predictor(model, cfg.model, classes, runner, runner if cfg.model.localizes else None, calibration)
 
 
 def image_batches(samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None):
@@ -98,15 +100,33 @@ def image_batches(samples, cfg, crop_to_bbox: bool | None = None, longest_side: 
         yield images, torch.tensor([s.label for s in chunk])
 
 
-def predict(predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None):
-    """(logits, labels, boxes) over `samples`, through the whole chain; boxes None without a box head."""
-    logits, labels, boxes = [], [], []
+@dataclass
+class Outputs:
+    """The chain's outputs over a list of images (carmodel.predictor.Forward, gathered), and their labels."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    sides: torch.Tensor
+    boxes: list | None  # None without a box head
+    car_scores: torch.Tensor | None  # None without a car head
+
+
+def predict(
+    predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None
+) -> Outputs:
+    """Every image of `samples` through the whole chain."""
+    forwards, labels = [], []
     for images, targets in image_batches(samples, cfg, crop_to_bbox, longest_side):
-        forward = predictor.forward(images)
-        logits.append(forward.logits)
+        forwards.append(predictor.forward(images))
         labels.append(targets)
-        boxes += forward.boxes or []
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy(), (boxes if predictor.localizes else None)
+    scores = [f.car_scores for f in forwards if f.car_scores is not None]
+    return Outputs(
+        logits=torch.cat([f.logits for f in forwards]),
+        labels=torch.cat(labels),
+        sides=torch.cat([f.sides for f in forwards]),
+        boxes=[box for f in forwards for box in f.boxes] if predictor.localizes else None,
+        car_scores=torch.cat(scores) if scores else None,
+    )
 
 
 def compare_top1(predictors: dict[str, Predictor], samples, cfg, crop_to_bbox: bool | None = None) -> dict:
@@ -184,6 +204,93 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) 
     }
 
 
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """The gap between confidence and accuracy, averaged over `bins` equal-width confidence bins
+    weighted by how many answers fall in each (top-1, as Guo et al., 2017)."""
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    gap = 0.0
+    for b in np.unique(which):
+        inside = which == b
+        gap += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
+    return float(gap)
+
+
+@dataclass
+class Confidence:
+    """Each answer's top-1 probability before and after calibration, and whether it was right."""
+
+    uncalibrated: np.ndarray
+    calibrated: np.ndarray
+    correct: np.ndarray
+
+
+def answer_metrics(predictor: Predictor, outputs: Outputs) -> tuple[dict, Confidence]:
+    """What a person is told, measured: calibration (ECE, 15 bins), the make and body type summed over
+    their classes, cars answered "no car", and the answers marked sure with how often they are right."""
+    probabilities = predictor.calibration.probabilities(outputs.logits, outputs.sides)
+    confidence = Confidence(
+        torch.softmax(outputs.logits.float(), 1).max(1).values.numpy(),
+        probabilities.max(1).values.numpy(),
+        (outputs.logits.argmax(1) == outputs.labels).numpy(),
+    )
+    predicted = outputs.logits.argmax(1)
+
+    def accuracy_summed(of: torch.Tensor) -> float:
+        return float((predictor.summed(probabilities, of).argmax(1) == of[outputs.labels]).float().mean())
+
+    forward = Forward(outputs.logits, [], outputs.boxes, outputs.sides, outputs.car_scores)
+    answers = predictor.answer(forward, 1)
+    found = np.array([a.car_found for a in answers])
+    sure = np.array([a.car_found and not a.uncertain for a in answers])
+    metrics = {
+        "ece": expected_calibration_error(confidence.calibrated, confidence.correct),
+        "ece_uncalibrated": expected_calibration_error(confidence.uncalibrated, confidence.correct),
+        "mean_top1_probability": float(confidence.calibrated.mean()),
+        "mean_top1_probability_uncalibrated": float(confidence.uncalibrated.mean()),
+        "make_accuracy": accuracy_summed(predictor.make_of),
+        "make_accuracy_of_top1_class": float(
+            (predictor.make_of[predicted] == predictor.make_of[outputs.labels]).float().mean()
+        ),
+        "body_type_accuracy": accuracy_summed(predictor.body_of),
+        "no_car": float(1 - found.mean()),
+        "sure_coverage": float(sure.mean()),
+        "sure_accuracy": float(confidence.correct[sure].mean()) if sure.any() else None,
+    }
+    return {k: v if v is None else round(v, 4) for k, v in metrics.items()}, confidence
+
+
+def no_car_metrics(predictor: Predictor) -> dict:
+    """The no-car test set (training/nocar.py): how many of its pictures are answered "no car"."""
+    from training import nocar
+
+    pictures = nocar.test_pictures()
+    answers = predictor.predict([picture for _, picture in pictures], k=1)
+    called_cars = {name: round(a.car_score, 4) for (name, _), a in zip(pictures, answers, strict=True) if a.car_found}
+    return {
+        "pictures": len(pictures),
+        "answered_no_car": round(1 - len(called_cars) / len(pictures), 4),
+        "answered_car": called_cars,
+    }
+
+
+def risk_coverage(confidence: Confidence) -> list[dict]:
+    """Accuracy of the answers kept at each coverage, most confident first (every 5 %)."""
+    order = np.argsort(-confidence.calibrated)
+    kept = np.cumsum(confidence.correct[order]) / np.arange(1, len(order) + 1)
+    points = []
+    for coverage in np.arange(0.05, 1.0001, 0.05):
+        n = max(1, round(coverage * len(order)))
+        threshold = float(confidence.calibrated[order][n - 1])
+        points.append(
+            {
+                "coverage": round(float(coverage), 2),
+                "accuracy": round(float(kept[n - 1]), 4),
+                "threshold": round(threshold, 4),
+            }
+        )
+    return points
+
+
 def available_views(cfg, views=data.VIEWS) -> list[str]:
     """`views` that the dataset has: `photos` needs its photos/ folder."""
     return [v for v in views if v != "photos" or data.has_photos(cfg.data.data_root)]
@@ -193,17 +300,23 @@ def confusion_png(split: str, view: str) -> str:
     return f"confusion_{split}.png" if view == "crops" else f"confusion_{split}_{view}.png"
 
 
-def evaluate_view(predictor: Predictor, samples, cfg, view: str, split: str, out: Path) -> dict:
+def reliability_png(split: str) -> str:
+    return f"reliability_{split}.png"
+
+
+def evaluate_view(predictor: Predictor, samples, cfg, view: str, split: str, out: Path) -> tuple[dict, Confidence]:
     """The metrics of one view of the held-out cars, and its confusion-matrix PNG in `out`."""
     view_samples, crop_to_bbox = data.view_samples(samples, view, cfg.data)
-    logits, labels, boxes = predict(predictor, view_samples, cfg, crop_to_bbox, data.view_longest_side(view))
-    metrics = compute_metrics(logits, labels, predictor.classes)
-    if boxes is not None and view == "photos":
-        metrics.update(box_metrics(boxes, view_samples, cfg))
+    outputs = predict(predictor, view_samples, cfg, crop_to_bbox, data.view_longest_side(view))
+    metrics = compute_metrics(outputs.logits.numpy(), outputs.labels.numpy(), predictor.classes)
+    answers, confidence = answer_metrics(predictor, outputs)
+    metrics.update(answers)
+    if outputs.boxes is not None and view == "photos":
+        metrics.update(box_metrics(outputs.boxes, view_samples, cfg))
     matrix = metrics.pop("_confusion_matrix")
     with np.errstate(invalid="ignore"):
         plots.confusion_matrix(np.nan_to_num(matrix / matrix.sum(1, keepdims=True)), out / confusion_png(split, view))
-    return metrics
+    return metrics, confidence
 
 
 def evaluate_run(
@@ -219,33 +332,42 @@ def evaluate_run(
     localising, for comparison)."""
     cfg, classes, model = load_trained(run_dir, overrides)
     if whole_image:
-        cfg = config_lib.from_dict({"locate_size": 0}, cfg)
+        cfg = config_lib.override(cfg, locate_size=0)
     views = views or available_views(cfg)
     if views[0] != "crops":
         views = ["crops", *[v for v in views if v != "crops"]]  # the top level of the metrics is the crops'
     samples = held_out_samples(cfg, run_dir, split)
-    predictor = reference_predictor(model, cfg, classes)
+    calibration = Calibration.load(run_dir / CALIBRATION)
+    predictor = reference_predictor(model, cfg, classes, calibration)
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
-    results = {view: evaluate_view(predictor, samples, cfg, view, split, out) for view in views}
+    results, confidence = {}, {}
+    for view in views:
+        results[view], confidence[view] = evaluate_view(predictor, samples, cfg, view, split, out)
+    plots.reliability(confidence, out / reliability_png(split), ECE_BINS)
     run = {
         "split": split,
         "eval_size": cfg.model.eval_size,
         "locate_size": cfg.model.locate_size,
         "arch": cfg.model.arch,
         "data_root": cfg.data.data_root,
+        "calibration": dataclasses.asdict(calibration),
+        "risk_coverage_crops": risk_coverage(confidence["crops"]),
     }
+    if cfg.model.car_head:
+        run["no_car_test_set"] = no_car_metrics(predictor)
     metrics = {**run, **results["crops"], "views": results}
     (out / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
     # logged to the training's run: the crops' figures as before, the other views' prefixed with their name.
     # An export is only read: its evaluation's run is recorded in `out`.
     record = out if (run_dir / MODEL_CONFIG).is_file() else run_dir
-    with tracking.tracked(record, cfg.tracking.enabled, cfg.tracking.experiment, name=run_dir.name) as tracker:
+    with tracking.tracked(record, cfg.tracking.track, cfg.tracking.experiment, name=run_dir.name) as tracker:
         for view, result in results.items():
             prefix = f"{split}_" if view == "crops" else f"{split}_{view}_"
-            keys = ("top1", "top5", "macro_f1", "num_images", "box_iou_mean", "box_iou_at_least_0.5")
-            tracker.metrics({prefix + key: result[key] for key in keys if key in result})
-        pngs = [out / confusion_png(split, view) for view in views]
+            keys = ("top1", "top5", "macro_f1", "num_images", "box_iou_mean", "box_iou_at_least_0.5", "ece")
+            keys += ("make_accuracy", "no_car", "sure_coverage", "sure_accuracy")
+            tracker.metrics({prefix + key: result[key] for key in keys if result.get(key) is not None})
+        pngs = [out / confusion_png(split, view) for view in views] + [out / reliability_png(split)]
         tracker.artifacts(out / f"eval_{split}.json", *pngs, folder=f"eval_{split}")
     return metrics
 

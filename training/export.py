@@ -1,6 +1,6 @@
 """Export a trained run for serving: the export folder of carmodel/export.py.
 
-The serving files (weights, index_to_name.json, model.yaml), then training's record beside them:
+The serving files (weights, index_to_name.json, model.yaml, calibration.json), then training's record beside them:
 metrics.json (the held-out evaluation of exactly these weights), config.yaml (the whole training
 config), split.json (which files were train/val/test, so held-out checks stay held out), plots.
 
@@ -16,9 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from carmodel.calibration import CALIBRATION
 from carmodel.export import METRICS, SPLIT, TRAINING_CONFIG, ExportDir
 from training import config as config_lib
-from training import data, tracking
+from training import data, model_card, tracking
+from training.car_head import REPORT
 from training.evaluate import evaluate_run, load_run
 
 
@@ -30,18 +32,30 @@ def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test
 
     export = ExportDir(export_dir)
     export.save(model, classes, cfg.model)
-    summary = run_dir / "train_summary.json"
-    metrics = {**metrics, "training": json.loads(summary.read_text()) if summary.is_file() else None}
+    metrics = {**metrics, "training": training_summary(run_dir), "training_from": from_stage(cfg)}
     export.record(METRICS).write_text(json.dumps(metrics, indent=1))
     cfg.save(export.record(TRAINING_CONFIG))
     confusion = [png.name for png in sorted(run_dir.glob(f"confusion_{split}*.png"))]  # one per view
-    for extra in (SPLIT, "curves.png", *confusion, "metrics.csv", tracking.RUN_FILE):
+    reliability = [png.name for png in sorted(run_dir.glob(f"reliability_{split}.png"))]
+    for extra in (CALIBRATION, SPLIT, "curves.png", *confusion, *reliability, "metrics.csv", REPORT, tracking.RUN_FILE):
         if (run_dir / extra).is_file():
             shutil.copy(run_dir / extra, export_dir / extra)
     # logged to the training's run
-    with tracking.tracked(export_dir, cfg.tracking.enabled, cfg.tracking.experiment, name=run_dir.name) as tracker:
+    with tracking.tracked(export_dir, cfg.tracking.track, cfg.tracking.experiment, name=run_dir.name) as tracker:
         tracker.directory(export_dir, tracking.EXPORT_ARTIFACT)
+    model_card.write(export_dir)
     return export_dir
+
+
+def training_summary(run_dir: Path) -> dict | None:
+    summary = run_dir / "train_summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def from_stage(cfg) -> dict | None:
+    """The summary of the run this one started from (stage 1 of a two-stage recipe), for the card's total time."""
+    pretrained = cfg.finetune.pretrained
+    return training_summary(Path(pretrained).parent) if pretrained not in ("none", "imagenet") else None
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,6 +56,30 @@ def histogram(values, path: Path, title: str, xlabel: str, bins: int = 40) -> No
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(values, bins=bins)
     ax.set(title=title, xlabel=xlabel, ylabel="images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reliability(views: dict, path: Path, bins: int) -> None:
+    """Reliability diagrams, one per view: accuracy against top-1 probability in `bins` bins, before
+    and after calibration. `views`: {view: training.evaluate.Confidence}."""
+    fig, axes = plt.subplots(1, len(views), figsize=(4.2 * len(views), 4.2), squeeze=False)
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, (view, c) in zip(axes[0], views.items(), strict=True):
+        for confidence, label in ((c.uncalibrated, "uncalibrated"), (c.calibrated, "calibrated")):
+            which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+            used = [b for b in range(bins) if (which == b).any()]
+            ax.plot(
+                [confidence[which == b].mean() for b in used],
+                [c.correct[which == b].mean() for b in used],
+                marker="o",
+                label=label,
+            )
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect")
+        ax.set(title=view, xlabel="top-1 probability", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,8 +11,8 @@ A model with a box head runs twice per image (the whole photo at the locate size
 the car cut from it at the eval size for the class), so it is calibrated on what the served chain
 feeds it: crops and cars cut from whole training photos at the eval size, whole photos at the
 locate size. Three parts stay in floating point (`float_scope`), chosen by how far int8 moved the
-fp32 model's answers on training photos (bench/README.md, "int8 of the two-pass model"): the first
-convolution (it sees the raw normalised pixels), the classifier's last layer and the box head;
+fp32 model's answers on training photos (docs/benchmarks.md, "int8 of the two-pass model"): the first
+convolution (it sees the raw normalised pixels), the classifier's last layer, the box and car heads;
 int8 everywhere else, with NNCF's full bias correction.
 
     python -m training.quantize --export models/efficientnet_lite0_cars
@@ -36,7 +36,7 @@ from carmodel.models import spec
 from carmodel.predictor import Predictor
 from carmodel.runners import to_openvino
 from training import config as config_lib
-from training import data
+from training import data, model_card
 from training.evaluate import available_views, compare_top1, held_out_samples
 
 MAX_LOSS = 0.005  # the project's acceptance rule for a fast path: at most half a point of top-1
@@ -100,13 +100,13 @@ def chain_inputs(reference: Predictor, cfg, count: int) -> list[torch.Tensor]:
 
 def float_scope(ov_model, head: str):
     """What stays in floating point: the first convolution, the classifier's last layer (`head`,
-    its attribute path) and a box head; NNCF names them by the torch modules they came from."""
+    its attribute path) and the box and car heads; NNCF names them by the torch modules they came from."""
     import nncf
 
     ops = ov_model.get_ordered_ops()
     first_conv = next(op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution")
     head_ops = rf"__module\.(net\.)?{re.escape(head)}/.*"
-    return nncf.IgnoredScope(names=[first_conv], patterns=[head_ops, r"__module\.box_head\..*"], validate=False)
+    return nncf.IgnoredScope(names=[first_conv], patterns=[head_ops, r"__module\.(box|car)_head\..*"], validate=False)
 
 
 def quantize(ov_model, inputs: list[torch.Tensor], head: str):
@@ -144,7 +144,7 @@ def quantize_export(
         "calibration_images": images,
         "calibration_inputs": len(inputs),
         "calibration_split": "train",
-        "in_float": "first convolution, classifier head, box head",
+        "in_float": "first convolution, classifier head, box and car heads",
         "seconds": round(seconds, 1),
     }
     if evaluate:
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     except (QuantizeError, ExportError, data.DatasetError, config_lib.ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    model_card.write(export.path)  # the card gains the int8 figures
     print(json.dumps(report))
     return 0
 

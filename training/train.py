@@ -33,10 +33,11 @@ from torch.optim import lr_scheduler
 from tqdm import tqdm
 
 from carmodel import models as model_lib
-from carmodel import presets
+from carmodel import presets, vehicles
 from training import config as config_lib
 from training import data, plots, tracking
 from training.config import Config, OptimConfig, RuntimeConfig
+from training.model import build_for, count_parameters, freeze, train_mode
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,12 @@ def make_loader(dataset, cfg: Config, shuffle: bool, generator=None) -> torch.ut
 
 def setup_model(cfg: Config, num_classes: int, hw: Hardware) -> tuple[nn.Module, list[nn.Module], str]:
     """(model on its device, its frozen blocks, the init actually used)."""
-    model, init = model_lib.build_model(
-        cfg.model.arch, num_classes, cfg.finetune.pretrained, cfg.model.dropout, locate=cfg.model.localizes
-    )
-    frozen = model_lib.freeze(model, cfg.model.arch, cfg.finetune.unfreeze)
+    model, init = build_for(cfg.model, num_classes, cfg.finetune.pretrained)
+    frozen = freeze(model, cfg.model.arch, cfg.finetune.unfreeze)
     model.to(hw.device)
     if hw.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    total, trainable = model_lib.count_parameters(model)
+    total, trainable = count_parameters(model)
     log.info(
         "device=%s amp=%s channels_last=%s params=%s trainable=%s init=%s",
         hw.device,
@@ -168,43 +167,65 @@ def setup_model(cfg: Config, num_classes: int, hw: Hardware) -> tuple[nn.Module,
 
 
 class Objective:
-    """The loss of one batch: (loss, logits to score, their labels). This one: cross-entropy."""
+    """The loss of one batch: (loss, logits to score, their labels). This one: cross-entropy, plus
+    (`make_loss_weight`) the negative log of the probability summed over the true class's make: what
+    the answer's make is read from, so the classes of one make learn to hold their mass together."""
 
-    def __init__(self, optim: OptimConfig):
+    def __init__(self, optim: OptimConfig, makes: list[int] | None = None):
         # Val loss is this same objective (label smoothing included), as in torchvision's references:
         # plain cross-entropy rises as a smoothed model keeps getting more photos right, so early
         # stopping on it stopped our first full run at 81 % val accuracy while accuracy was still climbing.
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
+        self.make_weight = optim.make_loss_weight if makes is not None else 0.0
+        self.make_of = torch.tensor(makes) if self.make_weight else None  # each class's make
+
+    def classes_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.cross_entropy(logits.float(), labels)
+        if self.make_weight:
+            loss = loss + self.make_weight * self.make_loss(logits.float(), labels)
+        return loss
+
+    def make_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        make_of = self.make_of.to(logits.device)
+        members = make_of.unsqueeze(0) == torch.arange(int(make_of.max()) + 1, device=logits.device).unsqueeze(1)
+        log_probs = torch.log_softmax(logits, dim=1).unsqueeze(1)  # [B, 1, classes]
+        make_log_probs = torch.logsumexp(log_probs.masked_fill(~members, -torch.inf), dim=2)  # [B, makes]
+        return nn.functional.nll_loss(make_log_probs, make_of[labels])
 
     def __call__(self, net, inputs, targets, hw: Hardware, channels_last: bool):
         inputs, targets = hw.batch(inputs, channels_last), targets.to(hw.device, non_blocking=True)
         with hw.autocast():
             logits = net(inputs)
-        return self.cross_entropy(logits.float(), targets), logits, targets
+        return self.classes_loss(logits, targets), logits, targets
 
 
 class ClassifyAndLocate(Objective):
     """For a Localizer: the car's class from the car, plus its box (smooth L1, where the box is
     trusted) and its class again from the whole image the box was found in."""
 
-    def __init__(self, optim: OptimConfig):
-        super().__init__(optim)
+    def __init__(self, optim: OptimConfig, makes: list[int] | None = None):
+        super().__init__(optim, makes)
         self.box_weight, self.whole_weight = optim.box_loss_weight, optim.whole_image_loss_weight
 
     def __call__(self, net, inputs, targets, hw: Hardware, channels_last: bool):
         car, whole = (hw.batch(x, channels_last) for x in inputs)
         labels, boxes, weights = (t.to(hw.device, non_blocking=True) for t in targets)
         with hw.autocast():
-            logits, _ = net(car)
-            whole_logits, found = net(whole)
+            logits = net(car)[0]
+            whole_logits, found = net(whole)[:2]
         box_loss = nn.functional.smooth_l1_loss(found.float(), boxes, beta=0.05, reduction="none").sum(1)
         box_loss = (box_loss * weights).sum() / weights.sum().clamp_min(1)
         loss = (
-            self.cross_entropy(logits.float(), labels)
+            self.classes_loss(logits, labels)
             + self.box_weight * box_loss
             + self.whole_weight * self.cross_entropy(whole_logits.float(), labels)
         )
         return loss, logits, labels
+
+
+def make_objective(cfg: Config, classes: list[str]) -> Objective:
+    makes = vehicles.groups(classes, "make")[1] if cfg.optim.make_loss_weight else None
+    return (ClassifyAndLocate if cfg.model.localizes else Objective)(cfg.optim, makes)
 
 
 @dataclass
@@ -217,7 +238,6 @@ class Loop:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader | None
     channels_last: bool
-    objective: Objective | None = None  # None: classification (cross-entropy on the logits)
 
 
 def make_loop(cfg: Config, model, frozen, splits, images, hw: Hardware, generator) -> Loop:
@@ -270,7 +290,6 @@ def classify_and_locate(cfg: Config, model, frozen, splits, images, hw: Hardware
         train_loader=make_loader(train_set, cfg, shuffle=True, generator=generator),
         val_loader=None,
         channels_last=hw.channels_last,
-        objective=ClassifyAndLocate(cfg.optim),
     )
     if not is_final_fit(cfg):
         loop.val_loader = make_loader(
@@ -365,10 +384,10 @@ class Optimization:
     scaler: torch.amp.GradScaler | None
 
     @classmethod
-    def create(cls, optim: OptimConfig, loop: Loop, hw: Hardware) -> Optimization:
+    def create(cls, optim: OptimConfig, loop: Loop, hw: Hardware, objective: Objective) -> Optimization:
         optimizer = make_optimizer(optim, loop.net.parameters())
         return cls(
-            objective=loop.objective or Objective(optim),
+            objective=objective,
             optimizer=optimizer,
             scheduler=make_scheduler(optim, optimizer, len(loop.train_loader)),
             scaler=torch.amp.GradScaler(hw.device.type) if hw.dtype == torch.float16 else None,
@@ -406,7 +425,7 @@ def run_epoch(
     """One pass over `loader`; trains when `optimization` is given. Returns (mean loss, top-1)."""
     training = optimization is not None
     if training:
-        model_lib.train_mode(loop.net, list(loop.frozen))
+        train_mode(loop.net, list(loop.frozen))
     else:
         loop.net.eval()
     total_loss, correct, seen = 0.0, 0, 0
@@ -582,7 +601,7 @@ def fit(cfg: Config, report=None) -> dict:
     out = Path(cfg.runtime.output_dir)
     if not cfg.runtime.resume:  # a new training in an old folder is a new MLflow run; --resume continues its run
         (out / tracking.RUN_FILE).unlink(missing_ok=True)
-    with tracking.tracked(out, cfg.tracking.enabled, cfg.tracking.experiment, name=out.name) as tracker:
+    with tracking.tracked(out, cfg.tracking.track, cfg.tracking.experiment, name=out.name) as tracker:
         tracker.params(cfg.to_flat_dict())
         tracker.tags({"stage": "train", "arch": cfg.model.arch, "fit_on": cfg.data.fit_on})
 
@@ -606,7 +625,7 @@ def train(cfg: Config, out: Path, report=lambda row: None) -> dict:
     write_run_record(cfg, index, splits, out)
     model, frozen, init = setup_model(cfg, len(index.classes), hw)
     loop = make_loop(cfg, model, frozen, splits, images, hw, generator)
-    opt = Optimization.create(cfg.optim, loop, hw)
+    opt = Optimization.create(cfg.optim, loop, hw, make_objective(cfg, index.classes))
     progress = resume(cfg.runtime.resume, model, opt, hw.device) if cfg.runtime.resume else Progress()
     run_epochs(cfg, model, loop, opt, hw, progress, out, report)
     summary = summarize(cfg, progress, len(splits["train"]), init, hw)

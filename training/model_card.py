@@ -1,0 +1,172 @@
+"""The model card beside the weights (`<export>/README.md`), written from the export's own records.
+
+Every figure on it is read from the files that ship with the weights (metrics.json, config.yaml,
+calibration.json, car_head.json, quantization.json), so the card cannot drift from what it
+describes: training.export writes it, training.quantize rewrites it with the int8 figures.
+
+    python -m training.model_card --export models/efficientnet_lite0_cars
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from carmodel.export import METRICS, TRAINING_CONFIG, ExportDir
+
+CARD = "README.md"
+VIEWS = {
+    "crops": "cars cropped to their box",
+    "photos": "whole photos (road and background; the car found first)",
+    "small_crops": "crops shrunk to 100 px, as web thumbnails",
+}
+
+
+def _read(export: ExportDir, name: str) -> dict | None:
+    path = export.path / name
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text()) if name.endswith(".yaml") else json.loads(path.read_text())
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _figures(metrics: dict) -> list[str]:
+    lines = [
+        "| view | images | top-1 | top-5 | make (summed) | body type | ECE (15 bins) | sure: share, right |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for view, m in metrics.get("views", {}).items():
+        sure = f"{_percent(m.get('sure_coverage'))}, {_percent(m.get('sure_accuracy'))}"
+        lines.append(
+            f"| {VIEWS.get(view, view)} | {m['num_images']} | {_percent(m['top1'])} | {_percent(m['top5'])} "
+            f"| {_percent(m.get('make_accuracy'))} | {_percent(m.get('body_type_accuracy'))} "
+            f"| {m.get('ece', float('nan')):.3f} | {sure} |"
+        )
+    return lines
+
+
+def _training(config: dict, metrics: dict) -> list[str]:
+    training = metrics.get("training") or {}
+    optim, augment = config.get("optim", {}), config.get("augment", {})
+    lines = [
+        f"- Architecture `{config['model']['arch']}`, classified at {config['model']['eval_size']} px; "
+        f"the car located on the whole photo squashed to {config['model']['locate_size']} px.",
+        f"- Initialised from `{config.get('finetune', {}).get('pretrained')}`; "
+        f"{config.get('finetune', {}).get('unfreeze')} last blocks trained, at {augment.get('train_size')} px; "
+        f"{optim.get('epochs')} epochs of {optim.get('optimizer')} (lr {optim.get('lr')}, {optim.get('lr_schedule')}), "
+        f"label smoothing {optim.get('label_smoothing')}, make-aware loss weight {optim.get('make_loss_weight')}.",
+    ]
+    previous = metrics.get("training_from") or {}
+    if previous:
+        lines.append(
+            f"- The stage it started from: {previous.get('train_images')} images, best epoch "
+            f"{previous.get('best_epoch')} of {previous.get('epochs_run')}, "
+            f"{previous.get('train_seconds', 0) / 60:.0f} min."
+        )
+    if training:
+        lines.append(
+            f"- This stage: {training.get('train_images')} images, best epoch {training.get('best_epoch')} of "
+            f"{training.get('epochs_run')}, {training.get('train_seconds', 0) / 60:.0f} min on "
+            f"{training.get('device')} ({training.get('amp')})."
+        )
+    return lines
+
+
+def render(export: ExportDir) -> str:
+    metrics, config = _read(export, METRICS) or {}, _read(export, TRAINING_CONFIG) or {}
+    calibration, car_head, int8 = (
+        _read(export, name) for name in ("calibration.json", "car_head.json", "quantization.json")
+    )
+    data = config.get("data", {})
+    name = export.path.name
+    out = [
+        f"# {name}",
+        "",
+        "A car make/model/year classifier: the 196 classes of Stanford Cars (cars of model years up to 2012),",
+        'with the make, model, year and body type of each, a calibrated probability, "no car here" and',
+        '"not sure". Served by TorchServe (`make serve`); see the project\'s README and docs/.',
+        "",
+        "## Data and split",
+        "",
+        f"Stanford Cars' training images (`{data.get('data_root')}`): each car as its crop and as its whole photo.",
+        f"Split by car, per class, seed {data.get('split_seed')}: test {_percent(data.get('test_fraction'))}, "
+        f"val {_percent(data.get('val_fraction'))}; fitted on `{data.get('fit_on')}` "
+        "(`split.json` lists every file). Val chose the epoch and fitted the calibration and thresholds; "
+        "test was used for these figures only.",
+        "",
+        "## Figures on the test split",
+        "",
+        *_figures(metrics),
+        "",
+        'Make and body type are read off the probabilities summed over their classes. "Sure": answers above '
+        "the sure threshold, and how often those are right.",
+    ]
+    no_car = metrics.get("no_car_test_set")
+    if no_car:
+        out += [
+            "",
+            f"No car: {_percent(no_car['answered_no_car'])} of {no_car['pictures']} pictures without a car "
+            "(the sample pictures of scikit-image, scikit-learn and matplotlib, never trained on) are answered "
+            '"no car"; those called cars: ' + ", ".join(no_car.get("answered_car", [])[:12]) + ".",
+        ]
+    if calibration:
+        out += [
+            "",
+            "## Calibration and thresholds (`calibration.json`, fitted on val)",
+            "",
+            f"Temperature T(s) = {calibration['temperature']:.3f} x (s / {calibration['reference_side']})"
+            f"^{calibration['size_exponent']:.3f}, s the classified region's side in pixels. Thresholds: car "
+            f"{calibration['car_threshold']:.3f}, sure {calibration['sure_threshold']:.3f}, make "
+            f"{calibration['make_threshold']:.3f} (handler settings `car_threshold`, `sure_threshold` override them).",
+        ]
+    if car_head:
+        out.append(f"Car head: val AUROC {car_head.get('val_auroc')} ({car_head.get('seconds')} s to train).")
+    out += ["", "## Training", "", *_training(config, metrics)]
+    if int8:
+        out += [
+            "",
+            f"int8 (`{name}_int8.xml`, OpenVINO, NNCF on {int8.get('calibration_images')} training photos): test "
+            f"top-1 {_percent(int8.get('top1_int8'))} on crops and {_percent(int8.get('top1_int8_photos'))} on "
+            f"photos (fp32 {_percent(int8.get('top1_fp32'))} and {_percent(int8.get('top1_fp32_photos'))}); "
+            f"kept in float: {int8.get('in_float')}.",
+        ]
+    out += [
+        "",
+        "## Limits",
+        "",
+        "- Only the 196 classes: any other car is answered as its nearest class (often marked not sure).",
+        "- Cars of model years up to 2012, photographed mostly whole and from outside; one car per photo.",
+        "- Trained on about 5,000 photos: rare angles, night and heavy occlusion are weak spots.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write(export_dir: Path) -> Path:
+    export = ExportDir(export_dir)
+    path = export.path / CARD
+    path.write_text(render(export))
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", required=True, help="an export folder (training.export)")
+    args = parser.parse_args(argv)
+    try:
+        print(write(Path(args.export)))
+    except (FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
