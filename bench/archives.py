@@ -17,7 +17,6 @@ from pathlib import Path
 from bench.common import ROOT, BenchError
 from carmodel.export import ExportDir
 from serving import archive
-from serving import settings as settings_lib
 from serving.settings import HandlerSettings, WorkerSettings
 
 VERSION = "1.0"
@@ -62,11 +61,8 @@ def _run(cmd: list[str], what: str) -> None:
 
 def build_ours(export: ExportDir, store: Path, workers: WorkerSettings, handler: HandlerSettings) -> tuple[str, str]:
     """serving.archive's build, as `build-mar --export ... --force` with these settings; (model name, archive file)."""
-    args = archive.parse_args(["--model_store", str(store), "--version", VERSION, "--force"])
-    for settings in (workers, handler):
-        vars(args).update(settings_lib.to_dict(settings))
     try:
-        target = archive.build_from(export, args)
+        target = archive.build_from(export, store, VERSION, workers, handler, force=True)
     except archive.BuildError as err:
         raise BenchError(f"build-mar for {export.path}: {err}") from err
     return export.model_name, target.name

@@ -12,8 +12,8 @@ from pathlib import Path
 from bench import archives, loadgen
 from bench.common import BENCH_VAR, BenchError
 from bench.servers import ServedModel, serving
+from carmodel import typed
 from carmodel.export import ExportDir
-from serving import settings as settings_lib
 from serving.settings import HandlerSettings, WorkerSettings
 
 STORES = BENCH_VAR / "store"  # archives, rebuilt on every run
@@ -42,21 +42,17 @@ def parse_duration(text: str) -> float:
 def add_ours_arguments(parser: argparse.ArgumentParser) -> None:
     """Our server's settings: build-mar's own flags (serving.settings), with its defaults. The handler's
     backend/precision/threads/limits also set the in-process ceiling (bench/run.py)."""
-    settings_lib.add_arguments(parser, WorkerSettings)
-    settings_lib.add_arguments(parser, HandlerSettings)
+    typed.add_arguments(parser, WorkerSettings)
+    typed.add_arguments(parser, HandlerSettings)
 
 
 def ours_settings(args) -> tuple[WorkerSettings, HandlerSettings]:
-    return settings_lib.from_args(args, WorkerSettings), settings_lib.from_args(args, HandlerSettings)
+    return tuple(typed.from_dict(cls, typed.flags_given(args, cls)) for cls in (WorkerSettings, HandlerSettings))
 
 
 def settings_overrides(args) -> dict:
-    """The settings given that differ from build-mar's defaults (for the results' metadata)."""
-    changed = {}
-    for settings in ours_settings(args):
-        defaults = settings_lib.to_dict(type(settings)())
-        changed.update({k: v for k, v in settings_lib.to_dict(settings).items() if v != defaults[k]})
-    return changed
+    """The settings given on the command line (for the results' metadata)."""
+    return {**typed.flags_given(args, WorkerSettings), **typed.flags_given(args, HandlerSettings)}
 
 
 # ------------------------------------------------------------------------------ servers

@@ -26,19 +26,18 @@ import yaml
 
 import carmodel
 import serving
-from carmodel import registry
+from carmodel import paths, registry, typed
 from carmodel.export import ExportDir, ExportError
-from serving import settings as settings_lib
 from serving.settings import HandlerSettings, WorkerSettings
 
-ROOT = Path(__file__).resolve().parent.parent
-FIRST_PARTY = ("carmodel", "serving")  # the packages the handler may import from this repository
+# The packages the handler may import from this project, where they are installed (a checkout, or
+# site-packages after a plain `pip install .`): the archive packs their source files from there.
+FIRST_PARTY = {"carmodel": Path(carmodel.__file__).parent, "serving": Path(serving.__file__).parent}
 HANDLER = Path(serving.__file__).parent / "handler.py"
 # TorchServe's eager-model path wants a model file; our handler builds the network from
 # model.yaml (carmodel.models), so the architecture registry is that file.
 MODEL_FILE = Path(carmodel.__file__).parent / "models.py"
 ARCHIVER = Path(sys.executable).parent / "torch-model-archiver"  # installed with torchserve, beside this Python
-DEFAULT_EXPORT = ROOT / "models" / "efficientnet_lite0_cars"
 DEFAULT_VERSION = "1.0"
 
 
@@ -52,7 +51,7 @@ def archive_name(model_name: str, version: str) -> str:
 
 def model_config(workers: WorkerSettings, handler: HandlerSettings) -> dict:
     """model-config.yaml: TorchServe's per-model settings plus our handler's own section."""
-    return {**workers.to_model_config(), "handler": settings_lib.to_dict(handler)}
+    return {**workers.to_model_config(), "handler": typed.to_dict(handler)}
 
 
 def handler_modules(handler: Path = HANDLER) -> list[Path]:
@@ -77,17 +76,26 @@ def handler_modules(handler: Path = HANDLER) -> list[Path]:
 
 def module_files(name: str) -> list[Path]:
     """The file of module `name` and the __init__.py of each package above it (none if `name` is not a module)."""
-    parts = name.split(".")
-    files = [ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts) + 1)]
-    files.append(ROOT.joinpath(*parts).with_suffix(".py"))
+    top, *parts = name.split(".")
+    package = FIRST_PARTY[top]
+    files = [package.joinpath(*parts[:i], "__init__.py") for i in range(len(parts) + 1)]
+    files.append(package.joinpath(*parts).with_suffix(".py"))
     return [f for f in files if f.is_file()]
+
+
+def archived_name(module: Path) -> Path:
+    """A first-party module's path in the archive: below its package's folder, e.g. carmodel/images.py."""
+    for top, package in FIRST_PARTY.items():
+        if module.is_relative_to(package):
+            return Path(top, module.relative_to(package))
+    raise BuildError(f"{module} is not in {', '.join(FIRST_PARTY)}")
 
 
 def stage(export: ExportDir, workers: WorkerSettings, handler: HandlerSettings, tmp: Path) -> tuple[Path, Path]:
     """Copy what the archive needs into a staging folder; returns (extra-files dir, model-config)."""
     extra = tmp / "extra"
     for module in handler_modules():
-        target = extra / module.relative_to(ROOT)
+        target = extra / archived_name(module)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(module, target)
     if handler.precision == "int8" and not export.has_int8:
@@ -103,34 +111,45 @@ def stage(export: ExportDir, workers: WorkerSettings, handler: HandlerSettings, 
 
 
 def build(args) -> Path:
+    workers = typed.from_dict(WorkerSettings, typed.flags_given(args, WorkerSettings))
+    handler = typed.from_dict(HandlerSettings, typed.flags_given(args, HandlerSettings))
+    store = Path(args.model_store)
     if args.registered:  # the export folder registered by training.register, fetched from MLflow
         with tempfile.TemporaryDirectory() as tmp:
-            return build_from(download_registered(args, Path(tmp)), args)
-    return build_from(ExportDir(Path(args.export).resolve()), args)
+            export, version = download_registered(args.registered, Path(tmp))
+            return build_from(export, store, args.version or version, workers, handler, args.model_name, args.force)
+    export = ExportDir(Path(args.export).resolve())
+    return build_from(export, store, args.version or DEFAULT_VERSION, workers, handler, args.model_name, args.force)
 
 
-def download_registered(args, dest: Path) -> ExportDir:
+def download_registered(reference: str, dest: Path) -> tuple[ExportDir, str]:
+    """The registered export and its archive version (registry version 3 -> archive 3.0)."""
     try:
-        export, version = registry.download_registered(args.registered, dest)
+        export, version = registry.download_registered(reference, dest)
     except registry.RegistryError as err:
         raise BuildError(str(err)) from err
-    args.version = args.version or f"{version}.0"  # registry version 3 -> archive 3.0
-    return ExportDir(export)
+    return ExportDir(export), f"{version}.0"
 
 
-def build_from(export: ExportDir, args) -> Path:
-    version = args.version or DEFAULT_VERSION
+def build_from(
+    export: ExportDir,
+    store: Path,
+    version: str,
+    workers: WorkerSettings,
+    handler: HandlerSettings,
+    model_name: str | None = None,
+    force: bool = False,
+) -> Path:
+    """`export`'s archive <name>_v<version>.mar in `store`, served with these settings."""
     try:
-        export.validate(args.model_name)
+        export.validate(model_name)
     except ExportError as err:
         raise BuildError(str(err)) from err
-    store = Path(args.model_store).resolve()
+    store = store.resolve()
     store.mkdir(parents=True, exist_ok=True)
     target = store / archive_name(export.model_name, version)
-    if target.exists() and not args.force:
+    if target.exists() and not force:
         raise BuildError(f"{target} exists (use --force to rebuild)")
-    workers = settings_lib.from_args(args, WorkerSettings)
-    handler = settings_lib.from_args(args, HandlerSettings)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         extra, model_config_path = stage(export, workers, handler, tmp)
@@ -151,7 +170,9 @@ def build_from(export: ExportDir, args) -> Path:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--export", default=str(DEFAULT_EXPORT), help="training.export output directory")
+    source.add_argument(
+        "--export", default=str(paths.default_export()), help="training.export output directory (./models/<default>)"
+    )
     source.add_argument(
         "--registered", help="NAME@ALIAS or NAME/VERSION from the MLflow registry (training.register) instead"
     )
@@ -159,10 +180,10 @@ def parse_args(argv=None):
         "--version", help=f"model version recorded in the archive (default {DEFAULT_VERSION}; the registry's version)"
     )
     p.add_argument("--model_name", help="checked against the export's architecture (default: <arch>_cars)")
-    p.add_argument("--model_store", default=str(ROOT / "model_store"))
+    p.add_argument("--model_store", default=str(paths.model_store()), help="default: ./model_store")
     p.add_argument("--force", action="store_true", help="overwrite an existing archive")
-    settings_lib.add_arguments(p, WorkerSettings)
-    settings_lib.add_arguments(p, HandlerSettings)
+    typed.add_arguments(p, WorkerSettings)
+    typed.add_arguments(p, HandlerSettings)
     return p.parse_args(argv)
 
 
@@ -170,7 +191,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         target = build(args)
-    except BuildError as err:
+    except (BuildError, typed.SettingsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"built {target} ({target.stat().st_size / 1e6:.1f} MB)")

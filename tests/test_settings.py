@@ -11,24 +11,26 @@ import sys
 import pytest
 import yaml
 
-from serving import settings as settings_lib
+from carmodel import typed
 from serving.archive import model_config
 from serving.settings import HandlerSettings, WorkerSettings
 
 
+def settings(parser: argparse.ArgumentParser, *argv: str):
+    args = parser.parse_args(list(argv))
+    return tuple(typed.from_dict(cls, typed.flags_given(args, cls)) for cls in (WorkerSettings, HandlerSettings))
+
+
 def test_every_field_is_a_build_mar_flag_with_its_default():
     parser = argparse.ArgumentParser()
-    settings_lib.add_arguments(parser, WorkerSettings)
-    settings_lib.add_arguments(parser, HandlerSettings)
-    args = parser.parse_args([])
-    assert settings_lib.from_args(args, HandlerSettings) == HandlerSettings()
-    assert settings_lib.from_args(args, WorkerSettings) == WorkerSettings()
-    args = parser.parse_args(["--max_topk", "10", "--ig_steps", "4", "--min_side", "32", "--batch_size", "2"])
-    handler = settings_lib.from_args(args, HandlerSettings)
-    assert (handler.max_topk, handler.ig_steps, handler.min_side) == (10, 4, 32)
+    typed.add_arguments(parser, WorkerSettings)
+    typed.add_arguments(parser, HandlerSettings)
+    assert settings(parser) == (WorkerSettings(), HandlerSettings())
+    workers, handler = settings(parser, "--max_topk", "10", "--ig_steps", "4", "--min_side", "32", "--batch_size", "2")
+    assert (handler.max_topk, handler.ig_steps, handler.min_side, workers.batch_size) == (10, 4, 32, 2)
     assert handler.image_limits.min_side == 32
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--backend", "tensorrt"])  # choices come from carmodel.runners
+    with pytest.raises(typed.SettingsError, match="backend must be one of auto, openvino, torch"):
+        settings(parser, "--backend", "tensorrt")  # choices come from carmodel.runners
 
 
 def test_the_archive_writes_what_the_handler_reads():
@@ -42,7 +44,7 @@ def test_the_archive_writes_what_the_handler_reads():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"topk": 5, "max_topkk": 3}, "unknown HandlerSettings keys: max_topkk"),
+        ({"topk": 5, "max_topkk": 3}, "unknown handler settings: max_topkk"),
         ({"threads": "two"}, "threads: expected int, got 'two'"),
         ({"precision": "int4"}, "precision must be one of auto, int8, bf16, fp32"),
     ],

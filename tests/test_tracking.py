@@ -101,7 +101,7 @@ def test_training_evaluation_and_export_log_to_one_mlflow_run(resnet50_export, m
     assert record["tracking_uri"] == mlflow_store
     run = client().get_run(record["run_id"])
     assert run.data.params["arch"] == "resnet50" and run.data.params["epochs"] == "1"
-    assert run.data.params["tune_samples"] == "6" and "top_k" not in run.data.params  # flat names, as the flags
+    assert run.data.params["trials"] == "6"  # the settings by name, as the flags
     assert run.data.tags["stage"] == "train"
     history = client().get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [1]  # per epoch

@@ -17,9 +17,9 @@ def test_search_picks_the_trial_with_the_lowest_val_loss(cars_root, tmp_path):
         "-m", "training.tune", "--config", "configs/resnet50.yaml",
         "--arch", "efficientnet_lite0", "--data_root", str(cars_root), "--max_images_per_class", "2",
         "--val_fraction", "0.5", "--test_fraction", "0", "--train_size", "64", "--eval_size", "64",
-        "--tune_samples", "2", "--tune_epochs", "1", "--epochs", "7", "--output_dir", str(out),
+        "--trials", "2", "--trial_epochs", "1", "--epochs", "7", "--output_dir", str(out),
         "--batch_sizes", "16", "32", "--unfreeze_choices", "1", "2",
-        "--tune_cpus_per_trial", "1", "--tune_gpus_per_trial", "0",
+        "--cpus_per_trial", "1", "--gpus_per_trial", "0",
         timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
@@ -42,7 +42,7 @@ def test_search_picks_the_trial_with_the_lowest_val_loss(cars_root, tmp_path):
         best_params["unfreeze"],
     )
     assert best.optim.epochs == 7  # retraining uses the full schedule, not the trial's
-    assert best.tune.samples == 2 and best.model.eval_size == 64  # the rest of the config is the one tuned with
+    assert best.tune.trials == 2 and best.model.eval_size == 64  # the rest of the config is the one tuned with
     trial_config = Path(summary["best"]["run_dir"]) / "config.yaml"
     assert yaml.safe_load(trial_config.read_text())["optim"]["lr"] == best.optim.lr  # sectioned, like every run's
 
@@ -65,11 +65,11 @@ def tracking_experiment() -> str:
 
 def test_a_trial_bigger_than_the_machine_is_refused_instead_of_queued_forever(cars_root, tmp_path):
     result = python(
-        "-m", "training.tune", "--data_root", str(cars_root), "--tune_gpus_per_trial", "64",
+        "-m", "training.tune", "--data_root", str(cars_root), "--gpus_per_trial", "64",
         "--output_dir", str(tmp_path), timeout=300,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "each trial asks for" in result.stderr and "--tune_gpus_per_trial" in result.stderr
+    assert "each trial asks for" in result.stderr and "--gpus_per_trial" in result.stderr
 
 
 def test_wrong_data_root_fails_before_starting_ray(tmp_path):

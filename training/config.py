@@ -1,46 +1,36 @@
 """The one place where training knobs live.
 
-Every stage reads a `Config`: defaults here, then an optional YAML file (`--config`), then
-`--field value` flags on the command line, in that order of precedence.
+Every stage reads a `Config`: defaults here, then an optional YAML file (`--config`), then `--<setting>`
+flags on the command line, in that order of precedence. A Config is made of sections - data, model,
+finetune, augment, optim, runtime, tune, tracking - and export_dir and extra; its YAML has the same
+sections:
 
-A `Config` is made of sections: `data`, `model`, `finetune`, `augment`, `optim`, `runtime`,
-`tune`, `tracking` (plus `export_dir` and `extra`). `model` is carmodel's `ModelConfig`: the
-part that ships with an export as model.yaml; the rest stays with training.
+    optim:
+      lr: 0.0005
+      epochs: 6
 
-Every setting also has a flat name, unique across the sections: its command-line flag (`--lr`),
-its MLflow param, and its key in a flat YAML file. Mostly the flat name is the field's own name;
-the `tune` and `tracking` sections keep the flat names they had before there were sections
-(`tune_samples` is `tune.samples`, `track` is `tracking.enabled`). YAML may be written either
-way, or mixed: `save` writes sections, and the flat config.yaml of older runs and exports loads.
-
-Configs and their sections are frozen; `from_dict(values, base)` makes a changed copy.
+A setting's flag is its own name (`--lr 0.01`), unique across the sections, and so is its MLflow param
+(carmodel/typed.py). `model` is carmodel's ModelConfig: the part that ships with an export as model.yaml;
+the rest stays with training. Configs are frozen; `override(cfg, lr=0.01)` makes a changed copy.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from carmodel import models as model_lib
+from carmodel import typed
 from carmodel.config import ModelConfig
-
-FLAT_NAME = "flat_name"  # dataclass field metadata: the setting's flat name, when not the field's own
-
-
-def _flat(name: str, default) -> dataclasses.Field:
-    return field(default=default, metadata={FLAT_NAME: name})
+from carmodel.typed import SettingsError as ConfigError
+from carmodel.typed import setting
 
 
 @dataclass(frozen=True)
 class DataConfig:
     data_root: str = "../shared/stanford_cars"
-    layout: str = "auto"  # auto | folder | devkit
+    layout: str = setting("auto", choices=("auto", "folder", "devkit"))
     crop_to_bbox: bool = True  # devkit layout only: crop each photo to its annotated box
     val_fraction: float = 0.10
     test_fraction: float = 0.15  # taken from the train images when the dataset has no test split
@@ -48,7 +38,7 @@ class DataConfig:
     # train: fit on train, pick the epoch with the best val loss, stop early on it.
     # train+val: the final fit -- val joins the training data, runs `epochs` epochs (the count a
     # `train` run found on val) and keeps the last one. Test stays held out either way.
-    fit_on: str = "train"
+    fit_on: str = setting("train", choices=("train", "train+val"))
     max_images_per_class: int | None = None  # smoke runs: cap images per class
     # A model with a box head (model.locate_size > 0) also trains on <data_root>/photos/ and its
     # boxes.csv; a box matched below this (boxes.csv's `match`) is not trusted to train the box head.
@@ -69,7 +59,7 @@ class AugmentConfig:
     """The training transform (carmodel/presets.py); evaluation's size, mean and std are the model's."""
 
     train_size: int = 224
-    auto_augment: str = "none"  # none | ta_wide | autoaugment | randaugment
+    auto_augment: str = setting("none", choices=("none", "ta_wide", "autoaugment", "randaugment"))
     hflip_prob: float = 0.5
     min_crop_scale: float = 0.35
     # resolution augmentation: this share of training images is first shrunk so that its longer
@@ -87,11 +77,12 @@ class AugmentConfig:
 class OptimConfig:
     epochs: int = 20
     batch_size: int = 32
-    optimizer: str = "adamw"  # adam | adamw | sgd
+    optimizer: str = setting("adamw", choices=("adam", "adamw", "sgd"))
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.05
-    lr_schedule: str = "cosine"  # cosine | step | constant, after `warmup_epochs` of linear warm-up
+    # cosine | step | constant, after `warmup_epochs` of linear warm-up
+    lr_schedule: str = setting("cosine", choices=("cosine", "step", "constant"))
     lr_step_epochs: int = 7
     lr_gamma: float = 0.1
     warmup_epochs: int = 1
@@ -101,12 +92,14 @@ class OptimConfig:
     # with a box head: loss = CE(car) + box_loss_weight * smooth-L1(box) + whole_image_loss_weight * CE(whole image)
     box_loss_weight: float = 5.0
     whole_image_loss_weight: float = 0.5
+    # + make_loss_weight * -log(the probability summed over the true make's classes): the answer's make
+    make_loss_weight: float = 0.0
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = "auto"  # auto | bf16 | fp16 | off
+    amp: str = setting("auto", choices=("auto", "bf16", "fp16", "off"))
     channels_last: bool = True
     num_workers: int = 0
     seed: int = 0
@@ -117,13 +110,13 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Ray Tune (training/tune.py). Flags and flat keys: --tune_samples, --tune_epochs, ..."""
+    """Ray Tune (training/tune.py)."""
 
-    samples: int = _flat("tune_samples", 6)
-    epochs: int = _flat("tune_epochs", 15)
-    address: str | None = _flat("tune_address", None)  # an existing Ray cluster, e.g. ray://head:10001
-    cpus_per_trial: float = _flat("tune_cpus_per_trial", 2.0)
-    gpus_per_trial: float = _flat("tune_gpus_per_trial", 0.0)
+    trials: int = 6
+    trial_epochs: int = 15
+    ray_address: str | None = None  # an existing Ray cluster, e.g. ray://head:10001
+    cpus_per_trial: float = 2.0
+    gpus_per_trial: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -131,8 +124,11 @@ class TrackingConfig:
     """Experiment tracking (training/tracking.py). MLflow: the project's local store (mlruns/)
     unless MLFLOW_TRACKING_URI names another."""
 
-    enabled: bool = _flat("track", True)
+    track: bool = True
     experiment: str = "stanford-cars"
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 
 
 @dataclass(frozen=True)
@@ -152,201 +148,57 @@ class Config:
         return Path(self.export_dir or Path("exports") / self.model.model_name)
 
     def to_dict(self) -> dict:
-        """The sectioned form, as `save` writes it: {"data": {...}, "model": {...}, ..., "extra": {...}}."""
-        return _plain(dataclasses.asdict(self))
+        """The sectioned form, as `save` writes it."""
+        return typed.to_dict(self)
 
     def to_flat_dict(self) -> dict:
-        """{flat name: value}: the flags' names, and the params MLflow records for a run."""
-        return {
-            name: _plain(getattr(getattr(self, s.section), s.name) if s.section else getattr(self, s.name))
-            for name, s in FIELDS.items()
-        }
+        """{setting: value}: the flags' names, and the params MLflow records for a run."""
+        plain = self.to_dict()
+        flat = {}
+        for name, (path, _, _) in typed.leaves(Config).items():
+            node = plain
+            for section in path:
+                node = node[section]
+            flat[name] = node[name]
+        return flat
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        typed.save_yaml(self, path)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Where a flat name lives: `section` (None for a top-level field such as export_dir) and field `name`."""
-
-    section: str | None
-    name: str
-    hint: object
-
-
-def _settings() -> tuple[dict[str, type], dict[str, Setting]]:
-    sections, settings = {}, {}
-    top_hints = typing.get_type_hints(Config)
-    for top in dataclasses.fields(Config):
-        hint = top_hints[top.name]
-        if not dataclasses.is_dataclass(hint):
-            settings[top.name] = Setting(None, top.name, hint)
-            continue
-        sections[top.name] = hint
-        hints = typing.get_type_hints(hint)
-        for f in dataclasses.fields(hint):
-            flat = f.metadata.get(FLAT_NAME, f.name)
-            if flat in settings or flat in sections:
-                raise TypeError(f"flat config name {flat!r} is not unique")
-            settings[flat] = Setting(top.name, f.name, hints[f.name])
-    return sections, settings
-
-
-SECTIONS, FIELDS = _settings()
-
-# Keys that older flat config.yaml files hold and that no longer mean anything: skipped on load.
-RETIRED = {"top_k"}
-
-# Fields with a fixed set of values: a typo fails when the config is read, not after the data
-# has been decoded. (`arch` is checked against carmodel.models' registry the same way.)
-CHOICES = {
-    "layout": ("auto", "folder", "devkit"),
-    "fit_on": ("train", "train+val"),
-    "auto_augment": ("none", "ta_wide", "autoaugment", "randaugment"),
-    "optimizer": ("adam", "adamw", "sgd"),
-    "lr_schedule": ("cosine", "step", "constant"),
-    "device": ("auto", "cpu", "cuda", "mps"),
-    "amp": ("auto", "bf16", "fp16", "off"),
-}
-
-
-def _plain(value):
-    """YAML- and MLflow-friendly: tuples become lists, all the way down."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _coerce(name: str, value, hint):
-    """Turn a YAML/CLI value into the field's type, with a message that names the field."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        return _coerce(name, value, args[0])
-    if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        if len(items) != len(typing.get_args(hint)):
-            raise ConfigError(f"{name}: expected {len(typing.get_args(hint))} numbers, got {value!r}")
-        return tuple(_coerce(name, v, float) for v in items)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name}: expected true/false, got {value!r}")
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
+def checked(cfg: Config) -> Config:
+    """What a field's type cannot say: the architecture is a known one, the device one there can be."""
     try:
-        return hint(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}") from err
-
-
-def _check_choice(name: str, value) -> None:
-    if name == "arch":
-        try:
-            model_lib.spec(value)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    elif name in CHOICES and value not in CHOICES[name] and not (name == "device" and value.startswith("cuda:")):
-        raise ConfigError(f"{name} must be one of {', '.join(CHOICES[name])}; got {value!r}")
-
-
-def _flat_items(values: dict) -> dict:
-    """{flat name: raw value} from flat keys, sections, or both."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"a config is a mapping of settings, got {values!r}")
-    by_section = {name: {s.name: flat for flat, s in FIELDS.items() if s.section == name} for name in SECTIONS}
-    flat_values, unknown, hints = {}, [], []
-
-    def put(flat: str, value) -> None:
-        if flat in flat_values:
-            raise ConfigError(f"{flat} is given twice (as a flat key and in its section)")
-        flat_values[flat] = value
-
-    for key, value in values.items():
-        if key in SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: a section, expected a mapping of its settings, got {value!r}")
-            for name, item in value.items():
-                if name in by_section[key]:
-                    put(by_section[key][name], item)
-                else:
-                    unknown.append(f"{key}.{name}")
-                    hints.append(f"{key}'s keys are {', '.join(by_section[key])}")
-        elif key in FIELDS:
-            put(key, value)
-        elif key not in RETIRED:
-            unknown.append(str(key))
-            if isinstance(value, dict):
-                hints.append(f"the sections are {', '.join(SECTIONS)}")
-    if unknown:
-        raise ConfigError(
-            f"unknown config keys: {', '.join(unknown)}" + (f" ({'; '.join(dict.fromkeys(hints))})" if hints else "")
-        )
-    return flat_values
+        model_lib.spec(cfg.model.arch)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    device = cfg.runtime.device
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N; got {device!r}")
+    return cfg
 
 
 def from_dict(values: dict, base: Config | None = None) -> Config:
-    """`base` (default: the defaults) with `values` set: flat keys ({"lr": 0.01}), sections
-    ({"optim": {"lr": 0.01}}), or both. Values are coerced to the field's type and checked."""
-    changes: dict[str | None, dict] = {}
-    for flat, raw in _flat_items(values).items():
-        setting = FIELDS[flat]
-        value = _coerce(flat, raw, setting.hint)
-        _check_choice(flat, value)
-        changes.setdefault(setting.section, {})[setting.name] = value
-    cfg = base or Config()
-    top = changes.pop(None, {})
-    sections = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in changes.items()}
-    return dataclasses.replace(cfg, **sections, **top)
+    """`base` (default: the defaults) with `values` set, in sections: {"optim": {"lr": 0.01}}."""
+    return checked(typed.from_dict(Config, values, base))
+
+
+def override(cfg: Config, **settings) -> Config:
+    """`cfg` with settings changed by name (their flags' names): override(cfg, lr=0.01, car_head=True)."""
+    return checked(typed.from_dict(Config, typed.nest(Config, settings), cfg))
 
 
 def load(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Defaults, then the YAML file at `path` (flat or sectioned), then `overrides`."""
-    cfg = Config()
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            cfg = from_dict(yaml.safe_load(path.read_text()) or {}, cfg)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-    return from_dict(overrides or {}, cfg)
+    """Defaults, then the YAML file at `path`, then `overrides` ({setting: value}, as the flags give them)."""
+    cfg = checked(typed.load_yaml(Config, path)) if path else Config()
+    return override(cfg, **(overrides or {}))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE` plus one `--<flat name>` flag per setting (default: leave as configured)."""
-    parser.add_argument("--config", help="YAML file with Config settings, flat or in sections (see configs/)")
-    groups = {}
-    for flat, setting in FIELDS.items():
-        if flat == "extra":
-            continue
-        title = f"config overrides: {setting.section or 'export'}"
-        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
-        group.add_argument(f"--{flat}", dest=f"cfg_{flat}", default=None, metavar="VALUE")
+    """`--config FILE` plus one `--<setting>` flag per setting (default: leave as configured)."""
+    parser.add_argument("--config", help="YAML file of Config settings, in sections (see configs/)")
+    typed.add_arguments(parser, Config, skip=("extra",))
 
 
 def from_args(args: argparse.Namespace) -> Config:
-    overrides = {
-        key.removeprefix("cfg_"): value
-        for key, value in vars(args).items()
-        if key.startswith("cfg_") and value is not None
-    }
-    return load(args.config, overrides)
+    return load(args.config, typed.flags_given(args, Config))

@@ -6,7 +6,7 @@ is the one with the lowest val loss. Its directory is a complete training run, r
 `training.evaluate` and `training.export`.
 
     python -m training.tune --config configs/resnet50.yaml                  # local
-    python -m training.tune --config configs/resnet50.yaml --tune_address ray://head:10001
+    python -m training.tune --config configs/resnet50.yaml --ray_address ray://head:10001
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def trainable(params: dict, base: dict) -> None:
 
     trial = {"output_dir": tune.get_context().get_trial_dir(), "progress": False}
     trial["track"] = False  # Ray's MLflowLoggerCallback logs each trial (run_search)
-    fit(config_lib.from_dict({**base, **params, **trial}), report=lambda row: tune.report(row))
+    fit(config_lib.load(overrides={**base, **params, **trial}), report=lambda row: tune.report(row))
 
 
 def check_local_resources(cfg) -> None:
@@ -53,7 +53,7 @@ def check_local_resources(cfg) -> None:
     if cfg.tune.gpus_per_trial > gpus or cfg.tune.cpus_per_trial > cpus:
         raise config_lib.ConfigError(
             f"each trial asks for {cfg.tune.cpus_per_trial:g} CPUs and {cfg.tune.gpus_per_trial:g} GPUs; this machine "
-            f"has {cpus} and {gpus}: set --tune_cpus_per_trial / --tune_gpus_per_trial (or --address for a cluster)"
+            f"has {cpus} and {gpus}: set --cpus_per_trial / --gpus_per_trial (or --ray_address for a cluster)"
         )
 
 
@@ -66,27 +66,27 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
     # Flat, like the search space's keys (lr, batch_size, unfreeze) that each trial sets on it.
     base = cfg.to_flat_dict()
     base["data_root"] = str(Path(cfg.data.data_root).resolve())
-    base["epochs"] = cfg.tune.epochs
+    base["epochs"] = cfg.tune.trial_epochs
     if cfg.finetune.pretrained not in ("imagenet", "none"):
         base["pretrained"] = str(Path(cfg.finetune.pretrained).resolve())
 
-    if not cfg.tune.address:
+    if not cfg.tune.ray_address:
         check_local_resources(cfg)
     ray.init(
-        address=cfg.tune.address,
+        address=cfg.tune.ray_address,
         ignore_reinit_error=True,
         include_dashboard=False,
         log_to_driver=False,
-    )  # locally Ray sees every CPU and GPU; trials share them per tune_cpus/gpus_per_trial
+    )  # locally Ray sees every CPU and GPU; trials share them per cpus/gpus_per_trial
     scheduler = ASHAScheduler(
-        time_attr="epoch", max_t=cfg.tune.epochs, grace_period=min(3, cfg.tune.epochs), reduction_factor=2
+        time_attr="epoch", max_t=cfg.tune.trial_epochs, grace_period=min(3, cfg.tune.trial_epochs), reduction_factor=2
     )
     tuner = tune.Tuner(
         tune.with_resources(
             tune.with_parameters(trainable, base=base), {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
         ),
         param_space=space,
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=cfg.tune.samples, scheduler=scheduler),
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=cfg.tune.trials, scheduler=scheduler),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(storage.resolve()), verbose=1, callbacks=mlflow_callbacks(cfg)
         ),
@@ -115,10 +115,10 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
     storage.mkdir(parents=True, exist_ok=True)
     (storage / "tune_results.json").write_text(json.dumps(summary, indent=1))
     # Retraining runs the full schedule, not the trial's.
-    best_cfg = config_lib.from_dict({**base, **summary["best"]["params"], "epochs": cfg.optim.epochs})
+    best_cfg = config_lib.load(overrides={**base, **summary["best"]["params"], "epochs": cfg.optim.epochs})
     best_cfg.save(storage / "best_config.yaml")
     ray.shutdown()
-    with tracking.tracked(storage, cfg.tracking.enabled, cfg.tracking.experiment, name="tune") as tracker:
+    with tracking.tracked(storage, cfg.tracking.track, cfg.tracking.experiment, name="tune") as tracker:
         tracker.params({f"best.{k}": v for k, v in summary["best"]["params"].items()})
         tracker.metrics({"best_val_loss": summary["best"]["val_loss"], "trials": len(trials)})
         tracker.tags({"stage": "tune"})
@@ -128,7 +128,7 @@ def run_search(cfg, space: dict, storage: Path) -> dict:
 
 def mlflow_callbacks(cfg) -> list:
     """One MLflow run per trial: its parameters and every epoch's metrics (Ray's own integration)."""
-    if not cfg.tracking.enabled:
+    if not cfg.tracking.track:
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -144,7 +144,7 @@ def mlflow_callbacks(cfg) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_lib.add_arguments(parser)
-    parser.add_argument("--address", dest="cfg_tune_address", help="an existing Ray cluster (same as --tune_address)")
+    parser.add_argument("--address", dest="setting_ray_address", help="an existing Ray cluster (same as --ray_address)")
     parser.add_argument("--lr_range", type=float, nargs=2, default=(1e-4, 1e-2))
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=(16, 32, 64))
     parser.add_argument("--unfreeze_choices", type=int, nargs="+", default=(1, 2))
