@@ -27,6 +27,8 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from carmodel.errors import StatusError
+
 pillow_heif.register_heif_opener()  # HEIC: what an iPhone sends by default (AVIF is Pillow's own)
 Image.init()  # register every plugin now, so the allow-list below can name them
 # An allow-list: PIL also parses EPS (Ghostscript), PSD, ICO, ... that no car photo needs.
@@ -40,20 +42,14 @@ SUPPORTED = "JPEG, PNG, WebP, HEIC, AVIF, BMP, GIF, TIFF"  # as people know them
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in ACCEPTED_FORMATS)
 
 
-class InputError(ValueError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def to_json(self) -> dict:
-        return {"code": self.status, "type": "InputError", "message": self.message}
+class InputError(StatusError, ValueError):
+    """An upload the model cannot take: its status says why (the table above)."""
 
 
 @dataclass(frozen=True)
 class ImageLimits:
     # A 12-megapixel phone photo is 2-6 MB as JPEG or HEIC and 15-25 MB as PNG: 30 MiB lets the PNG
-    # through. TorchServe's max_request_size is 48 MiB (config.properties), above this plus base64's
+    # through. TorchServe's max_request_size is 48 MiB (serving/torchserve.properties), above this plus base64's
     # third, so an oversized image reaches the handler and gets a JSON 413 that names the limit.
     max_bytes: int = 30 * 1024 * 1024
     max_pixels: int = 50_000_000  # a 48-megapixel phone photo (8064 x 6048) passes, bombs do not
@@ -124,6 +120,11 @@ def _upright(img: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, limits: ImageLimits, decode_side: int = 0) -> Image.Image:
     """`data` as an upright RGB image no larger than `decode_side` needs (0: full size)."""
+    return decode_upload(open_upload(data, limits), decode_side)
+
+
+def open_upload(data: bytes, limits: ImageLimits) -> Image.Image:
+    """`data` opened (its header read, no pixels decoded yet) and checked against `limits`."""
     if not data:
         raise InputError(400, "empty request body: send a JPEG, PNG or WebP image")
     if len(data) > limits.max_bytes:
@@ -143,6 +144,21 @@ def decode_image(data: bytes, limits: ImageLimits, decode_side: int = 0) -> Imag
         raise InputError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
     if min(width, height) < limits.min_side:
         raise InputError(422, f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
+    return img
+
+
+def decode_cost(img: Image.Image, decode_side: int = 0) -> int:
+    """How many pixels decoding an opened image will produce: a JPEG's DCT scaling divides them by up
+    to 64; every other format is decoded whole before it is shrunk (a 49-megapixel PNG costs ~0.2 s)."""
+    factor = min(img.size) / decode_side if decode_side else 1
+    if img.format in DCT_SCALED and factor >= 2:
+        scale = min(8, 2 ** int(math.log2(factor)))
+        return img.width * img.height // (scale * scale)
+    return img.width * img.height
+
+
+def decode_upload(img: Image.Image, decode_side: int = 0) -> Image.Image:
+    """An image from `open_upload`, decoded no larger than `decode_side` needs, upright, RGB."""
     try:
         img.seek(0)  # animated GIF/WebP, multi-page TIFF: classify the first frame
         return _decoded(img, decode_side)

@@ -7,11 +7,14 @@
 The page (client/demo_page/) talks only to this small server, on loopback, which forwards each photo
 to TorchServe's inference API with the project's one client (serving/client.py): TorchServe's ports
 stay out of the browser's reach, no CORS is opened on them, and a key never reaches the browser.
-Each answer carries the top-5, the car's box, the model and version that answered and the time it
-took; an error carries TorchServe's (or the handler's) own message and status.
+Each answer is the handler's detailed answer (whether there is a car, its box, the make and body
+type with their probabilities, whether the model is unsure, the top-5), with the model and version
+that answered and the time it took; an error carries TorchServe's (or the handler's) own message and
+status.
 
     GET  /api/models                       the registered models and their versions (management API)
-    POST /api/predict?model=M[&version=V]  the photo as the body -> {model, version, ms, predictions, box}
+    POST /api/predict?model=M[&version=V]  the photo as the body -> {model, version, ms, car, make, body_type,
+                                           uncertain, predictions}
     POST /api/explain?model=M[&version=V]  the photo as the body -> the handler's heat map
     POST /api/preview                      a JPEG of a photo the browser cannot show itself (HEIC)
 
@@ -30,11 +33,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from carmodel.errors import StatusError
 from carmodel.images import ImageLimits
+from carmodel.paths import DEFAULT_MODEL
 from client import add_server_arguments, server_client
 from client.photos import ClientError, fit_for_display, load_display_image
 from serving.client import EXIT_UNREACHABLE, EXIT_USAGE, TorchServeClient, TorchServeError, error_message
-from serving.torchserve import DEFAULT_MODEL
 
 PAGE = Path(__file__).with_name("demo_page")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
@@ -43,11 +47,8 @@ TOPK = 5
 MAX_BODY = ImageLimits().max_bytes  # the handler's own image limit: refused here before it travels
 
 
-class DemoError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class DemoError(StatusError):
+    """What the page is answered: TorchServe's refusal passed on, or the demo server's own."""
 
 
 def from_torchserve(err: TorchServeError) -> DemoError:
@@ -64,17 +65,15 @@ def list_models(client: TorchServeClient) -> list[dict]:
 
 def predict(client: TorchServeClient, model: str, version: str | None, body: bytes) -> dict:
     started = time.perf_counter()
-    response = client.predict(model, body, version, TOPK, headers={"X-Box": "true"})
+    response = client.predict(model, body, version, TOPK, headers={"X-Details": "true"})
     elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
     if response.status_code != 200:
         raise DemoError(response.status_code, error_message(response))
-    answer = response.json()
     return {
         "model": model,
         "version": version or client.default_version(model),
         "ms": elapsed_ms,
-        "predictions": answer["predictions"],
-        "box": answer["box"],
+        **response.json(),
     }
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from carmodel.images import InputError
 from carmodel.predictor import Forward, Prepared
+from serving.requests import Options
 
 
 @dataclass
@@ -17,14 +18,11 @@ class Batch:
     size: int
     prepared: list[Prepared] = field(default_factory=list)  # the good images
     positions: list[int] = field(default_factory=list)  # request index of each good image
-    topk: dict[int, int] = field(default_factory=dict)  # request index -> k
-    box: set[int] = field(default_factory=set)  # request indices that asked for the car's box
+    options: dict[int, Options] = field(default_factory=dict)  # request index -> its k and answer shape
     errors: dict[int, InputError] = field(default_factory=dict)  # request index -> why it was refused
     forward: Forward | None = None  # the chain's outputs for the good images, in order
 
-    def add(self, idx: int, prepared: Prepared, topk: int, box: bool) -> None:
+    def add(self, idx: int, prepared: Prepared, options: Options) -> None:
         self.positions.append(idx)
         self.prepared.append(prepared)
-        self.topk[idx] = topk
-        if box:
-            self.box.add(idx)
+        self.options[idx] = options

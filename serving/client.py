@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 import requests
 from packaging.version import InvalidVersion, Version
 from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from carmodel.errors import StatusError
 
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -30,16 +33,18 @@ DEFAULT_METRICS = "http://127.0.0.1:8082"
 REGISTER_TIMEOUT_S = 300
 # The longest server message kept: an HTML error page from a proxy is not worth printing whole.
 MAX_MESSAGE_CHARS = 500
+TRANSIENT_STATUSES = (502, 503, 504)  # a proxy's or TorchServe's "not now": worth another try
+RETRY_BACKOFF_MAX_S = 30
 
 
-class TorchServeError(RuntimeError):
+class TorchServeError(StatusError):
+    """`status`: TorchServe's HTTP status (None: no answer); `exit_code`: the command line's."""
+
     def __init__(
         self, message: str, exit_code: int = EXIT_SERVER, status: int | None = None, detail: str | None = None
     ):
-        super().__init__(message)
-        self.message = message
+        super().__init__(status, message)
         self.exit_code = exit_code
-        self.status = status
         self.detail = detail if detail is not None else message  # the server's own words, when it answered
 
 
@@ -77,6 +82,19 @@ def raise_for_status(method: str, url: str, response: requests.Response) -> None
         )
 
 
+def transient_retries(times: int) -> Retry:
+    """urllib3's retry policy for what passes: every method (our PUTs are idempotent), never a 4xx."""
+    return Retry(
+        total=times,
+        backoff_factor=0.5,
+        backoff_max=RETRY_BACKOFF_MAX_S,
+        status_forcelist=TRANSIENT_STATUSES,
+        allowed_methods=None,
+        raise_on_status=False,  # the last answer stands, with the server's message
+        respect_retry_after_header=True,
+    )
+
+
 def bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -107,6 +125,9 @@ class TorchServeClient:
     timeout: float = 30
     # Connections kept alive per host: as many as the threads sharing this client (requests keeps 10).
     pool_size: int | None = None
+    # Tries again after a 502/503/504 (a full queue, a worker or TorchServe restarting), a refused or
+    # reset connection and a timeout, with exponential backoff (0.5 s, 1 s, ... up to 30 s between tries).
+    retries: int = 0
     session: requests.Session = field(default_factory=requests.Session, repr=False)
 
     def __post_init__(self):
@@ -115,8 +136,9 @@ class TorchServeClient:
         self.metrics_url = self.metrics_url.rstrip("/")
         if self.inference_url.startswith("https"):
             self.session.verify = False  # TorchServe's self-signed certificate (hardened profile)
-        if self.pool_size:
-            adapter = HTTPAdapter(pool_connections=self.pool_size, pool_maxsize=self.pool_size)
+        if self.pool_size or self.retries:
+            size = self.pool_size or 10
+            adapter = HTTPAdapter(pool_connections=size, pool_maxsize=size, max_retries=transient_retries(self.retries))
             self.session.mount("http://", adapter)
             self.session.mount("https://", adapter)
 
@@ -188,17 +210,17 @@ class TorchServeClient:
         return self.request("PUT", self.prediction_url(model, version), **request, **kwargs)
 
     def top_k(self, model: str, body: bytes, version: str | None = None, topk: int | None = None) -> list[dict]:
-        """The server's answer for one image, best class first; an HTTP error raises."""
+        """The server's plain answer for one image, best class first ([] for no car); an HTTP error raises."""
         return self.call("PUT", self.prediction_url(model, version), **self._prediction(body, topk))
 
-    def located(self, model: str, body: bytes, version: str | None = None, topk: int | None = None) -> dict:
-        """The answer with the car's box: {"predictions": [...], "box": [x1, y1, x2, y2] or None}."""
-        return self.call("PUT", self.prediction_url(model, version), **self._prediction(body, topk, box=True))
+    def details(self, model: str, body: bytes, version: str | None = None, topk: int | None = None) -> dict:
+        """The detailed answer: {"car": {"found", "score", "box"}, "make", "body_type", "uncertain", "predictions"}."""
+        return self.call("PUT", self.prediction_url(model, version), **self._prediction(body, topk, details=True))
 
-    def _prediction(self, body: bytes, topk: int | None, box: bool = False) -> dict:
+    def _prediction(self, body: bytes, topk: int | None, details: bool = False) -> dict:
         headers = {"Content-Type": "application/octet-stream", **({"X-Top-K": str(topk)} if topk else {})}
-        if box:
-            headers["X-Box"] = "true"
+        if details:
+            headers["X-Details"] = "true"
         return {"token": self.inference_token, "data": body, "headers": headers}
 
     def explain(

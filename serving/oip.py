@@ -7,12 +7,20 @@
 * answers BYTES outputs holding JSON objects, named after the inputs.
 
 Here every element of every BYTES input is one encoded photo (base64 in JSON, raw bytes with the
-binary extension), answered in order as typed tensors, one row per photo:
+binary extension), answered in order as typed tensors, one row per photo (the handler's detailed
+answer, carmodel.predictor.Answer.details):
 
-    class_ids      INT64  [N, k]   the top-k classes, best first
-    probabilities  FP32   [N, k]
-    class_names    BYTES  [N, k]
-    boxes          FP32   [N, 4]   the car's box in the photo's pixels (models that localise)
+    car_found              BOOL   [N]     false: no car in the photo (its other rows are padding)
+    car_score              FP32   [N]     the car/no-car score (models with a car head)
+    make                   BYTES  [N]     the make; "" where the answer names none (no car, or not sure)
+    make_probability       FP32   [N]     summed over the make's classes; 0 where no make is named
+    body_type              BYTES  [N]     "" without a car
+    body_type_probability  FP32   [N]
+    uncertain              BOOL   [N]     a car, but not sure which
+    class_ids              INT64  [N, k]  the top-k classes, best first; -1 without a car
+    probabilities          FP32   [N, k]  calibrated; 0 without a car
+    class_names            BYTES  [N, k]  "" without a car
+    boxes                  FP32   [N, 4]  the car's box in the photo's pixels (models that localise); -1 without a car
 
 `outputs` in the request picks among them; the request parameter `topk` sets k (default: the
 handler's). A bad request or a bad photo fails the whole request with a 4xx and the protocol's
@@ -32,16 +40,29 @@ from dataclasses import dataclass, field
 
 from ts.torch_handler.request_envelope import kservev2
 
-OUTPUTS = ("class_ids", "probabilities", "class_names", "boxes")
-DATATYPES = {"class_ids": "INT64", "probabilities": "FP32", "class_names": "BYTES", "boxes": "FP32"}
+from carmodel.errors import StatusError
+
+DATATYPES = {
+    "car_found": "BOOL",
+    "car_score": "FP32",
+    "make": "BYTES",
+    "make_probability": "FP32",
+    "body_type": "BYTES",
+    "body_type_probability": "FP32",
+    "uncertain": "BOOL",
+    "class_ids": "INT64",
+    "probabilities": "FP32",
+    "class_names": "BYTES",
+    "boxes": "FP32",
+}
+OUTPUTS = tuple(DATATYPES)
+PER_PREDICTION = ("class_ids", "probabilities", "class_names", "boxes")  # [N, k] or [N, 4]; the rest are [N]
+NO_BOX = [-1, -1, -1, -1]
 BINARY_HEADER = "inference-header-content-length"  # the binary tensor extension's JSON length
 
 
-class ProtocolError(ValueError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class ProtocolError(StatusError, ValueError):
+    """A v2 request that breaks the protocol (its shape, not an image in it)."""
 
 
 @dataclass
@@ -86,7 +107,7 @@ def parse_request(body, header_length: str | None = None) -> V2Request:
         raise ProtocolError(400, "a v2 inference request needs a non-empty 'inputs' list")
     parameters = body.get("parameters") or {}
     request = V2Request(id=body.get("id"), outputs=requested_outputs(body.get("outputs")))
-    options = {"box": True} | ({"topk": parameters["topk"]} if "topk" in parameters else {})
+    options = {"details": True} | ({"topk": parameters["topk"]} if "topk" in parameters else {})
     for tensor in body["inputs"]:
         name = tensor.get("name") if isinstance(tensor, dict) else None
         label = f"input {name!r}"
@@ -129,24 +150,41 @@ def is_error(answer) -> bool:
 
 
 def output_tensors(answers: list[dict], wanted: list[str] | None) -> list[dict]:
-    """Rows of the handler's answers ({"predictions": [...], "box": ...}) as the v2 output tensors."""
-    predictions = [answer["predictions"] for answer in answers]
-    boxes = [answer.get("box") for answer in answers]
+    """The handler's detailed answers as the v2 output tensors (module docstring): one row per photo."""
+    k = max(len(answer["predictions"]) for answer in answers)
+
+    def padded(answer: dict, key: str, empty) -> list:
+        values = [p[key] for p in answer["predictions"]]
+        return values + [empty] * (k - len(values))
+
+    def named(share: dict | None) -> tuple[str, float]:
+        return (share["name"], share["probability"]) if share else ("", 0.0)
+
     columns = {
-        "class_ids": [[p["class_id"] for p in row] for row in predictions],
-        "probabilities": [[p["probability"] for p in row] for row in predictions],
-        "class_names": [[p["class_name"] for p in row] for row in predictions],
+        "car_found": [[a["car"]["found"]] for a in answers],
+        "make": [[named(a["make"])[0]] for a in answers],
+        "make_probability": [[named(a["make"])[1]] for a in answers],
+        "body_type": [[named(a["body_type"])[0]] for a in answers],
+        "body_type_probability": [[named(a["body_type"])[1]] for a in answers],
+        "uncertain": [[a["uncertain"]] for a in answers],
+        "class_ids": [padded(a, "class_id", -1) for a in answers],
+        "probabilities": [padded(a, "probability", 0.0) for a in answers],
+        "class_names": [padded(a, "class_name", "") for a in answers],
     }
-    if all(box is not None for box in boxes):
-        columns["boxes"] = boxes
-    elif wanted and "boxes" in wanted:
-        raise ProtocolError(400, "output 'boxes': this model does not localise the car")
+    if all(a["car"]["score"] is not None for a in answers):
+        columns["car_score"] = [[a["car"]["score"]] for a in answers]
+    if all(a["car"]["box"] is not None or not a["car"]["found"] for a in answers):
+        columns["boxes"] = [a["car"]["box"] or NO_BOX for a in answers]
+    for name, reason in (("car_score", "has no car head"), ("boxes", "does not localise the car")):
+        if wanted and name in wanted and name not in columns:
+            raise ProtocolError(400, f"output {name!r}: this model {reason}")
     tensors = []
     for name in wanted or [name for name in OUTPUTS if name in columns]:
         rows = columns[name]
-        shape = [len(rows), len(rows[0]) if rows else 0]
-        data = [value for row in rows for value in row]
-        tensors.append({"name": name, "datatype": DATATYPES[name], "shape": shape, "data": data})
+        shape = [len(rows), len(rows[0])] if name in PER_PREDICTION else [len(rows)]
+        tensors.append(
+            {"name": name, "datatype": DATATYPES[name], "shape": shape, "data": [v for row in rows for v in row]}
+        )
     return tensors
 
 

@@ -1,10 +1,10 @@
 """Turn one TorchServe request row into image bytes and its options (top-k, whether to answer with
-the car's box), or an `InputError` that says why not.
+the car's box or in detail), or an `InputError` that says why not.
 
 Pure functions with no TorchServe imports, so they are tested and fuzzed in-process
 (tests/test_requests.py). Decoding the bytes is carmodel.images'; the statuses added here:
 
-    400 malformed request (bad base64, bad JSON, no image field, bad topk or box)
+    400 malformed request (bad base64, bad JSON, no image field, bad topk, box or details)
     415 a binary body that claims to be text
 
 A request row is what TorchServe's Python worker hands the handler: a dict of parameter name
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from carmodel.images import ImageLimits, InputError, decode_image
+from carmodel.images import ImageLimits, InputError, decode_image, open_upload
 
 # Where TorchServe puts the image: "body" for a raw body (curl -T / --data-binary), "data" for
 # the stock clients' multipart field; "file"/"image" are the names people reach for in forms.
@@ -33,17 +33,24 @@ BASE64_TEXT = re.compile(rb"(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=\s]+")
 
 
 @dataclass
+class Options:
+    """How a request wants its answer."""
+
+    topk: int | None = None
+    box: bool | None = None  # answer {"predictions": [...], "box": [x1, y1, x2, y2]} instead of the list
+    details: bool | None = None  # answer the detailed shape: car, make, body type, uncertain, predictions
+
+
+@dataclass
 class ParsedRequest:
     image_bytes: bytes
-    topk: int | None
-    box: bool | None = None  # answer {"predictions": [...], "box": [x1, y1, x2, y2]} instead of the list
+    options: Options
 
 
 @dataclass
 class ImageRequest:
     image: Image.Image
-    topk: int | None
-    box: bool | None
+    options: Options
 
 
 def _text(value) -> str:
@@ -113,14 +120,23 @@ def check_binary_content_type(content_type: str | None) -> None:
         )
 
 
+def parse_options(fields: dict, max_topk: int, given: Options | None = None) -> Options:
+    """topk, box and details from a request's fields; what `given` already holds wins."""
+    given = given or Options()
+    return Options(
+        topk=given.topk if given.topk is not None else parse_topk(fields.get("topk"), max_topk),
+        box=given.box if given.box is not None else parse_flag("box", fields.get("box")),
+        details=given.details if given.details is not None else parse_flag("details", fields.get("details")),
+    )
+
+
 def parse_request(
     row: dict, limits: ImageLimits, max_topk: int, content_types: dict[str, str] | None = None
 ) -> ParsedRequest:
     """`content_types`: the Content-Type TorchServe recorded for each field (the body's or a multipart part's)."""
     if not isinstance(row, dict):
         raise InputError(400, "unexpected request format")
-    topk = parse_topk(row.get("topk"), max_topk)
-    box = parse_flag("box", row.get("box"))
+    options = parse_options(row, max_topk)
     field = next((name for name in IMAGE_FIELDS if row.get(name) is not None), None)
     if field is None:
         raise InputError(
@@ -133,22 +149,18 @@ def parse_request(
         key = next((k for k in JSON_IMAGE_FIELDS if k in value), None)
         if key is None or not isinstance(value[key], str):
             raise InputError(400, "JSON body needs a base64 string in the field 'image'")
-        if topk is None and "topk" in value:
-            topk = parse_topk(value["topk"], max_topk)
-        if box is None and "box" in value:
-            box = parse_flag("box", value["box"])
-        return ParsedRequest(decode_base64(value[key], limits), topk, box)
+        return ParsedRequest(decode_base64(value[key], limits), parse_options(value, max_topk, options))
     if isinstance(value, str):  # a text body: base64, as the stock handler accepts
-        return ParsedRequest(decode_base64(value, limits), topk, box)
+        return ParsedRequest(decode_base64(value, limits), options)
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
         if data[:1] in (b"{", b"["):
             raise InputError(400, "body looks like JSON but is not valid JSON with an 'image' field")
         image = base64_image(data, limits)
         if image is not None:
-            return ParsedRequest(image, topk, box)
+            return ParsedRequest(image, options)
         check_binary_content_type((content_types or {}).get(field))
-        return ParsedRequest(data, topk, box)
+        return ParsedRequest(data, options)
     if isinstance(value, list):
         raise InputError(400, "JSON body must be an object with a base64 'image' field, not a list")
     raise InputError(400, f"unsupported request value of type {type(value).__name__}")
@@ -163,4 +175,67 @@ def read_request(
 ) -> ImageRequest:
     """`decode_side`: the shorter side the image is decoded to, at least (Predictor.decode_side; 0: full size)."""
     parsed = parse_request(row, limits, max_topk, content_types)
-    return ImageRequest(decode_image(parsed.image_bytes, limits, decode_side), parsed.topk, parsed.box)
+    return ImageRequest(decode_image(parsed.image_bytes, limits, decode_side), parsed.options)
+
+
+# ------------------------------------------------------------------ a TorchServe request's parts
+
+# TorchServe 0.12 does not pass query strings to handlers: these headers stand in for the fields.
+OPTION_HEADERS = {"x-top-k": "topk", "x-box": "box", "x-details": "details"}
+
+
+def has_request(context, idx: int) -> bool:
+    """Under a KServe envelope one request carries several images: the items past the first have
+    no HTTP request of their own (no headers, no status; their errors go in the response body)."""
+    return context is not None and idx < len(context.request_processor or [])
+
+
+def request_headers(context, idx: int) -> dict:
+    return (context.get_all_request_header(idx) if has_request(context, idx) else None) or {}
+
+
+def content_types(headers: dict) -> dict[str, str]:
+    """TorchServe files each field's Content-Type under the field's name: {"body": {"content-type": ...}}."""
+    return {name: value.get("content-type") for name, value in headers.items() if isinstance(value, dict)}
+
+
+def http_headers(headers: dict) -> dict[str, str]:
+    """The HTTP headers among a request's (every HTTP request has some: Host, Content-Length, ...); a
+    gRPC call has none, only each input's content type (a dict, see `content_types`)."""
+    return {name: value for name, value in headers.items() if isinstance(value, str)}
+
+
+def with_header_options(headers: dict, row):
+    """`X-Top-K`, `X-Box` and `X-Details` as if they were fields (a field of the request itself wins),
+    so they work with curl -T."""
+    if not isinstance(row, dict):
+        return row
+    given = {OPTION_HEADERS[k.lower()]: v for k, v in headers.items() if k.lower() in OPTION_HEADERS}
+    return {**given, **row}
+
+
+def read_row(row, headers: dict, limits: ImageLimits, max_topk: int, default_topk: int) -> ImageRequest:
+    """One TorchServe row and its request's headers -> the opened image (header read, pixels not yet
+    decoded: carmodel.images.decode_upload) and its options (top-k defaulted), or an InputError."""
+    parsed = parse_request(with_header_options(headers, row), limits, max_topk, content_types(headers))
+    parsed.options.topk = parsed.options.topk or default_topk
+    return ImageRequest(open_upload(parsed.image_bytes, limits), parsed.options)
+
+
+def explain_target(row) -> int | None:
+    """The class an explanation asks for (a `target` field), if it names one."""
+    raw = row.get("target") if isinstance(row, dict) else None
+    try:
+        return int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def shaped(answer, options: Options):
+    """The answer (carmodel.predictor.Answer) in the shape the request asked for. Without asking: the
+    plain top-k list, so clients reading it keep working."""
+    if options.details:
+        return answer.details()
+    if options.box:
+        return {"predictions": answer.rows(), "box": answer.box and list(answer.box)}
+    return answer.rows()

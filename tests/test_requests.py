@@ -22,8 +22,16 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from carmodel.images import ACCEPTED_FORMATS, IMAGE_SUFFIXES, ImageLimits, InputError, uploaded_size
-from serving.requests import parse_request, read_request
+from carmodel.images import (
+    ACCEPTED_FORMATS,
+    IMAGE_SUFFIXES,
+    ImageLimits,
+    InputError,
+    decode_cost,
+    open_upload,
+    uploaded_size,
+)
+from serving.requests import explain_target, parse_request, read_request, read_row
 
 LIMITS = ImageLimits()
 MAX_TOPK = 196  # the number of classes: the handler's default largest top-k
@@ -65,7 +73,7 @@ def jpeg_scan_offset(data: bytes) -> int:
 def test_raw_bytes_in_any_image_field(photo, field):
     parsed = parse_request({field: photo}, LIMITS, MAX_TOPK)
     assert parsed.image_bytes == photo
-    assert parsed.topk is None
+    assert parsed.options.topk is None
 
 
 def test_bytearray_body(photo):
@@ -87,7 +95,7 @@ def test_json_body_with_data_url_and_topk(photo):
     url = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
     parsed = parse_request({"body": {"image": url, "topk": 3}}, LIMITS, MAX_TOPK)
     assert parsed.image_bytes == photo
-    assert parsed.topk == 3
+    assert parsed.options.topk == 3
 
 
 def test_base64_text_body_with_line_breaks(photo):
@@ -100,7 +108,7 @@ def test_real_photos_decode_to_the_same_pixels_as_pil(car_images):
     for path in car_images.values():
         data = path.read_bytes()
         request = read_request({"body": data}, LIMITS, MAX_TOPK)
-        image, topk = request.image, request.topk
+        image, topk = request.image, request.options.topk
         with Image.open(path) as ref:
             expected = ref.convert("RGB")
         assert topk is None
@@ -110,12 +118,12 @@ def test_real_photos_decode_to_the_same_pixels_as_pil(car_images):
 
 @pytest.mark.parametrize(("value", "expected"), [(b"3", 3), ("7", 7), (b" 12 \n", 12), (1, 1), (196, 196)])
 def test_topk_parsed_from_row(photo, value, expected):
-    assert parse_request({"body": photo, "topk": value}, LIMITS, MAX_TOPK).topk == expected
+    assert parse_request({"body": photo, "topk": value}, LIMITS, MAX_TOPK).options.topk == expected
 
 
 def test_row_topk_wins_over_json_topk(photo):
     body = {"image": base64.b64encode(photo).decode(), "topk": 9}
-    assert parse_request({"body": body, "topk": b"2"}, LIMITS, MAX_TOPK).topk == 2
+    assert parse_request({"body": body, "topk": b"2"}, LIMITS, MAX_TOPK).options.topk == 2
 
 
 @pytest.mark.parametrize("value", [b"abc", b"", b"2.5", b"0", b"-1", b"197", b"1e9", "three"])
@@ -128,27 +136,50 @@ def test_bad_topk_in_json_is_400(photo):
     assert status_of({"body": body}) == 400
 
 
+@pytest.mark.parametrize("flag", ["box", "details"])
 @pytest.mark.parametrize(
     ("value", "expected"), [(b"1", True), (b"true", True), ("Yes", True), (True, True), (b"0", False), ("false", False)]
 )
-def test_box_flag_parsed_from_row_and_json(photo, value, expected):
-    assert parse_request({"body": photo, "box": value}, LIMITS, MAX_TOPK).box is expected
-    body = {"image": base64.b64encode(photo).decode(), "box": value}
-    assert parse_request({"body": body}, LIMITS, MAX_TOPK).box is expected
+def test_answer_shape_flags_parsed_from_row_and_json(photo, flag, value, expected):
+    assert getattr(parse_request({"body": photo, flag: value}, LIMITS, MAX_TOPK).options, flag) is expected
+    body = {"image": base64.b64encode(photo).decode(), flag: value}
+    assert getattr(parse_request({"body": body}, LIMITS, MAX_TOPK).options, flag) is expected
 
 
-def test_box_not_asked_for_is_none(photo):
-    assert parse_request({"body": photo}, LIMITS, MAX_TOPK).box is None
+def test_answer_shape_not_asked_for_is_none(photo):
+    options = parse_request({"body": photo}, LIMITS, MAX_TOPK).options
+    assert options.box is None and options.details is None
 
 
+@pytest.mark.parametrize("flag", ["box", "details"])
 @pytest.mark.parametrize("value", [b"maybe", b"2", b""])
-def test_bad_box_flag_is_400(photo, value):
-    assert status_of({"body": photo, "box": value}) == 400
+def test_bad_answer_shape_flag_is_400(photo, flag, value):
+    assert status_of({"body": photo, flag: value}) == 400
+
+
+def test_headers_stand_in_for_fields_and_a_field_wins(photo):
+    """curl -T sends no fields: X-Top-K, X-Box and X-Details do their work; gRPC's per-field dicts are not headers."""
+    headers = {"X-Top-K": "3", "x-details": "true", "X-Box": "1", "body": {"content-type": "image/jpeg"}}
+    options = read_row({"body": photo}, headers, LIMITS, MAX_TOPK, default_topk=5).options
+    assert (options.topk, options.details, options.box) == (3, True, True)
+    assert read_row({"body": photo, "topk": b"2"}, headers, LIMITS, MAX_TOPK, default_topk=5).options.topk == 2
+    assert read_row({"body": photo}, {}, LIMITS, MAX_TOPK, default_topk=5).options.topk == 5
+
+
+def test_a_text_content_type_on_a_binary_body_is_415(photo):
+    with pytest.raises(InputError) as info:
+        read_row({"body": photo}, {"body": {"content-type": "text/plain"}}, LIMITS, MAX_TOPK, default_topk=5)
+    assert info.value.status == 415
+
+
+@pytest.mark.parametrize(("row", "expected"), [({"target": b"12"}, 12), ({"target": 3}, 3), ({"target": b"x"}, None)])
+def test_explain_target(row, expected):
+    assert explain_target(row) == expected and explain_target(b"raw") is None
 
 
 def test_topk_limit_follows_limits(photo):
     assert status_of({"body": photo, "topk": b"11"}, max_topk=10) == 400
-    assert parse_request({"body": photo, "topk": b"10"}, LIMITS, max_topk=10).topk == 10
+    assert parse_request({"body": photo, "topk": b"10"}, LIMITS, max_topk=10).options.topk == 10
 
 
 @pytest.mark.parametrize(
@@ -539,7 +570,7 @@ def test_fuzz_every_outcome_is_rgb_or_input_error(fuzz_seeds, data):
     payload = data.draw(st.one_of(st.binary(max_size=2048), mutated(fuzz_seeds)), label="payload")
     try:
         request = read_request({"body": payload}, LIMITS, MAX_TOPK)
-        image, topk = request.image, request.topk
+        image, topk = request.image, request.options.topk
     except InputError as err:
         event(f"InputError {err.status}")  # outcome mix: pytest --hypothesis-show-statistics
         assert err.status in ERROR_STATUSES, (err.status, err.message)
@@ -661,3 +692,11 @@ def test_base64_as_bytes_in_a_form_field_or_body_is_the_image(photo, field):
 
 def test_text_that_is_not_base64_of_anything_stays_not_an_image():
     assert status_of({"body": b"hello world this is text"}) == 415
+
+
+def test_decode_cost_counts_the_pixels_a_decode_produces(photo):
+    """A JPEG pays for its DCT-scaled size, a PNG for all of its pixels: the handler's batch budget reads this."""
+    big = Image.new("RGB", (4032, 3024), (90, 120, 150))
+    jpeg, png = open_upload(encode(big, "JPEG"), LIMITS), open_upload(encode(big, "PNG"), LIMITS)
+    assert decode_cost(jpeg, 336) == 4032 * 3024 // 64 and decode_cost(png, 336) == 4032 * 3024
+    assert decode_cost(jpeg, 0) == 4032 * 3024
