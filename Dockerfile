@@ -1,7 +1,13 @@
 # syntax=docker/dockerfile:1
 # The car classifier's CPU serving image: TorchServe 0.12.0 on Java 17, the handler and the default
-# model's .mar, run as an unprivileged user. Every step goes through scripts/container.sh, which
-# tests/test_container.py runs outside Docker (install, archive, start, predict).
+# model's .mar, run as an unprivileged user. Every step but the project's own install goes through
+# scripts/container.sh, which tests/test_container.py runs outside Docker (install, archive, start, predict).
+#
+# Layout: the build stage makes /opt/venv (the pinned requirements, then the project itself as a package:
+# `pip install --no-deps .` of carmodel/, serving/ and client/, not editable, with their package data:
+# serving's torchserve.properties and metrics.yaml, client's demo page) and the default model's .mar in
+# /app/model_store. The runtime stage holds only that venv, that model store and scripts/container.sh in
+# /app: no source tree, no export, no training code.
 #
 #   docker build -t car-classifier .
 #   docker run -d --name cars -p 127.0.0.1:8080:8080 -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082 car-classifier
@@ -25,7 +31,7 @@
 # (PyPI's default torch is the CUDA build: torch 1.15 GB + nvidia-* 2.7 GB + triton 0.7 GB, an
 # image of ~5.5 GB for nothing on a CPU.) Compressed in a registry: roughly 0.5 GB.
 
-# ---------------------------------------------------------------- build: the venv and the .mar
+# ---------------------------------------------------------------- build: the venv (with the project) and the .mar
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
@@ -33,16 +39,19 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY requirements/ requirements/
 COPY scripts/container.sh scripts/
 # After installing, dropped: torch's C++ unit tests and headers (nothing is compiled at run time:
-# the handler runs OpenVINO or eager torch), and pip (the image installs nothing at run time).
+# the handler runs OpenVINO or eager torch).
 RUN python -m venv /opt/venv \
     && scripts/container.sh install \
     && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && rm -rf "$site/torch/test" "$site/torch/include" "$site"/torch/bin/test_* \
-    && python -m pip uninstall --yes --quiet pip
+    && rm -rf "$site/torch/test" "$site/torch/include" "$site"/torch/bin/test_*
+# The project as a package, its dependencies being the ones above; training/ and bench/ stay out (setuptools
+# finds only the packages present). Then pip goes: the image installs nothing at run time.
+COPY pyproject.toml ./
 COPY carmodel/ carmodel/
 COPY serving/ serving/
-COPY config/ config/
-COPY config.properties ./
+COPY client/ client/
+RUN python -m pip install --no-cache-dir --no-deps --disable-pip-version-check . \
+    && python -m pip uninstall --yes --quiet pip
 COPY models/efficientnet_lite0_cars/ models/efficientnet_lite0_cars/
 RUN MODEL_STORE=/app/model_store scripts/container.sh archive
 
@@ -67,18 +76,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODEL_STORE=/app/model_store \
     RUN_DIR=/tmp/torchserve
 WORKDIR /app
+# The venv holds the project (serve, predict-dir and their TorchServe configuration); /app, the model store
+# and the entry point.
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app/model_store/ model_store/
-COPY config.properties ./
-COPY config/ config/
-COPY scripts/ scripts/
-# The packages serving and the batch client run (python -m from /app); training/ stays out of the image.
-COPY carmodel/ carmodel/
-COPY serving/ serving/
-COPY client/ client/
+COPY scripts/container.sh scripts/
 USER 10001:10001
 # Inference, management, metrics. They listen on 0.0.0.0 inside the container only (its own network
-# namespace; config/container.properties): publish them on the host's loopback, not on every interface:
+# namespace; the container profile, serving/torchserve.py): publish them on the host's loopback, not on
+# every interface:
 #   -p 127.0.0.1:8080:8080 -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082
 EXPOSE 8080 8081 8082
 # Images to classify (`predict`), and where the results go.

@@ -26,6 +26,7 @@ from bench.common import BENCH_VAR, ROOT, SHARED_TRAIN, BenchError, pick_image
 from bench.exports import resolve_export
 from bench.harness import add_ours_arguments, fresh_server, parse_duration, warm_up
 from carmodel.images import IMAGE_SUFFIXES
+from carmodel.paths import DEFAULT_MODEL
 
 IMAGES_DIR = BENCH_VAR / "batch_images"
 OUT_DIR = BENCH_VAR / "batch_out"
@@ -68,7 +69,7 @@ def run_batch_script(url: str, model: str, concurrency: int) -> tuple[dict, floa
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="efficientnet_lite0_cars", help="models/<name>, or <arch>_cars (random)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="models/<name>, or <arch>_cars (random)")
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=parse_duration, default=parse_duration("15s"), help="the hey run")

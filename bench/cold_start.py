@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.archives import build_ours
 from bench.common import BENCH_VAR, MODELS_DIR, ROOT, BenchError, pick_image, timestamp
 from carmodel.export import ExportDir
+from carmodel.paths import DEFAULT_MODEL
 from serving.client import TorchServeClient, TorchServeError
 from serving.settings import HandlerSettings, WorkerSettings
 from serving.torchserve import ADDRESS_KEYS, Server, free_ports
@@ -90,7 +91,7 @@ def cold_start(store: Path, name: str, archive: str, body: bytes, run_dir: Path)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", type=Path, default=MODELS_DIR / "efficientnet_lite0_cars")
+    p.add_argument("--export", type=Path, default=MODELS_DIR / DEFAULT_MODEL)
     p.add_argument("--repeat", type=int, default=1, help="cold starts, each in a fresh run dir")
     p.add_argument("--image", type=Path, help="default: a ~500x300 car from ../shared")
     return p.parse_args(argv)

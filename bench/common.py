@@ -9,11 +9,15 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from carmodel import paths
+
+# The project's home (carmodel.paths: the working directory, or $CAR_CLASSIFIER_HOME), fixed when the
+# benchmark starts: run it from the checkout (python -m bench.run), whose git state it records.
+ROOT = paths.home()
 
 SHARED_TRAIN = (ROOT / ".." / "shared" / "stanford_cars" / "train").resolve()
-BENCH_VAR = ROOT / "var" / "bench"
-MODELS_DIR = ROOT / "models"
+BENCH_VAR = paths.var_dir() / "bench"
+MODELS_DIR = paths.models_dir()
 
 # The request image: a real car photo close to this size (the dataset's longer side is <= 512).
 TARGET_IMAGE_SIZE = (500, 300)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from bench.common import BENCH_VAR, MODELS_DIR, timestamp
 from carmodel.export import ExportDir
 from carmodel.images import ImageLimits, decode_image
+from carmodel.paths import DEFAULT_MODEL
 from carmodel.predictor import Predictor
 from training import data
 from training.evaluate import available_views, held_out_samples
@@ -51,7 +52,7 @@ def compare_view(predictor: Predictor, samples, crop_to_bbox: bool, scale: int) 
             started = time.perf_counter()
             images = [decode_image(body, limits, side) for body in bodies]
             seconds[name] += time.perf_counter() - started
-            top1[name] = [p[0].class_id for p in predictor.predict(images, k=1)]
+            top1[name] = predictor.forward(images).logits.argmax(1).tolist()
             correct[name] += sum(t == s.label for t, s in zip(top1[name], chunk, strict=True))
         agree += sum(a == b for a, b in zip(top1["full"], top1["fast"], strict=True))
     n = len(samples)
@@ -67,7 +68,7 @@ def compare_view(predictor: Predictor, samples, crop_to_bbox: bool, scale: int) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", type=Path, default=MODELS_DIR / "efficientnet_lite0_cars")
+    p.add_argument("--export", type=Path, default=MODELS_DIR / DEFAULT_MODEL)
     p.add_argument("--scale", type=int, default=4, help="each held-out image is enlarged this many times")
     p.add_argument("--views", nargs="+", default=["crops", "photos"], choices=["crops", "photos"])
     p.add_argument("--out", type=Path, default=BENCH_VAR / "decode_parity")

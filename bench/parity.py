@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.common import MODELS_DIR
 from carmodel.export import ExportDir
+from carmodel.paths import DEFAULT_MODEL
 from carmodel.predictor import Predictor
 from training import data
 from training.evaluate import available_views, compare_top1, held_out_samples
@@ -47,7 +48,7 @@ def measure(export: ExportDir, split: str, data_root: str | None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export", type=Path, default=MODELS_DIR / "efficientnet_lite0_cars")
+    parser.add_argument("--export", type=Path, default=MODELS_DIR / DEFAULT_MODEL)
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--data_root", help="override the dataset location recorded in the export")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")

@@ -39,8 +39,9 @@ from bench.harness import (
     warm_up,
 )
 from carmodel.export import ExportDir
+from carmodel.paths import DEFAULT_MODEL
 
-DEFAULT_MODELS = ["resnet50_cars", "efficientnet_lite0_cars"]
+DEFAULT_MODELS = ["resnet50_cars", DEFAULT_MODEL]
 DEFAULT_CONCURRENCY = [1, 8, 32]
 DEFAULT_DURATION = "15s"
 DEFAULT_INPROCESS_BATCHES = [1, 2, 4, 8, 16]
@@ -50,7 +51,7 @@ STOCK_INPUT_SIZE = 224  # image_classifier: Resize(256) + CenterCrop(224)
 QUIET_WINDOW_S = 3.0  # how long other processes must stay under --quiet_pct before a measurement
 DEFAULT_QUIET_PCT = 25.0  # of one core
 DEFAULT_QUIET_TIMEOUT_S = 600.0
-SERVING_PATHS = ["carmodel", "serving", "config.properties", "config", "models"]
+SERVING_PATHS = ["carmodel", "serving", "models"]  # the served code, its TorchServe config (serving/) and exports
 
 
 # ------------------------------------------------------------------------------ HTTP setups

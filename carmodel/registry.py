@@ -2,7 +2,7 @@
 
 Registered models are export folders (carmodel/export.py). training.tracking writes them; the
 archive builder (`build-mar --registered NAME@ALIAS`) and the gate read them with these.
-The store is the project's own `mlruns/` unless MLFLOW_TRACKING_URI names another.
+The store is the project's own `mlruns/` (carmodel.paths) unless MLFLOW_TRACKING_URI names another.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import os
 import re
 from pathlib import Path
 
-LOCAL_STORE = Path(__file__).resolve().parent.parent / "mlruns"
+from carmodel import paths
+
 URI_ENV = "MLFLOW_TRACKING_URI"
 REFERENCE = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -21,7 +22,7 @@ class RegistryError(RuntimeError):
 
 
 def tracking_uri() -> str:
-    return os.environ.get(URI_ENV) or f"sqlite:///{LOCAL_STORE / 'mlflow.db'}"
+    return os.environ.get(URI_ENV) or f"sqlite:///{paths.mlruns() / 'mlflow.db'}"
 
 
 def client_mlflow():

@@ -10,7 +10,7 @@ roll back, unregister, scale.
     versions scale resnet50_cars --workers 2
 
 Archives are registered by file name from the server's model store: TorchServe's allowed_urls
-(config.properties) refuses remote URLs, and this tool never sends one.
+(serving/torchserve.properties) refuses remote URLs, and this tool never sends one.
 
 Every command but `predict` uses the management API and its key (--management_token or
 $TS_MANAGEMENT_TOKEN); `predict` uses the inference API and its key (--token or $TS_INFERENCE_TOKEN).

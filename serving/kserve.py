@@ -3,6 +3,8 @@
     <out>/config/config.properties   deploy/kserve/config/config.properties + this model's snapshot
     <out>/model-store/<model>.mar    copied from model_store/, named after the model alone
 
+Run from the checkout (or with $CAR_CLASSIFIER_HOME set to it): the template is a repository file.
+
     python -m serving.kserve                                          # v2, the default .mar
     python -m serving.kserve --protocol v1 --archive model_store/resnet50_cars_v2.0.mar
     aws s3 sync var/kserve/v2 s3://your-bucket/car-classifier/v2      # then kubectl apply -f ...
@@ -23,14 +25,18 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "deploy" / "kserve" / "config" / "config.properties"
-DEFAULT_ARCHIVE = ROOT / "model_store" / "efficientnet_lite0_cars_v1.0.mar"
+from carmodel import paths
+
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
 
 
 class AssembleError(RuntimeError):
     pass
+
+
+def template() -> Path:
+    """The KServe runtime's .properties, a repository file (deploy/kserve/config/config.properties)."""
+    return paths.home() / "deploy" / "kserve" / "config" / "config.properties"
 
 
 def read_manifest(archive: Path) -> tuple[dict, dict]:
@@ -87,7 +93,10 @@ def assemble(archive: Path, out: Path, protocol: str = "v2") -> Path:
     if not archive.is_file():
         raise AssembleError(f"archive not found: {archive} (build it: make archive)")
     manifest, model_config = read_manifest(archive)
-    config = render_config(TEMPLATE.read_text(), protocol, snapshot(manifest, model_config))
+    source = template()
+    if not source.is_file():
+        raise AssembleError(f"{source} not found: run from the project's checkout (or set ${paths.HOME_ENV})")
+    config = render_config(source.read_text(), protocol, snapshot(manifest, model_config))
     shutil.rmtree(out / "model-store", ignore_errors=True)
     (out / "config").mkdir(parents=True, exist_ok=True)
     (out / "model-store").mkdir(parents=True)
@@ -99,11 +108,13 @@ def assemble(archive: Path, out: Path, protocol: str = "v2") -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="a .mar built by build-mar")
+    parser.add_argument(
+        "--archive", type=Path, default=paths.model_store() / paths.DEFAULT_ARCHIVE, help="a .mar built by build-mar"
+    )
     parser.add_argument("--protocol", default="v2", choices=sorted(ENVELOPES))
     parser.add_argument("--out", type=Path, help="default: var/kserve/<protocol>")
     args = parser.parse_args(argv)
-    out = args.out or ROOT / "var" / "kserve" / args.protocol
+    out = args.out or paths.var_dir() / "kserve" / args.protocol
     try:
         stored = assemble(args.archive, out, args.protocol)
     except AssembleError as err:

@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from carmodel import paths
+from carmodel.paths import DEFAULT_MODEL
 from serving.torchserve import (
     ADDRESS_KEYS,
-    DEFAULT_MODEL,
     PROFILES,
-    ROOT,
     ServeError,
     Server,
     is_alive,
@@ -92,13 +92,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--profile", default="default", choices=list(PROFILES))
-    parser.add_argument("--model_store", default=str(ROOT / "model_store"))
+    parser.add_argument("--model_store", default=str(paths.model_store()), help="default: ./model_store")
     parser.add_argument(
         "--model", action="append", help="name=archive.mar to load (repeatable); default: the shipped model"
     )
     parser.add_argument("--fresh", action="store_true", help="ignore the last snapshot")
     parser.add_argument("--timeout", type=float, default=180)
-    parser.add_argument("--run_dir", default=str(ROOT / "var" / "run"), help="state: rendered config, logs, pid")
+    parser.add_argument("--run_dir", default=str(paths.run_dir()), help="state: rendered config, logs, pid (./var/run)")
     parser.add_argument(
         "--foreground", action="store_true", help="start: stay until TorchServe exits; SIGTERM/SIGINT stop it"
     )

@@ -3,9 +3,11 @@
 The library behind `serve` (serving/serve.py), the tests and the benchmarks. Every HTTP request
 (readiness, load errors) goes through `Server.client()`, a serving.client.TorchServeClient with
 this instance's addresses and keys.
-State lives under ``var/run/`` (rendered config, logs, pid file, snapshots). On start, the last
-snapshot (models, versions, default versions) is restored only if every archive it names is
-still in the model store; a stale snapshot is moved aside and the default model is loaded.
+The configuration is serving/torchserve.properties (package data) with a profile's overlay (PROFILES)
+on top. State lives under ``var/run/`` of the working directory by default (carmodel.paths): rendered
+config, logs, pid file, snapshots. On start, the last snapshot (models, versions, default versions)
+is restored only if every archive it names is still in the model store; a stale snapshot is moved
+aside and the default model is loaded.
 """
 
 from __future__ import annotations
@@ -21,16 +23,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from carmodel import paths
+from carmodel.paths import DEFAULT_ARCHIVE, DEFAULT_MODEL
 from serving.client import TorchServeClient
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILES = {
-    "default": ROOT / "config.properties",
-    "hardened": ROOT / "config" / "hardened.properties",
-    "container": ROOT / "config" / "container.properties",
+# Every profile's base (package data beside this module; its own paths are relative to its folder).
+BASE_PROPERTIES = Path(__file__).with_name("torchserve.properties")
+# Each profile: the keys it changes in the base (docs/configuration.md, docs/security.md).
+PROFILES: dict[str, dict[str, str]] = {
+    "default": {},  # `make serve`: the base as it is, every API on loopback, no tokens
+    # Inference beyond this host: tokens on every API, no model API; management and metrics stay on loopback.
+    "hardened": {
+        "inference_address": "http://0.0.0.0:8080",
+        "enable_model_api": "false",
+        "disable_token_authorization": "false",
+    },
+    # The Docker image: the container's own loopback cannot be published, and its models are baked in.
+    "container": {
+        "inference_address": "http://0.0.0.0:8080",
+        "management_address": "http://0.0.0.0:8081",
+        "metrics_address": "http://0.0.0.0:8082",
+        "enable_model_api": "false",
+    },
 }
-DEFAULT_MODEL = "efficientnet_lite0_cars"
-DEFAULT_ARCHIVE = f"{DEFAULT_MODEL}_v1.0.mar"
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 MIN_JAVA = 17
 
@@ -82,12 +97,12 @@ def check_java() -> str:
 class Server:
     """One TorchServe instance: its rendered config, its state folder, its addresses."""
 
-    run_dir: Path = ROOT / "var" / "run"
+    run_dir: Path = field(default_factory=paths.run_dir)
     profile: str = "default"
-    model_store: Path = ROOT / "model_store"
+    model_store: Path = field(default_factory=paths.model_store)
     ports: dict[str, int] | None = None  # {"inference": 8080, ...}: tests pass free ports
     overrides: dict[str, str] = field(default_factory=dict)
-    config: Path | None = None  # a config.properties of its own instead of a profile's (deploy/kserve)
+    config: Path | None = None  # a whole .properties of its own instead of base + profile (deploy/kserve)
     host: str | None = None  # listen here instead of the config's host (scheme and ports stay)
     # Complete properties, used as they are (bench's stock TorchServe); only model_store is set here.
     properties: dict[str, str] | None = None
@@ -105,10 +120,13 @@ class Server:
             return {**self.properties, "model_store": str(self.model_store), **self.overrides}
         if self.profile not in PROFILES:
             raise ServeError(f"unknown profile {self.profile!r}: {', '.join(PROFILES)}")
-        props = read_properties(Path(self.config) if self.config else PROFILES[self.profile])
+        source = Path(self.config) if self.config else BASE_PROPERTIES
+        props = read_properties(source)
+        if not self.config:
+            props.update(PROFILES[self.profile])
         props["model_store"] = str(self.model_store)
-        if "metrics_config" in props:
-            props["metrics_config"] = str(ROOT / props["metrics_config"])
+        if "metrics_config" in props:  # relative to the file that names it
+            props["metrics_config"] = str((source.parent / props["metrics_config"]).resolve())
         for name, key in ADDRESS_KEYS.items():
             scheme_host, port = props[key].rsplit(":", 1)
             if self.host:

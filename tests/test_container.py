@@ -27,7 +27,7 @@ import requests
 from helpers import DEFAULT_EXPORT, ROOT
 
 from serving.archive import handler_modules
-from serving.torchserve import Server, free_ports, read_properties
+from serving.torchserve import Server, free_ports
 
 MODEL = "efficientnet_lite0_cars"
 ARCHIVE = f"{MODEL}_v1.0.mar"
@@ -252,9 +252,15 @@ def test_dockerfile_runs_container_sh_as_non_root_with_healthcheck(stages):
     assert set(json.loads(runtime.all("VOLUME")[-1])) == {"/data/in", "/data/out"}
     assert json.loads(runtime.all("ENTRYPOINT")[-1]) == [f"{WORKDIR}/{SCRIPT}"]
     assert json.loads(runtime.all("CMD")[-1]) == ["start"]
-    # The runtime stage gets the build stage's venv and archive, not the model export.
+    # The project is installed into the venv as a package (not editable, not found from a source tree)...
+    assert re.search(r"pip install (--\S+ )*--no-deps (--\S+ )*\.(\s|$)", runs), runs
+    assert "-e ." not in runs and "--editable" not in runs
+    # ...and the runtime stage gets the build stage's venv and archive and the script: no model export, no
+    # package sources.
     assert ("build", ["/opt/venv"], "/opt/venv") in copies(runtime)
-    assert all(not src.startswith("models") for _, sources, _ in copies(runtime) for src in sources)
+    runtime_sources = [src.rstrip("/") for _, sources, _ in copies(runtime) for src in sources]
+    assert all(not src.startswith("models") for src in runtime_sources), runtime_sources
+    assert not {src.split("/")[0] for src in runtime_sources} & {"carmodel", "serving", "client", "training", "bench"}
 
 
 def test_copied_paths_exist_and_are_in_the_build_context(stages):
@@ -281,16 +287,16 @@ def test_copied_paths_exist_and_are_in_the_build_context(stages):
 
 
 def test_container_profile_is_the_default_one_listening_inside_the_container(tmp_path):
-    default = read_properties(ROOT / "config.properties")
-    container = read_properties(ROOT / "config" / "container.properties")
+    default = Server(run_dir=tmp_path / "default", profile="default").props
+    container = Server(run_dir=tmp_path / "container", profile="container").props
     addresses = {"inference_address", "management_address", "metrics_address"}
     assert {k: v for k, v in container.items() if k not in addresses | {"enable_model_api"}} == {
         k: v for k, v in default.items() if k not in addresses | {"enable_model_api"}
     }
     assert container["allowed_urls"] == "^$" and container["enable_envvars_config"] == "false"
     assert container["enable_model_api"] == "false"  # the image's models are baked in
-    rendered = Server(run_dir=tmp_path, profile="container").props
-    assert [rendered[k] for k in sorted(addresses)] == [f"http://0.0.0.0:{p}" for p in (8080, 8081, 8082)]
+    assert Path(container["metrics_config"]).is_file()  # the package's metrics.yaml, wherever it is installed
+    assert [container[k] for k in sorted(addresses)] == [f"http://0.0.0.0:{p}" for p in (8080, 8081, 8082)]
 
 
 # ----------------------------------------------------------------------------- container.sh
@@ -323,8 +329,8 @@ def test_install_takes_torch_from_the_cpu_index_and_refuses_a_cuda_build(tmp_pat
     (torch_args, _), (serve_args, constraints) = [json.loads(line) for line in log.read_text().splitlines()]
     assert torch_args[:2] == ["install", "--isolated"]
     assert torch_args[torch_args.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
-    assert torch_args[-2:] == ["-r", "requirements/torch.txt"]
-    assert serve_args[serve_args.index("-r") + 1] == "requirements/serve.txt"
+    assert torch_args[-2:] == ["-r", str(ROOT / "requirements/torch.txt")]
+    assert serve_args[serve_args.index("-r") + 1] == str(ROOT / "requirements/serve.txt")
     import torch
 
     assert f"torch=={importlib.metadata.version('torch')}" in constraints.split(), constraints
@@ -356,13 +362,13 @@ def test_predict_over_a_folder(tmp_path, container_env, runtime_tree, car_images
 
     result = subprocess.run([runtime_tree / SCRIPT, "predict"], env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 1, result.stderr[-3000:]  # predict_dir's status: one file failed
-    printed = json.loads(result.stdout)  # stdout is the batch script's JSON alone; TorchServe's went to stderr
-    saved = sorted(out.glob("predictions_*.json"))
-    assert len(saved) == 1 and json.loads(saved[0].read_text()) == printed
-    assert printed["counts"] == {"ok": 3, "error": 1}
-    corrupt = printed["predictions"]["corrupt.jpg"]
+    (lines,) = sorted(out.glob("predictions_*.jsonl"))
+    results = {r["file"]: r for r in map(json.loads, lines.read_text().splitlines())}
+    summary = json.loads(lines.with_suffix(".summary.json").read_text())
+    assert {k: summary["counts"][k] for k in ("ok", "error")} == {"ok": 3, "error": 1} and summary["complete"]
+    corrupt = results["corrupt.jpg"]
     assert 400 <= corrupt["status"] < 500 and corrupt["error"], corrupt
-    predicted = [printed["predictions"][f"car_{i}.jpg"] for i in range(3)]
+    predicted = [results[f"car_{i}.jpg"] for i in range(3)]
     assert all(p["class_name"] in class_names() and 0 < p["probability"] <= 1 for p in predicted), predicted
     # Photos the shipped model was trained on: it names their class.
     assert sum(p["class_name"] == name for p, name in zip(predicted, photos, strict=True)) >= 2, predicted

@@ -29,7 +29,6 @@ import requests
 from bad_inputs import Case, corpus
 from helpers import (
     DEFAULT,
-    ROOT,
     check_error,
     check_predictions,
     management,
@@ -40,7 +39,7 @@ from helpers import (
 )
 
 from carmodel.images import ImageLimits
-from serving.torchserve import ServeError, Server, free_ports
+from serving.torchserve import BASE_PROPERTIES, ServeError, Server, free_ports, read_properties
 
 LOAD_REQUESTS = int(os.environ.get("LOAD_REQUESTS", 10_000))
 LOAD_CONCURRENCY = 32
@@ -160,7 +159,7 @@ def test_every_bad_upload_gets_its_json_error_and_the_worker_lives_on(server, ca
 
 
 def front_end_limit() -> int:
-    return int(re.search(r"^max_request_size=(\d+)$", (ROOT / "config.properties").read_text(), re.M)[1])
+    return int(read_properties(BASE_PROPERTIES)["max_request_size"])  # every profile's (none changes it)
 
 
 def test_the_front_end_lets_every_image_the_handler_accepts_through():
