@@ -67,7 +67,7 @@ def add_server_arguments(
     )
 
 
-def server_client(args: argparse.Namespace, pool_size: int | None = None) -> TorchServeClient:
+def server_client(args: argparse.Namespace, pool_size: int | None = None, retries: int = 0) -> TorchServeClient:
     """The client the flags (and the token variables) describe."""
     return TorchServeClient(
         inference_url=args.url,
@@ -76,6 +76,7 @@ def server_client(args: argparse.Namespace, pool_size: int | None = None) -> Tor
         management_token=getattr(args, "management_token", None) or os.environ.get(MANAGEMENT_TOKEN_ENV) or None,
         timeout=args.timeout,
         pool_size=pool_size,
+        retries=retries,
     )
 
 

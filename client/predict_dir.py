@@ -1,20 +1,35 @@
-"""Classify every image under a directory with a model served by TorchServe.
+"""Classify every image under a directory, losing nothing when interrupted.
 
-Walks DIR recursively, sends each image (any case of a suffix carmodel.images accepts) as the
-raw request body to ``/predictions/<model>[/<version>]`` from a pool of threads sharing one
-keep-alive connection pool, and writes one JSON file (optionally a CSV too) with a result per
-file: the top-1 class and the full top-k list, or the error the server gave for that file.
+Two engines run the same chain (decode -> find the car -> cut it out -> classify):
+
+* `server` (default): each image goes as the raw body to a TorchServe's ``/predictions/<model>``, from a
+  pool of threads sharing one keep-alive connection pool. A 503 (a full queue, a worker restarting),
+  a refused or reset connection and a timeout are retried with backoff (``--retries``); a 4xx (not
+  an image, too large) is recorded once.
+* `ray`: the export's own `Predictor` (int8 where it ships) in Ray Data actors, on this machine or on
+  a Ray cluster (``--address ray://head:10001``); the export travels to the workers in Ray's object
+  store, and each worker reads its images from the directory's path (shared storage on a cluster).
+
+Results stream to ``<out>/predictions_<YYYYmmdd-HHMMSS>.jsonl`` as they complete, one line per image,
+flushed as it goes: ``{"file": "<path relative to DIR>", "car_found", "car_score", "class_id",
+"class_name", "probability", "make", "model", "year", "body_type", "make_probability", "uncertain",
+"top_k"}``, or ``{"file", "error", "status"}``. The summary (model, engine, counts - ok, failed,
+without a car, uncertain - and the rate) goes to ``<stem>.summary.json`` at the end, and on Ctrl-C or
+SIGTERM with what was done by then. ``--resume FILE.jsonl`` carries on: files already answered are not
+sent again, failed ones are; the finished file holds one line per image, sorted by file, as a clean
+run's does. ``--csv``, ``--json`` (the summary with every prediction, one file) and ``--parquet`` are
+derived from the lines at the end.
 
     predict-dir photos/ --model efficientnet_lite0_cars
+    predict-dir photos/ --model efficientnet_lite0_cars --resume predictions/predictions_20261202-101500.jsonl
     predict-dir photos/ --model resnet50_cars --version 2.0 --topk 3 --csv
-    predict-dir photos/ --model efficientnet_lite0_cars --concurrency 16 --quiet \\
-        --url https://cars.example.org:8443 --token "$(jq -r .inference.key var/run/key_file.json)"
+    predict-dir photos/ --engine ray --export models/efficientnet_lite0_cars --parquet
+    predict-dir /mnt/photos --engine ray --export models/efficientnet_lite0_cars --address ray://head:10001
 
 Exit codes: 0 every file classified; 1 some files failed (results still written); 2 no such
-directory or no images in it; 3 TorchServe not reachable (or refused the token); 4 TorchServe
-answered with an error, e.g. the model (or version) is not registered.
-
-Importable: ``predict_directory(dir, model, ...)`` returns the same dict that is written.
+directory, no images in it, or a --resume file of another run; 3 TorchServe not reachable (or refused
+the token); 4 TorchServe answered with an error, e.g. the model (or version) is not registered;
+130 interrupted (the lines and the summary are on disk: --resume carries on).
 """
 
 from __future__ import annotations
@@ -22,9 +37,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +53,11 @@ from carmodel.images import IMAGE_SUFFIXES
 from client import add_server_arguments, positive_int, server_client
 from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, TorchServeClient, TorchServeError
 
-CSV_COLUMNS = ["file", "class_id", "class_name", "probability", "error"]
+EXIT_INTERRUPTED = 130
+FIELDS = ["car_found", "car_score", "class_id", "class_name", "probability", "make", "model", "year", "body_type"]
+FIELDS += ["make_probability", "uncertain"]
+CSV_COLUMNS = ["file", *FIELDS, "error", "status"]
+SYNC_EVERY_S = 1.0  # fsync the lines at most this often: a power cut loses at most this much
 
 
 class PredictDirError(RuntimeError):
@@ -43,12 +66,20 @@ class PredictDirError(RuntimeError):
     exit_code = EXIT_SERVER
 
 
-class NoImagesError(PredictDirError):
+class UsageError(PredictDirError):
     exit_code = EXIT_USAGE
+
+
+class NoImagesError(UsageError):
+    pass
 
 
 class ModelNotFoundError(PredictDirError):
     exit_code = EXIT_SERVER
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: stop sending, keep what is done."""
 
 
 # ----------------------------------------------------------------------------- input
@@ -65,16 +96,105 @@ def find_images(directory: Path | str) -> list[Path]:
     return images
 
 
-# ----------------------------------------------------------------------------- HTTP
+# ----------------------------------------------------------------------------- one answer -> one line
+
+
+def from_details(answer: dict) -> dict:
+    """The handler's detailed answer (carmodel.predictor.Answer.details) as one result line's fields."""
+    if not answer["car"]["found"]:
+        return {"car_found": False, "car_score": answer["car"]["score"], "top_k": []}
+    best = answer["predictions"][0]
+    return {
+        "car_found": True,
+        "car_score": answer["car"]["score"],
+        **{key: best[key] for key in ("class_id", "class_name", "probability", "make", "model", "year", "body_type")},
+        "make_probability": answer["make"]["probability"] if answer["make"] else None,
+        "uncertain": answer["uncertain"],
+        "top_k": answer["predictions"],
+    }
+
+
+# ----------------------------------------------------------------------------- the results file
+
+
+def read_lines(path: Path) -> dict[str, dict]:
+    """{file: its last result} of a JSON Lines results file; a line cut off by a crash is ignored."""
+    results = {}
+    with path.open() as lines:
+        for line in lines:
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue  # the last line of a run that was killed while writing it
+            if isinstance(result, dict) and "file" in result:
+                results[result["file"]] = result
+    return results
+
+
+@dataclass
+class Results:
+    """The run's JSON Lines file: appended and flushed per result, synced to disk at most once a second.
+    Opened with the first result, so a run that fails before any image is answered writes nothing."""
+
+    path: Path
+    done: dict[str, dict] = field(default_factory=dict)  # file -> result: earlier runs' and this one's
+    _file: object = None
+    _synced: float = 0.0
+
+    @property
+    def written(self) -> bool:
+        return self._file is not None or self.path.is_file()
+
+    def add(self, file: str, result: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a")
+        line = {"file": file, **result}
+        self.done[file] = line
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+        if time.monotonic() - self._synced >= SYNC_EVERY_S:
+            os.fsync(self._file.fileno())
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    def compact(self) -> None:
+        """One line per file, sorted by file: what a clean run leaves (written aside, then moved over)."""
+        aside = self.path.with_suffix(".jsonl.tmp")
+        with aside.open("w") as out:
+            for file in sorted(self.done):
+                out.write(json.dumps(self.done[file]) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(aside, self.path)
+
+
+def summary_path(lines: Path) -> Path:
+    return lines.with_suffix(".summary.json")
+
+
+def counts(results: dict[str, dict]) -> dict[str, int]:
+    errors = sum("error" in r for r in results.values())
+    return {
+        "ok": len(results) - errors,
+        "error": errors,
+        "no_car": sum(r.get("car_found") is False for r in results.values()),
+        "uncertain": sum(bool(r.get("uncertain")) for r in results.values()),
+    }
+
+
+# ----------------------------------------------------------------------------- the server engine
 
 
 def check_server(client: TorchServeClient, model: str, version: str | None = None, management: bool = False) -> None:
     """Fail before sending any image if TorchServe is down or refuses the token, or (with `management`)
-    lacks the model.
-
-    Without the management API the model is checked by the first prediction instead (see
-    predict_directory): the hardened profile does not expose the management API to clients.
-    """
+    lacks the model. Without the management API the model is checked by the first prediction instead:
+    the hardened profile does not expose the management API to clients."""
     client.health()
     if management:
         try:
@@ -90,36 +210,20 @@ def _model_missing(model: str, version: str | None, url: str, detail: str) -> st
     return f"model {name} not found on the server at {url} ({detail})"
 
 
-def classify(client: TorchServeClient, path: Path, model: str, version: str | None, topk: int | None) -> dict:
-    """One image -> its prediction; raises OSError (the file) or TorchServeError (the server)."""
-    top_k = client.top_k(model, path.read_bytes(), version, topk)
-    try:
-        best = top_k[0]
-        return {
-            "class_id": best["class_id"],
-            "class_name": best["class_name"],
-            "probability": best["probability"],
-            "top_k": top_k,
-        }
-    except (LookupError, TypeError):
-        raise TorchServeError(f"unexpected response: {json.dumps(top_k)[:300]}") from None
-
-
 def predict_file(
-    client: TorchServeClient,
-    path: Path,
-    model: str,
-    version: str | None = None,
-    topk: int | None = None,
-    first: bool = False,
+    client: TorchServeClient, path: Path, model: str, version: str | None, topk: int | None, first: bool = False
 ) -> dict:
-    """One image -> its prediction, or {"error", "status"}; never raises, so one bad file cannot stop a run.
+    """One image -> its result, or {"error", "status"}; never raises, so one bad file cannot stop a run.
 
     `first`: the run's first file, sent alone; a problem no later file would escape (no such model or
     version, a refused token, the server gone) raises instead of being recorded once per file.
     """
     try:
-        return classify(client, path, model, version, topk)
+        answer = client.details(model, path.read_bytes(), version, topk)
+        try:
+            return from_details(answer)
+        except (LookupError, TypeError):
+            raise TorchServeError(f"unexpected response: {json.dumps(answer)[:300]}") from None
     except TorchServeError as err:
         if first and err.status == 404:  # the handler itself never answers 404
             raise ModelNotFoundError(_model_missing(model, version, client.inference_url, err.detail)) from None
@@ -130,93 +234,136 @@ def predict_file(
         return {"error": f"cannot read file: {type(err).__name__}: {err}", "status": None}
 
 
-# ----------------------------------------------------------------------------- run
-
-
-def predict_directory(
-    directory: Path | str,
+def server_results(
+    client: TorchServeClient,
+    images: list[Path],
+    directory: Path,
     model: str,
-    client: TorchServeClient | None = None,
-    version: str | None = None,
-    concurrency: int = 8,
-    topk: int | None = None,
-    check_model: bool = False,
+    version: str | None,
+    topk: int | None,
+    concurrency: int,
+) -> Iterator[tuple[str, dict]]:
+    """(file, result) as each image is answered. The first goes alone: a 404 (model or version not
+    registered) or a refused token would otherwise come back once per file."""
+    relative = {path: path.relative_to(directory).as_posix() for path in images}
+    yield relative[images[0]], predict_file(client, images[0], model, version, topk, first=True)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = {pool.submit(predict_file, client, path, model, version, topk): path for path in images[1:]}
+        try:
+            for future in as_completed(futures):
+                yield relative[futures[future]], future.result()
+        finally:  # interrupted: drop the queued files instead of sending them all first
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- a run
+
+
+@dataclass
+class Run:
+    """What a run is: where its images and lines are, and what answers them."""
+
+    directory: Path
+    lines: Path
+    engine: str  # server | ray
+    model: str
+    version: str | None = None
+    where: str | None = None  # the server's URL, or the Ray cluster's address
+
+    def summary(self, results: dict[str, dict], seconds: float, answered: int, complete: bool, started: str) -> dict:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "engine": self.engine,
+            "url" if self.engine == "server" else "address": self.where,
+            "directory": str(self.directory.resolve()),
+            "lines": str(self.lines),
+            "started": started,
+            "complete": complete,
+            "answered": answered,  # sent and answered by this run (a resumed run skips the earlier ones)
+            "seconds": round(seconds, 3),
+            "images_per_second": round(answered / seconds, 2) if seconds > 0 else None,
+            "counts": counts(results),
+        }
+
+
+def resume_state(lines: Path, run: Run) -> dict[str, dict]:
+    """The answered files of an earlier run into `lines` (its errors are sent again)."""
+    if not lines.is_file():
+        raise UsageError(f"nothing to resume: {lines} does not exist")
+    earlier = summary_path(lines)
+    if earlier.is_file():
+        recorded = json.loads(earlier.read_text())
+        if (recorded.get("model"), recorded.get("engine")) != (run.model, run.engine):
+            earlier_run = f"{recorded.get('model')} ({recorded.get('engine')})"
+            raise UsageError(f"{lines} is a run of {earlier_run}, not of {run.model} ({run.engine})")
+    return {file: result for file, result in read_lines(lines).items() if "error" not in result}
+
+
+def execute(
+    run: Run,
+    images: list[Path],
+    answer: Callable[[list[Path]], Iterator[tuple[str, dict]]],
+    resume: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Classify every image under `directory` on the server `client` talks to (default: the local
-    one); returns the results dict that main() writes. `check_model`: ask the management API for
-    the model before sending anything.
-
-    Raises NoImagesError, ModelNotFoundError or TorchServeError (not reachable, token refused, ...)
-    before any image is sent (apart from the one probe request below).
-    """
-    directory = Path(directory)
-    images = find_images(directory)
-    if client is None:
-        with TorchServeClient(pool_size=concurrency) as own:
-            return predict_directory(directory, model, own, version, concurrency, topk, check_model, progress)
-    check_server(client, model, version, check_model)
-    started_at = datetime.now().astimezone()
-    started = time.perf_counter()
-    results: dict[Path, dict] = {}
-    with tqdm(total=len(images), unit="img", disable=not progress, file=sys.stderr) as bar:
-        # The first image goes alone: a 404 (model/version not registered) or a refused token would
-        # otherwise come back once per file.
-        results[images[0]] = predict_file(client, images[0], model, version, topk, first=True)
-        bar.update()
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            futures = {pool.submit(predict_file, client, path, model, version, topk): path for path in images[1:]}
-            try:
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update()
-            except BaseException:  # Ctrl-C: drop the queued files instead of sending them all first
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    seconds = time.perf_counter() - started
-    errors = sum("error" in r for r in results.values())
-    return {
-        "model": model,
-        "version": version,
-        "url": client.inference_url,
-        "directory": str(directory.resolve()),
-        "started": started_at.isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(len(images) / seconds, 2) if seconds > 0 else None,
-        "counts": {"ok": len(images) - errors, "error": errors},
-        # Sorted by path, not completion order: the same directory gives the same file layout.
-        "predictions": {path.relative_to(directory).as_posix(): results[path] for path in images},
-    }
+    """Stream every image's result into the run's lines; returns the summary (also written beside them).
+    `answer(images)` yields (file, result) as results come in. Interrupted, it writes what was done and
+    raises Interrupted."""
+    started_at = datetime.now().astimezone().isoformat(timespec="seconds")
+    done = resume_state(run.lines, run) if resume else {}
+    relative = {path: path.relative_to(run.directory).as_posix() for path in images}
+    todo = [path for path in images if relative[path] not in done]
+    results = Results(run.lines, dict(done))
+    started, answered, complete = time.perf_counter(), 0, False
+    try:
+        with tqdm(total=len(images), initial=len(images) - len(todo), unit="img", disable=not progress) as bar:
+            for file, result in answer(todo) if todo else ():
+                results.add(file, result)
+                answered += 1
+                bar.update()
+        complete = True
+    except KeyboardInterrupt:
+        raise Interrupted from None
+    finally:
+        results.close()
+        if complete:
+            results.done = {relative[path]: results.done[relative[path]] for path in images}  # these images only
+            results.compact()
+        summary = run.summary(results.done, time.perf_counter() - started, answered, complete, started_at)
+        if results.written:
+            summary_path(run.lines).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- derived outputs
 
 
-def _free_path(path: Path) -> Path:
-    """Two runs within one second must not overwrite each other's results."""
-    candidate, n = path, 1
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        n += 1
-    return candidate
-
-
-def write_results(output: dict, out_dir: Path | str, write_csv: bool = False) -> list[Path]:
-    """Save the results as predictions_<YYYYmmdd-HHMMSS>.json (and .csv); returns the paths written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.fromisoformat(output["started"]).strftime("%Y%m%d-%H%M%S")
-    json_path = _free_path(out_dir / f"predictions_{stamp}.json")
-    json_path.write_text(json.dumps(output, indent=2) + "\n")
-    written = [json_path]
+def write_derived(lines: Path, write_csv: bool, write_json: bool, write_parquet: bool) -> list[Path]:
+    """CSV, one JSON (the summary with every prediction by file) and Parquet, from the finished lines."""
+    results = read_lines(lines)
+    written = []
     if write_csv:
-        csv_path = json_path.with_suffix(".csv")
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        path = lines.with_suffix(".csv")
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            for file, result in output["predictions"].items():
-                writer.writerow({"file": file, **{k: result.get(k, "") for k in CSV_COLUMNS[1:]}})
-        written.append(csv_path)
+            writer.writerows(results.values())
+        written.append(path)
+    if write_json:
+        path = lines.with_suffix(".json")
+        summary = json.loads(summary_path(lines).read_text())
+        predictions = {file: {k: v for k, v in r.items() if k != "file"} for file, r in results.items()}
+        path.write_text(json.dumps({**summary, "predictions": predictions}, indent=2) + "\n")
+        written.append(path)
+    if write_parquet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = lines.with_suffix(".parquet")
+        rows = [{**r, "top_k": json.dumps(r.get("top_k", []))} for r in results.values()]
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        written.append(path)
     return written
 
 
@@ -226,41 +373,92 @@ def write_results(output: dict, out_dir: Path | str, write_csv: bool = False) ->
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="folder of images, searched recursively")
-    parser.add_argument("--model", required=True, help="registered model name, e.g. efficientnet_lite0_cars")
+    parser.add_argument("--engine", choices=("server", "ray"), default="server", help="who runs the model")
+    parser.add_argument("--model", help="registered model name (server engine), e.g. efficientnet_lite0_cars")
     parser.add_argument("--version", help="model version (default: the server's default version)")
-    parser.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight (default 8)")
+    parser.add_argument("--export", type=Path, help="the export folder the ray engine runs")
+    parser.add_argument("--address", help="a Ray cluster to join, e.g. ray://head:10001 (default: Ray on this machine)")
+    parser.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight, or Ray actors")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="images per Ray batch")
     parser.add_argument("--topk", type=positive_int, help="classes per image (default: the model's setting)")
+    parser.add_argument("--retries", type=int, default=8, help="tries again after a 503, a reset or a timeout")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the results")
-    parser.add_argument("--csv", action="store_true", help="also write a CSV next to the JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, no JSON on stdout")
+    parser.add_argument("--resume", type=Path, help="the .jsonl of an interrupted run to carry on")
+    parser.add_argument("--csv", action="store_true", help="also write a CSV of the results")
+    parser.add_argument("--json", action="store_true", help="also write the results as one JSON file")
+    parser.add_argument("--parquet", action="store_true", help="also write the results as Parquet")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_server_arguments(parser, management="optional")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.engine == "server" and not args.model:
+        parser.error("the server engine needs --model")
+    if args.engine == "ray" and not args.export:
+        parser.error("the ray engine needs --export")
+    return args
+
+
+def lines_path(args: argparse.Namespace) -> Path:
+    if args.resume:
+        return args.resume
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = args.out / f"predictions_{stamp}.jsonl", 1
+    while path.exists() or summary_path(path).exists():  # two runs within one second
+        path, n = args.out / f"predictions_{stamp}-{n}.jsonl", n + 1
+    return path
+
+
+def run_server(args: argparse.Namespace, images: list[Path], progress: bool) -> dict:
+    with server_client(args) as probe:  # no retries: a server that is not there is said at once
+        check_server(probe, args.model, args.version, bool(args.management_url))
+    with server_client(args, pool_size=args.concurrency, retries=args.retries) as client:
+        run = Run(args.directory, lines_path(args), "server", args.model, args.version, client.inference_url)
+        return execute(
+            run,
+            images,
+            lambda todo: server_results(
+                client, todo, args.directory, args.model, args.version, args.topk, args.concurrency
+            ),
+            bool(args.resume),
+            progress,
+        )
+
+
+def run_ray(args: argparse.Namespace, images: list[Path], progress: bool) -> dict:
+    from client import ray_engine  # Ray and torch only for this engine
+
+    with ray_engine.connect(args.address):
+        export = ray_engine.ExportShipment.of(args.export)
+        run = Run(args.directory, lines_path(args), "ray", export.model_name, None, args.address or "local")
+        answer = ray_engine.answerer(export, args.directory, args.topk, args.concurrency, args.batch_size)
+        return execute(run, images, answer, bool(args.resume), progress)
+
+
+def raise_interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run as Ctrl-C does: what is done is kept
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
-        with server_client(args, pool_size=args.concurrency) as client:
-            output = predict_directory(
-                args.directory,
-                args.model,
-                client,
-                version=args.version,
-                concurrency=args.concurrency,
-                topk=args.topk,
-                check_model=bool(args.management_url),
-                progress=not args.quiet,
-            )
+        images = find_images(args.directory)
+        summary = (run_ray if args.engine == "ray" else run_server)(args, images, not args.quiet)
+    except Interrupted:
+        print("interrupted: the results so far are written; --resume carries on", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (PredictDirError, TorchServeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    if not args.quiet:
-        print(json.dumps(output, indent=2))
-    for path in write_results(output, args.out, args.csv):
+    lines = Path(summary["lines"])
+    for path in [lines, summary_path(lines), *write_derived(lines, args.csv, args.json, args.parquet)]:
         print(f"saved {path}", file=sys.stderr)
-    counts = output["counts"]
-    print(f"{counts['ok']} ok, {counts['error']} failed, {output['images_per_second']} images/s", file=sys.stderr)
-    return 1 if counts["error"] else 0
+    n = summary["counts"]
+    print(
+        f"{n['ok']} ok ({n['no_car']} without a car, {n['uncertain']} uncertain), {n['error']} failed, "
+        f"{summary['images_per_second']} images/s",
+        file=sys.stderr,
+    )
+    return 1 if n["error"] else 0
 
 
 if __name__ == "__main__":

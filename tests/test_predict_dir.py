@@ -6,14 +6,18 @@ import csv
 import json
 import random
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import DEFAULT_EXPORT, python, run
+from helpers import DEFAULT_EXPORT, ROOT, python, run, start_server
 from PIL import Image
 
-from client.predict_dir import main
+from carmodel.vehicles import describe
+from client.predict_dir import EXIT_INTERRUPTED, main, read_lines
 from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 from serving.torchserve import free_ports
 
@@ -39,55 +43,82 @@ def image_tree(tmp_path, car_images) -> Path:
     return root
 
 
+def predict_dir(*args: str) -> list[str]:
+    return [PREDICT_DIR, *args]
+
+
+def lines_of(out: Path) -> Path:
+    (lines,) = sorted(out.glob("predictions_*.jsonl"))
+    return lines
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_directory_is_classified_and_saved(server, image_tree, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(
-        [
-            str(image_tree),
-            "--model",
-            MODEL,
-            "--url",
-            server.url("inference"),
-            "--out",
-            str(out),
-            "--csv",
-            "--concurrency",
-            "4",
-            "--topk",
-            "3",
-        ]
-    )
+    args = [str(image_tree), "--model", MODEL, "--url", server.url("inference"), "--out", str(out)]
+    code = main([*args, "--csv", "--json", "--concurrency", "4", "--topk", "3", "--quiet"])
     captured = capsys.readouterr()
     assert code == 1, captured.err  # exactly the broken file failed
 
-    printed = json.loads(captured.out)
-    saved_json = sorted(out.glob("predictions_*.json"))
-    saved_csv = sorted(out.glob("predictions_*.csv"))
-    assert len(saved_json) == 1 and len(saved_csv) == 1
-    assert json.loads(saved_json[0].read_text()) == printed
-    assert str(saved_json[0]) in captured.err and str(saved_csv[0]) in captured.err
-
+    lines = lines_of(out)
+    results = read_jsonl(lines)
     expected = {"car_a.jpg", "car_b.jpeg", "CAR_D.JPG", "IMG_0001.HEIC", "lot/row 2/car_c.jpg", "broken.jpg"}
-    assert set(printed["predictions"]) == expected
-    assert printed["counts"] == {"ok": 5, "error": 1}
-    assert printed["model"] == MODEL and printed["url"] == server.url("inference")
-    assert printed["images_per_second"] > 0
+    assert [r["file"] for r in results] == sorted(expected)  # one line per image, sorted by file
+    summary = json.loads(lines.with_suffix(".summary.json").read_text())
+    assert summary["counts"] == {"ok": 5, "error": 1, "no_car": 0, "uncertain": summary["counts"]["uncertain"]}
+    assert summary["counts"]["uncertain"] == sum(bool(r.get("uncertain")) for r in results)
+    assert summary["model"] == MODEL and summary["url"] == server.url("inference") and summary["complete"]
+    assert summary["engine"] == "server" and summary["images_per_second"] > 0
+    for path in (lines, lines.with_suffix(".summary.json"), lines.with_suffix(".csv"), lines.with_suffix(".json")):
+        assert f"saved {path}" in captured.err
 
-    broken = printed["predictions"]["broken.jpg"]
+    by_file = {r["file"]: r for r in results}
+    broken = by_file["broken.jpg"]
     assert 400 <= broken["status"] < 500 and broken["error"]
     class_names = set(json.loads((DEFAULT_EXPORT / "index_to_name.json").read_text()).values())
     for name in expected - {"broken.jpg"}:
-        result = printed["predictions"][name]
+        result = by_file[name]
         assert "error" not in result, result
-        assert result["class_name"] in class_names
-        assert len(result["top_k"]) == 3
-        assert result["top_k"][0]["class_name"] == result["class_name"]
+        assert result["class_name"] in class_names and result["car_found"] is True
+        vehicle = describe(result["class_name"])
+        assert (result["make"], result["model"], result["year"], result["body_type"]) == (
+            vehicle.make,
+            vehicle.model,
+            vehicle.year,
+            vehicle.body_type,
+        )
+        assert len(result["top_k"]) == 3 and result["top_k"][0]["class_name"] == result["class_name"]
         assert 0 <= result["probability"] <= 1
 
-    rows = {row["file"]: row for row in csv.DictReader(saved_csv[0].open())}
+    rows = {row["file"]: row for row in csv.DictReader(lines.with_suffix(".csv").open())}
     assert set(rows) == expected
     assert rows["broken.jpg"]["error"] and not rows["broken.jpg"]["class_name"]
-    assert rows["car_a.jpg"]["class_name"] == printed["predictions"]["car_a.jpg"]["class_name"]
+    assert rows["car_a.jpg"]["class_name"] == by_file["car_a.jpg"]["class_name"]
+    assert rows["car_a.jpg"]["make"] == by_file["car_a.jpg"]["make"] != ""
+    whole = json.loads(lines.with_suffix(".json").read_text())
+    assert (
+        whole["counts"] == summary["counts"]
+        and whole["predictions"]["car_a.jpg"]["class_id"] == by_file["car_a.jpg"]["class_id"]
+    )
+
+
+def test_photos_without_a_car_are_counted(server, tmp_path, car_images, no_car_pictures):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    shutil.copy(next(iter(car_images.values())), root / "car.jpg")
+    for path in no_car_pictures.values():
+        shutil.copy(path, root / path.name)
+    out = tmp_path / "out"
+    code = main([str(root), "--model", MODEL, "--url", server.url("inference"), "--out", str(out), "--quiet"])
+    assert code == 0
+    summary = json.loads(lines_of(out).with_suffix(".summary.json").read_text())
+    assert summary["counts"]["no_car"] == len(no_car_pictures) and summary["counts"]["ok"] == len(no_car_pictures) + 1
+    assert {r["file"] for r in read_jsonl(lines_of(out)) if r["car_found"] is False} == {
+        p.name for p in no_car_pictures.values()
+    }
 
 
 def test_unreachable_server_exits_3(image_tree, tmp_path, capsys):
@@ -139,3 +170,124 @@ def test_the_client_does_not_import_torch():
     modules = set(result.stdout.strip().strip("[]").replace("'", "").split(", "))
     assert "client.predict_dir" in modules
     assert not {m for m in modules if m == "torch" or m.startswith(("torch.", "torchvision"))}
+
+
+# ---------------------------------------------------------------------------- nothing lost
+
+MANY = 160  # enough photos that a run is still going when it is interrupted
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory, cars_root) -> Path:
+    """MANY real photos spread over the classes, linked (not copied) as <class>/<file>."""
+    root = tmp_path_factory.mktemp("many")
+    photos = sorted((cars_root / "train").rglob("*.jpg"))
+    for photo in photos[:: len(photos) // MANY][:MANY]:
+        (root / photo.parent.name).mkdir(exist_ok=True)
+        (root / photo.parent.name / photo.name).symlink_to(photo)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_run(server, many_photos, tmp_path_factory) -> dict[str, dict]:
+    """An uninterrupted run over the photos: what an interrupted and resumed one must end up with."""
+    out = tmp_path_factory.mktemp("clean")
+    result = run(predict_dir(str(many_photos), "--model", MODEL, "--url", server.url("inference"), "--out", str(out)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {r["file"]: r for r in read_jsonl(lines_of(out))}
+
+
+def same_answers(results: list[dict], clean: dict[str, dict]) -> None:
+    """The same files, each once, with the same answers (probabilities to float noise: batches differ)."""
+    assert [r["file"] for r in results] == sorted(clean)
+    for result in results:
+        expected = clean[result["file"]]
+        assert {k: result.get(k) for k in ("car_found", "class_id", "make", "uncertain")} == {
+            k: expected.get(k) for k in ("car_found", "class_id", "make", "uncertain")
+        }, result["file"]
+        assert result.get("probability", 0) == pytest.approx(expected.get("probability", 0), abs=1e-3)
+
+
+def start_and_stop_half_way(args: list[str], lines: Path, stop) -> int:
+    """Run predict-dir, call `stop(process)` once half the photos are answered; its exit status."""
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (lines.is_file() and len(lines.read_text().splitlines()) >= MANY // 2):
+        assert process.poll() is None, f"finished before it could be stopped: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+    stop(process)
+    return process.wait(60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_an_interrupted_run_resumes_to_a_clean_runs_answers(server, many_photos, clean_run, tmp_path, signal_name):
+    """Ctrl-C, SIGTERM or kill -9 half way: the lines written are kept, --resume sends only the rest,
+    and the finished file equals an uninterrupted run's."""
+    lines = tmp_path / "run.jsonl"
+    args = predict_dir(str(many_photos), "--model", MODEL, "--url", server.url("inference"), "--quiet")
+    code = start_and_stop_half_way(
+        [*args, "--resume", str(lines)], lines, lambda p: p.send_signal(getattr(signal, signal_name))
+    )
+    assert code == (-9 if signal_name == "SIGKILL" else EXIT_INTERRUPTED), code
+    kept = read_lines(lines)  # a line cut short by kill -9 is not counted
+    assert MANY // 2 <= len(kept) < MANY
+    if signal_name != "SIGKILL":
+        summary = json.loads(lines.with_suffix(".summary.json").read_text())
+        assert summary["complete"] is False and summary["counts"]["ok"] == len(kept)
+
+    result = run([*args, "--resume", str(lines)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(lines.with_suffix(".summary.json").read_text())
+    assert summary["complete"] and summary["answered"] == MANY - len(kept)  # none of the kept sent again
+    same_answers(read_jsonl(lines), clean_run)
+
+
+@pytest.fixture
+def restartable(tmp_path, model_store):
+    """A TorchServe of the test's own, to stop and start."""
+    srv = start_server(tmp_path / "ts", model_store, {MODEL: f"{MODEL}_v1.0.mar"})
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.slow
+def test_a_server_restart_mid_run_loses_nothing(restartable, many_photos, clean_run, tmp_path):
+    lines = tmp_path / "run.jsonl"
+    args = predict_dir(str(many_photos), "--model", MODEL, "--url", restartable.url("inference"), "--quiet")
+
+    def restart(process):
+        restartable.stop()
+        restartable.start({MODEL: f"{MODEL}_v1.0.mar"}, restore=False)
+
+    assert start_and_stop_half_way([*args, "--resume", str(lines), "--concurrency", "4"], lines, restart) == 0
+    summary = json.loads(lines.with_suffix(".summary.json").read_text())
+    assert summary["complete"] and summary["counts"]["error"] == 0, summary
+    same_answers(read_jsonl(lines), clean_run)
+
+
+@pytest.mark.slow
+def test_the_ray_engine_answers_as_the_server_does(image_tree, server, tmp_path):
+    """The export's chain in Ray Data actors on a local Ray (this machine's cores), over the same photos."""
+    served, rayed = tmp_path / "served", tmp_path / "ray"
+    common = [str(image_tree), "--quiet", "--parquet"]
+    assert (
+        run(predict_dir(*common, "--model", MODEL, "--url", server.url("inference"), "--out", str(served))).returncode
+        == 1
+    )
+    result = run(
+        predict_dir(
+            *common, "--engine", "ray", "--export", str(DEFAULT_EXPORT), "--out", str(rayed), "--concurrency", "2"
+        )
+    )
+    assert result.returncode == 1, result.stderr[-3000:]  # the broken photo, refused as the server refuses it
+    by_server = read_jsonl(lines_of(served))
+    same_answers(read_jsonl(lines_of(rayed)), {r["file"]: r for r in by_server})
+    broken = [r for r in read_jsonl(lines_of(rayed)) if "error" in r]
+    assert [(r["file"], r["status"]) for r in broken] == [(r["file"], r["status"]) for r in by_server if "error" in r]
+    summary = json.loads(lines_of(rayed).with_suffix(".summary.json").read_text())
+    assert summary["engine"] == "ray" and summary["model"] == MODEL and summary["address"] == "local"
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(lines_of(rayed).with_suffix(".parquet")).num_rows == len(by_server)
