@@ -16,10 +16,11 @@ import torch
 
 from bench.common import BENCH_VAR, MODELS_DIR, BenchError
 from carmodel.export import TRAINING_CONFIG, ExportDir, ExportError
-from carmodel.models import ARCHS, build_model
+from carmodel.models import ARCHS, build_for
+from carmodel.paths import DEFAULT_MODEL
 
 RANDOM_EXPORTS = BENCH_VAR / "exports"
-TEMPLATE_EXPORT = ExportDir(MODELS_DIR / "efficientnet_lite0_cars")  # class names and preprocessing
+TEMPLATE_EXPORT = ExportDir(MODELS_DIR / DEFAULT_MODEL)  # class names and preprocessing
 RANDOM_EVAL_SIZE = 224  # the size the stock handler feeds every model (Resize 256 + CenterCrop 224)
 SEED = 0
 CALIBRATION_IMAGES = 300  # speed does not depend on how many; accuracy is not measured for random weights
@@ -65,15 +66,18 @@ def calibrate_int8(export: ExportDir) -> None:
 
 
 def make_random_export(arch: str, export: ExportDir) -> ExportDir:
-    """Random weights, the template's classes and preprocessing, saved by ExportDir itself. The
-    template's training config.yaml is copied as it is: int8 calibration reads the photos (data
-    root, split) from it; the export's architecture is model.yaml's, not that record's."""
+    """Random weights of a plain classifier (no box or car head: the original recipe's shape), the
+    template's classes and preprocessing, saved by ExportDir itself. The template's training
+    config.yaml is copied as it is: int8 calibration reads the photos (data root, split) from it; the
+    export's architecture is model.yaml's, not that record's."""
     if not is_complete(TEMPLATE_EXPORT):
         raise BenchError(f"{TEMPLATE_EXPORT.path} is needed for the class names and preprocessing")
     classes = TEMPLATE_EXPORT.classes()
-    model_config = dataclasses.replace(TEMPLATE_EXPORT.model_config, arch=arch, eval_size=RANDOM_EVAL_SIZE)
+    model_config = dataclasses.replace(
+        TEMPLATE_EXPORT.model_config, arch=arch, eval_size=RANDOM_EVAL_SIZE, locate_size=0, car_head=False
+    )
     torch.manual_seed(SEED)
-    model, _ = build_model(arch, len(classes), "none", model_config.dropout)
+    model, _ = build_for(model_config, len(classes))
     export.save(model, classes, model_config)
     shutil.copy(TEMPLATE_EXPORT.record(TRAINING_CONFIG), export.record(TRAINING_CONFIG))
     return export

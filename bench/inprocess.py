@@ -21,7 +21,7 @@ import torch
 from bench.common import Row
 from bench.loadgen import CONTENT_TYPE
 from carmodel.export import ExportDir
-from carmodel.predictor import Prediction, Predictor
+from carmodel.predictor import Answer, Predictor
 from serving.requests import read_request
 from serving.settings import HandlerSettings
 
@@ -51,11 +51,14 @@ class Pipeline:
         request = read_request(
             {"body": body}, self.limits, self.max_topk, REQUEST_CONTENT_TYPES, self.predictor.decode_side
         )
-        return self.predictor.prepare(request.image), request.topk or self.settings.topk
+        return self.predictor.prepare(request.image), request.options.topk or self.settings.topk
 
-    def __call__(self, body: bytes, batch_size: int) -> list[list[Prediction]]:
-        prepared, topks = zip(*self.pool.map(self._prepare, [body] * batch_size), strict=True)
-        return self.predictor.top_k(self.predictor.run(prepared, map=self.pool.map).logits, list(topks))
+    def answers(self, bodies: list[bytes]) -> list[Answer]:
+        prepared, topks = zip(*self.pool.map(self._prepare, bodies), strict=True)
+        return self.predictor.answer(self.predictor.run(prepared, map=self.pool.map), list(topks))
+
+    def __call__(self, body: bytes, batch_size: int) -> list[Answer]:
+        return self.answers([body] * batch_size)
 
 
 def time_batches(pipeline: Pipeline, body: bytes, batch_size: int, seconds: float) -> list[float]:

@@ -100,11 +100,19 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_hey(url: str, image: Path, concurrency: int, duration_s: float | None, requests: int | None) -> HeyResult:
-    """One load level: `duration_s` seconds (hey -z) or exactly `requests` requests (hey -n)."""
+def run_hey(
+    url: str,
+    image: Path,
+    concurrency: int,
+    duration_s: float | None,
+    requests: int | None,
+    content_type: str = CONTENT_TYPE,
+) -> HeyResult:
+    """One load level: `duration_s` seconds (hey -z) or exactly `requests` requests (hey -n), the file
+    `image` as each request's body."""
     amount = ["-n", str(max(requests, concurrency))] if requests else ["-z", f"{duration_s:g}s"]
     cmd = [ensure_hey(), *amount, "-c", str(concurrency), "-cpus", str(HEY_CPUS), "-t", str(REQUEST_TIMEOUT_S)]
-    cmd += ["-m", "POST", "-T", CONTENT_TYPE, "-D", str(image), url]
+    cmd += ["-m", "POST", "-T", content_type, "-D", str(image), url]
     budget = (duration_s or 0) + REQUEST_TIMEOUT_S + HEY_SLACK_S if not requests else None
     cpu_before = _children_cpu_s()
     started = time.monotonic()

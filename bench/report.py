@@ -87,6 +87,35 @@ def markdown(rows: list[Row], quiet_pct: float) -> str:
     return "\n".join(lines)
 
 
+PEER_COLUMNS = ["photo", "server", "load", "img/s", "p50 ms", "p99 ms", "errors", "workers x batch", "peak RSS MB"]
+
+
+def peers_markdown(rows: list[Row]) -> str:
+    """bench.peers' table: per photo and load, each server's throughput, latency, errors and memory."""
+    photos = list(dict.fromkeys(r.photo for r in rows))
+    servers = list(dict.fromkeys(r.setup for r in rows))
+    lines = ["| " + " | ".join(PEER_COLUMNS) + " |", "|" + "|".join("---" for _ in PEER_COLUMNS) + "|"]
+    for row in sorted(rows, key=lambda r: (photos.index(r.photo), int(r.level[2:]), servers.index(r.setup))):
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row.photo,
+                    row.setup,
+                    row.level,
+                    f"{row.img_s:.1f}",
+                    _ms(row.p50_ms),
+                    _ms(row.p99_ms),
+                    f"{row.errors}/{row.requests}",
+                    f"{row.workers} x {row.batch_size}",
+                    str(row.detail.get("peak_rss_mb", "-")),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def notes(quiet_pct: float) -> str:
     return NOTES + f" !: other processes used {quiet_pct:g}% of a core or more during that measurement."
 

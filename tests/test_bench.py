@@ -3,12 +3,14 @@ per-photo grouping of the table, and the in-process pipeline doing the handler's
 
 from __future__ import annotations
 
+import pytest
 from helpers import DEFAULT_EXPORT
 from PIL import Image
 
-from bench import photos, report
-from bench.common import Row
+from bench import exports, photos, report
+from bench.common import MODELS_DIR, Row
 from bench.inprocess import Pipeline
+from bench.run import DEFAULT_MODELS
 from carmodel.export import ExportDir
 from carmodel.predictor import Predictor
 
@@ -51,4 +53,18 @@ def test_inprocess_pipeline_answers_as_the_predictor_on_a_phone_photo(car_image,
     pipeline = Pipeline(ExportDir(DEFAULT_EXPORT))
     answers = pipeline(phone.read_bytes(), 2)
     full = Predictor.for_export(ExportDir(DEFAULT_EXPORT)).predict([Image.open(phone).convert("RGB")], k=1)
-    assert len(answers) == 2 and answers[0][0].class_id == answers[1][0].class_id == full[0][0].class_id
+    top1 = [answer.predictions[0].class_id for answer in [*answers, *full]]
+    assert len(answers) == 2 and top1[0] == top1[1] == top1[2]
+
+
+@pytest.mark.parametrize("name", DEFAULT_MODELS)
+def test_every_model_make_bench_benchmarks_has_an_export_that_answers(name, car_image, tmp_path):
+    """`make bench` on a fresh clone: the shipped export, or random weights in the arch's plain shape."""
+    shipped = ExportDir(MODELS_DIR / name)
+    if exports.is_complete(shipped):
+        export = shipped
+    else:
+        export = exports.make_random_export(name.removesuffix(exports.NAME_SUFFIX), ExportDir(tmp_path / name))
+        assert exports.is_complete(export)
+    answer = Predictor.for_export(export, backend="torch").predict([Image.open(car_image).convert("RGB")], k=3)[0]
+    assert answer.car_found and len(answer.predictions) == 3
