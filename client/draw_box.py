@@ -3,14 +3,15 @@
     draw-box car.jpg --model efficientnet_lite0_cars
     draw-box car.jpg --model efficientnet_lite0_cars --out car_box.png --json
 
-The photo goes to ``{url}/predictions/{model}`` with ``X-Box: true``; a model with a box head
-answers ``{"predictions": [...], "box": [x1, y1, x2, y2]}`` in the photo's pixels. The PNG is the
-photo (EXIF orientation applied, as the handler sees it) with the box and the top-1 class and
-probability written above it. A model without a box head answers ``"box": null``: the label is
-drawn across the top of the photo instead.
+The photo goes to ``{url}/predictions/{model}`` with ``X-Details: true``; a model with a box head
+answers the car's box in the photo's pixels. The PNG is the photo (EXIF orientation applied, as the
+handler sees it) with the box and the label written above it: the top-1 class and its probability,
+then the make and its probability ("not sure" when the model is not). A model without a box head
+answers no box: the label is drawn across the top of the photo instead; so is "No car found" for a
+photo without a car.
 
 Exit status: 0 done; 2 bad local input; 3 TorchServe not reachable (or refused the token);
-4 TorchServe answered with an error (or with no predictions).
+4 TorchServe answered with an error (or with an answer of another shape).
 """
 
 from __future__ import annotations
@@ -31,16 +32,28 @@ MIN_DISPLAY_SIDE = 512  # a web thumbnail is scaled up, so that the label is rea
 
 
 def parse_answer(body) -> dict:
-    if not isinstance(body, dict) or not isinstance(body.get("predictions"), list) or not body["predictions"]:
+    """The detailed answer, checked for what is drawn."""
+    car = body.get("car") if isinstance(body, dict) else None
+    if not isinstance(car, dict) or not isinstance(body.get("predictions"), list):
+        raise ClientError(f"server answer is not a detailed answer: {str(body)[:200]}", EXIT_SERVER)
+    if car.get("found") and not body["predictions"]:
         raise ClientError(f"server answer has no predictions: {str(body)[:200]}", EXIT_SERVER)
-    box = body.get("box")
+    box = car.get("box")
     if box is not None and (not isinstance(box, list) or len(box) != 4):
         raise ClientError(f"server answer's box is not [x1, y1, x2, y2]: {box!r}", EXIT_SERVER)
     return body
 
 
-def label(prediction: dict) -> str:
-    return f"{prediction.get('class_name', '?')}  {prediction.get('probability', 0):.0%}"
+def label(answer: dict) -> str:
+    """What a person reads on the photo."""
+    if not answer["car"]["found"]:
+        return "No car found"
+    top1 = answer["predictions"][0]
+    text = f"{top1['class_name']}  {top1['probability']:.0%}"
+    make = answer.get("make")
+    if make:
+        text += f"  ({make['name']} {make['probability']:.0%})"
+    return text + ("  - not sure" if answer.get("uncertain") else "")
 
 
 def draw(image: Image.Image, box: list[float] | None, text: str) -> Image.Image:
@@ -88,12 +101,12 @@ def draw_box(args: argparse.Namespace) -> Path:
     data = read_image_bytes(args.image)
     image = load_display_image(data, str(args.image))
     with server_client(args) as client:
-        answer = parse_answer(client.located(args.model, data))
-    top1 = answer["predictions"][0]
+        answer = parse_answer(client.details(args.model, data))
     out_path = args.out or default_out_path(args.image)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    draw(image, answer["box"], label(top1)).save(out_path, format="PNG")
-    print(f"{label(top1)} at {answer['box']}: wrote {out_path}")
+    box = answer["car"]["box"]
+    draw(image, box, label(answer)).save(out_path, format="PNG")
+    print(f"{label(answer)}" + (f" at {box}" if box else "") + f": wrote {out_path}")
     if args.json:
         save_answer(out_path, answer)
     return out_path

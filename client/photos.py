@@ -3,20 +3,15 @@ handler saw it, and fail with an exit status that says whose problem it is."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pillow_heif
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from carmodel.images import ImageLimits, InputError, decode_image
 from serving.client import EXIT_USAGE, TorchServeError
-
-# HEIC, as the handler accepts it (carmodel/images.py): an iPhone photo must draw as it classifies
-pillow_heif.register_heif_opener()
 
 # Drawings are for people: capping the photo keeps 24-megapixel uploads from costing seconds and
 # hundreds of MB for no visible gain.
@@ -41,16 +36,12 @@ def read_image_bytes(path: Path) -> bytes:
 
 
 def load_display_image(data: bytes, name: str) -> Image.Image:
-    """The photo as the handler saw it: EXIF orientation applied, RGB."""
+    """The photo as the handler decodes it (carmodel.images: the same formats, EXIF orientation, RGB),
+    at its full size: the server's boxes are in its pixels."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ClientError(f"cannot decode {name} locally for drawing: {err}", EXIT_USAGE) from None
-    # The handler keeps a photo whose EXIF block is broken, unrotated; so does this drawing.
-    with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
+        return decode_image(data, ImageLimits())
+    except InputError as err:
+        raise ClientError(f"cannot decode {name} locally for drawing: {err.message}", EXIT_USAGE) from None
 
 
 def fit_for_display(image: Image.Image, max_side: int = MAX_DISPLAY_SIDE) -> Image.Image:

@@ -18,6 +18,7 @@ import requests
 import ts
 from PIL import Image
 
+from carmodel.vehicles import describe
 from serving.torchserve import Server, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,14 +131,17 @@ def post_raw(server, data: bytes, model: str = DEFAULT, **headers) -> requests.R
 
 
 def check_predictions(response: requests.Response, names: dict[str, str], k: int = 5) -> list[dict]:
-    """A 200 with k {class_id, class_name, probability} dicts, best first, names from that model's archive."""
+    """A 200 JSON answer with k rows, best first, names from that model's archive, each with the make,
+    model, year and body type of its class."""
     assert response.status_code == 200, response.text[:500]
+    assert response.headers["Content-Type"] == "application/json"
     predictions = response.json()
     assert isinstance(predictions, list) and len(predictions) == k, predictions
     for p in predictions:
-        assert set(p) == {"class_id", "class_name", "probability"}, p
+        assert set(p) == {"class_id", "class_name", "probability", "make", "model", "year", "body_type"}, p
         assert isinstance(p["class_id"], int) and 0 <= p["class_id"] < len(names)
         assert p["class_name"] == names[str(p["class_id"])]
+        assert {k: p[k] for k in ("make", "model", "year", "body_type")} == describe(p["class_name"]).to_dict()
         assert isinstance(p["probability"], float) and 0.0 <= p["probability"] <= 1.0
     probabilities = [p["probability"] for p in predictions]
     assert probabilities == sorted(probabilities, reverse=True)
@@ -151,6 +155,7 @@ def check_error(response: requests.Response, status: int | None = None) -> dict:
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
     if status is not None:
         assert response.status_code == status, response.text[:500]
+    assert response.headers["Content-Type"] == "application/json"
     body = response.json()
     assert body["code"] == response.status_code
     assert isinstance(body["message"], str) and body["message"]

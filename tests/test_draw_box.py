@@ -26,8 +26,8 @@ def test_draws_the_box_and_label_onto_a_whole_photo(server, car_image, cars_root
     result = draw_box(server.url("inference"), photo, out, "--json")
     assert result.returncode == 0, result.stderr
     answer = json.loads(out.with_suffix(".json").read_text())
-    assert answer["predictions"][0]["class_name"] in result.stdout
-    x1, y1, x2, y2 = answer["box"]
+    assert answer["predictions"][0]["class_name"] in result.stdout and answer["make"]["name"] in result.stdout
+    x1, y1, x2, y2 = answer["car"]["box"]
     with Image.open(photo) as original, Image.open(out) as png:
         assert png.format == "PNG"
         scale = png.width / original.width  # a 128x96 thumbnail is scaled up to be read

@@ -54,8 +54,8 @@ def inference(server, stubs):
     channel.close()
 
 
-def request(stubs, body: bytes, model: str = MODEL):
-    return stubs["inference"].PredictionsRequest(model_name=model, input={"data": body})
+def request(stubs, body: bytes, model: str = MODEL, **fields: bytes):
+    return stubs["inference"].PredictionsRequest(model_name=model, input={"data": body, **fields})
 
 
 def test_ping(inference, stubs):
@@ -67,6 +67,16 @@ def test_predictions_answer_as_http_does(server, inference, stubs, photo, car_im
     answer = json.loads(inference.Predictions(request(stubs, photo), timeout=TIMEOUT).prediction)
     http = requests.put(server.url("inference") + f"/predictions/{MODEL}", data=photo, timeout=TIMEOUT).json()
     assert answer == http and len(answer) == 5
+
+
+def test_the_detailed_answer_and_no_car_as_http_gives_them(server, inference, stubs, photo, no_car_pictures):
+    """A `details` field asks for the detailed answer; a picture without a car answers []."""
+    url = server.url("inference") + f"/predictions/{MODEL}"
+    answer = json.loads(inference.Predictions(request(stubs, photo, details=b"true"), timeout=TIMEOUT).prediction)
+    assert answer == requests.put(url, data=photo, headers={"X-Details": "true"}, timeout=TIMEOUT).json()
+    assert answer["car"]["found"] is True and answer["predictions"]
+    cat = no_car_pictures["skimage:cat"].read_bytes()
+    assert json.loads(inference.Predictions(request(stubs, cat), timeout=TIMEOUT).prediction) == []
 
 
 def test_a_bad_image_is_a_non_ok_status_naming_the_problem(server, inference, stubs, photo):

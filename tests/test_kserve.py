@@ -20,6 +20,7 @@ import tritonclient.http as triton
 from helpers import ROOT, extract_protos, python
 from tritonclient.utils import InferenceServerException
 
+from carmodel.vehicles import describe
 from serving import kserve as assemble
 from serving.torchserve import Server, free_port, free_ports
 
@@ -181,6 +182,25 @@ def test_v2_photos_in_one_input_get_one_row_each(v2_server, car_images, binary):
     check_answers(result, labels)
     boxes = result.as_numpy("boxes")  # the shipped model localises: the car's box in each photo's pixels
     assert boxes.shape == (len(paths), 4) and (boxes[:, 2:] > boxes[:, :2]).all()
+
+
+def test_v2_says_car_found_make_and_uncertain_as_typed_tensors(v2_server, car_images, no_car_pictures):
+    """The detailed answer's fields as typed outputs; a photo without a car is a row with car_found false."""
+    client = triton.InferenceServerClient(v2_server.url("inference").split("//")[1])
+    labels = list(car_images)[:2]
+    paths = [*list(car_images.values())[:2], no_car_pictures["skimage:cat"]]
+    result = client.infer(MODEL, [photos_input(paths, True)])
+    found, score = result.as_numpy("car_found"), result.as_numpy("car_score")
+    assert found.dtype == np.bool_ and found.tolist() == [True, True, False]
+    assert score.dtype == np.float32 and score.shape == (3,) and ((score >= 0) & (score <= 1)).all()
+    makes, make_p = result.as_numpy("make"), result.as_numpy("make_probability")
+    bodies = result.as_numpy("body_type")
+    for label, make, body in zip(labels, makes[:2], bodies[:2], strict=True):
+        vehicle = describe(label)
+        assert text(make) in ("", vehicle.make) and text(body) == vehicle.body_type
+    assert make_p.dtype == np.float32 and text(makes[2]) == "" and make_p[2] == 0
+    assert result.as_numpy("uncertain").tolist()[2] is False
+    assert result.as_numpy("class_ids")[2].tolist() == [-1] * 5 and result.as_numpy("boxes")[2].tolist() == [-1] * 4
 
 
 def test_v2_several_inputs_requested_outputs_and_topk(v2_server, car_images):

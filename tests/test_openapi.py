@@ -56,6 +56,7 @@ def check_answer(spec: dict, method: str, response: requests.Response) -> None:
     documented = op["responses"]
     assert str(response.status_code) in documented, f"{method} {template}: {response.status_code} undocumented"
     content = deref(spec, documented[str(response.status_code)]).get("content", {})
+    assert response.headers.get("Content-Type", "").split(";")[0] in content, response.headers  # it says what it is
     schema = deref(spec, content["application/json"]["schema"])
     # the schema with the document's components beside it, so that its $refs resolve
     OAS30Validator({**schema, "components": spec["components"]}).validate(response.json())
@@ -71,12 +72,16 @@ def _jpeg_b64(photo: bytes) -> str:
     return base64.b64encode(photo).decode()
 
 
-def requests_to_send(url: str, photo: bytes) -> list[tuple[str, str, dict, int]]:
+def requests_to_send(url: str, photo: bytes, no_car: bytes) -> list[tuple[str, str, dict, int]]:
     """(method, url, requests kwargs, expected status): each kind of request the document describes."""
     tiny = encode(Image.new("RGB", (8, 8)), "PNG")
     return [
         ("PUT", url, {"data": photo, "headers": {"Content-Type": "image/jpeg"}}, 200),
         ("PUT", url, {"data": photo, "headers": {"Content-Type": "image/jpeg", "X-Box": "true", "X-Top-K": "2"}}, 200),
+        ("PUT", url, {"data": photo, "headers": {"Content-Type": "image/jpeg", "X-Details": "true"}}, 200),
+        ("POST", url, {"json": {"image": _jpeg_b64(photo), "details": True, "topk": 1}}, 200),
+        ("PUT", url, {"data": no_car, "headers": {"Content-Type": "image/jpeg"}}, 200),
+        ("PUT", url, {"data": no_car, "headers": {"Content-Type": "image/jpeg", "X-Details": "true"}}, 200),
         ("POST", url, {"files": {"data": ("car.jpg", photo, "image/jpeg")}, "data": {"topk": "3"}}, 200),
         ("POST", url, {"json": {"image": _jpeg_b64(photo), "box": True}}, 200),
         ("POST", url, {"data": _jpeg_b64(photo), "headers": {"Content-Type": "text/plain"}}, 200),
@@ -92,9 +97,10 @@ def requests_to_send(url: str, photo: bytes) -> list[tuple[str, str, dict, int]]
     ]
 
 
-def test_the_server_answers_as_documented(server, spec, photo):
+def test_the_server_answers_as_documented(server, spec, photo, no_car_pictures):
     url = f"{server.url('inference')}/predictions/{DEFAULT}"
-    for method, target, kwargs, status in requests_to_send(url, photo):
+    no_car = no_car_pictures["skimage:coffee"].read_bytes()
+    for method, target, kwargs, status in requests_to_send(url, photo, no_car):
         response = requests.request(method, target, timeout=TIMEOUT, **kwargs)
         assert response.status_code == status, (method, target, response.text[:300])
         check_answer(spec, method, response)

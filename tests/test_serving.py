@@ -41,6 +41,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from carmodel.vehicles import BODY_TYPES, describe
+
 RESNET = "resnet50_cars"
 MODELS = (DEFAULT, RESNET)
 
@@ -184,8 +186,43 @@ def test_a_model_without_a_box_head_answers_box_null(server, names, photo):
     assert response.json()["box"] is None and len(response.json()["predictions"]) == 5
 
 
-def test_bad_box_flag_is_400_json(server, photo):
-    check_error(post_raw(server, photo, **{"X-Box": "perhaps"}), 400)
+def test_the_detailed_answer_by_header_or_field(server, names, photo, car_rgb):
+    """X-Details (or a details field): the car found with its score and box, the make and body type with
+    their summed probabilities, uncertain, and the top-k rows."""
+    answers = [
+        post_raw(server, photo, **{"X-Details": "true", "X-Top-K": "3"}),
+        requests.post(
+            predict_url(server), files={"data": ("car.jpg", photo)}, data={"details": "1", "topk": "3"}, timeout=TIMEOUT
+        ),
+        requests.post(
+            predict_url(server),
+            json={"image": base64.b64encode(photo).decode(), "details": True, "topk": 3},
+            timeout=TIMEOUT,
+        ),
+    ]
+    for response in answers:
+        assert response.status_code == 200 and response.headers["Content-Type"] == "application/json", response.text
+        answer = response.json()
+        assert set(answer) == {"car", "make", "body_type", "uncertain", "predictions"}
+        assert answer["car"]["found"] is True and 0 <= answer["car"]["score"] <= 1
+        x1, y1, x2, y2 = answer["car"]["box"]
+        assert 0 <= x1 < x2 <= car_rgb.width and 0 <= y1 < y2 <= car_rgb.height
+        assert len(answer["predictions"]) == 3 and answer["predictions"][0]["class_name"] in names[DEFAULT].values()
+        assert answer["body_type"]["name"] in BODY_TYPES and isinstance(answer["uncertain"], bool)
+    assert answers[0].json() == answers[1].json() == answers[2].json()  # one answer, whichever way it was asked
+
+
+def test_a_model_without_box_or_car_head_answers_the_same_shape(server, names, photo):
+    """No car head: always a car, score null; no calibration: never uncertain, the make always named."""
+    answer = post_raw(server, photo, RESNET, **{"X-Details": "true"}).json()
+    assert answer["car"] == {"found": True, "score": None, "box": None} and answer["uncertain"] is False
+    assert len(answer["predictions"]) == 5
+    assert answer["make"]["name"] in {describe(name).make for name in names[RESNET].values()}
+
+
+@pytest.mark.parametrize("header", ["X-Box", "X-Details"])
+def test_bad_answer_shape_flag_is_400_json(server, photo, header):
+    check_error(post_raw(server, photo, **{header: "perhaps"}), 400)
 
 
 def test_bad_topk_in_json_is_400_json(server, photo):
@@ -344,7 +381,7 @@ def test_metrics_pass_promtool_but_for_torchserve_names(server, names, photo):
     assert theirs <= TORCHSERVE_METRICS, sorted(theirs - TORCHSERVE_METRICS)
 
 
-# TorchServe names these itself (front end and system metrics); config/metrics.yaml only switches them on.
+# TorchServe names these itself (front end and system metrics); serving/metrics.yaml only switches them on.
 TORCHSERVE_METRICS = {
     "Requests2XX",
     "Requests4XX",
@@ -430,6 +467,10 @@ def batch_server(tmp_path_factory):
         str(BATCH_DELAY_MS),
         "--max_topk",
         str(BATCH_MAX_TOPK),
+        "--sure_threshold",  # nothing is sure, and everything is a car: the thresholds are the server's settings
+        "1.0",
+        "--car_threshold",
+        "0",
     )
     assert result.returncode == 0, result.stderr
     srv = start_server(tmp_path_factory.mktemp("ts_batch"), store, {DEFAULT: f"{DEFAULT}_v1.0.mar"})
@@ -475,6 +516,24 @@ def test_handler_settings_from_the_archive_are_the_ones_served(batch_server, pho
     check_predictions(post_raw(batch_server, photos[0], **{"X-Top-K": str(BATCH_MAX_TOPK)}), names, k=BATCH_MAX_TOPK)
     error = check_error(post_raw(batch_server, photos[0], **{"X-Top-K": str(BATCH_MAX_TOPK + 1)}), 400)
     assert f"between 1 and {BATCH_MAX_TOPK}" in error["message"]
+
+
+def test_thresholds_are_handler_settings_and_answers_are_counted(server, batch_server, photos, no_car_pictures):
+    """The archive's sure and car thresholds override the model's own; the metrics count the answers
+    marked uncertain and the photos without a car."""
+    cat = no_car_pictures["skimage:cat"].read_bytes()
+    assert post_raw(server, cat).json() == []  # the model's own threshold: no car
+    answer = post_raw(batch_server, cat, **{"X-Details": "true"}).json()
+    assert answer["car"]["found"] is True and answer["uncertain"] is True  # threshold 0: a car, never sure
+    assert post_raw(batch_server, photos[0], **{"X-Details": "true"}).json()["uncertain"] is True
+    calibration = batch_server.client().handler_description(DEFAULT)["calibration"]
+    assert (calibration["sure_threshold"], calibration["car_threshold"]) == (1.0, 0.0)
+    for srv, family in ((server, "car_no_car"), (batch_server, "car_uncertain")):
+        deadline = time.monotonic() + 30  # handler metrics reach the frontend through the worker's log
+        while not (samples := _samples(_families(_metrics_text(srv)).get(family), DEFAULT)):
+            assert time.monotonic() < deadline, f"{family} not counted"
+            time.sleep(0.5)
+        assert samples[0].value >= 1
 
 
 def test_archive_in_another_folder_named_model_store_is_refused(batch_server, tmp_path):

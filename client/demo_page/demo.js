@@ -89,20 +89,31 @@ function place(element, rect, size, img) {
   element.hidden = false;
 }
 
+const percent = (probability) => `${(100 * probability).toFixed(1)} %`;
+
 function showAnswer(card, answer, size) {
-  const top = answer.predictions[0];
-  $(".name", card).textContent = top.class_name;
   $(".meta", card).textContent = `${card.dataset.file} · ${answer.model} v${answer.version} · ${answer.ms} ms`;
+  if (!answer.car.found) {
+    $(".name", card).textContent = "No car found in this photo";
+    card.classList.add("nocar");
+    return;
+  }
+  $(".name", card).textContent = answer.predictions[0].class_name;
+  $(".unsure", card).hidden = !answer.uncertain;
+  const make = $(".make", card);
+  make.textContent = answer.make
+    ? `${answer.make.name} ${percent(answer.make.probability)} · ${answer.body_type.name} ${percent(answer.body_type.probability)}`
+    : `Make not sure · ${answer.body_type.name} ${percent(answer.body_type.probability)}`;
+  make.hidden = false;
   $(".top", card).replaceChildren(...answer.predictions.map((p) => {
     const li = document.createElement("li");
-    const percent = (100 * p.probability).toFixed(1);
     li.innerHTML = '<span class="label"></span> <span class="percent"></span><div class="bar"><div></div></div>';
     $(".label", li).textContent = p.class_name;
-    $(".percent", li).textContent = `${percent} %`;
-    $(".bar div", li).style.width = `${percent}%`;
+    $(".percent", li).textContent = percent(p.probability);
+    $(".bar div", li).style.width = `${100 * p.probability}%`;
     return li;
   }));
-  if (answer.box && size) place($(".box", card), answer.box, size, $("img", card));
+  if (answer.car.box && size) place($(".box", card), answer.car.box, size, $("img", card));
 }
 
 async function explain(card, file, size, version) {
@@ -143,7 +154,7 @@ async function classify(file) {
     showAnswer(card, answer, size);
     card.dataset.model = answer.model;
     card.classList.add("done");
-    if (size) {
+    if (size && answer.car.found) {
       const link = $(".explain", card);
       link.hidden = false;
       link.onclick = (event) => {
