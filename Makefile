@@ -5,14 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed
 MODEL := efficientnet_lite0_cars
 EXPORT := models/$(MODEL)
 ARCHIVE := model_store/$(MODEL)_v1.0.mar
 # The archive packs these two packages whole (serving/archive.py).
 SERVING_SOURCES := $(wildcard carmodel/*.py serving/*.py)
 
-.PHONY: help env system serve demo stop status test lint format archive train evaluate export eda tune clean bench \
+.PHONY: help env serve-env train-env java system serve demo stop status test lint format archive train evaluate export eda tune clean bench \
 	gate register promote fetch release-archive kserve image
 
 help:
@@ -21,19 +20,34 @@ help:
 	@echo "make demo    - a page in the browser on 127.0.0.1:8090: drop car photos, see the answers"
 	@echo "make test    - lint + the whole test suite (what CI runs)"
 	@echo "make train   - train the default model on ../shared/stanford_cars (two stages: crops, then whole photos"
-	@echo "               and the box head), evaluate, export, calibrate int8 into $(EXPORT)"
+	@echo "               and the box head; then the car head and the calibration), evaluate, export, int8 into $(EXPORT)"
 	@echo "make gate | register | promote | release-archive | kserve | image - the release pipeline (README)"
 	@echo "make eda | tune | archive | lint | format | clean"
 
 # --- environment -------------------------------------------------------------------------
+# Three installs into one venv, each on the one before: serving (torch, TorchServe, OpenVINO, the
+# handler's few packages), training (+ Ray, MLflow, NNCF, the ImageNet weights) and the tests' tools
+# (+ pytest, the protocols' clients, the peers of the benchmark, a venv for KServe's wrapper, Debian's
+# Chromium and promtool). `make serve` needs only the first.
 # torch/torchvision first, with --isolated: a pip configuration that offers a CPU-only "+cpu"
 # torch wheel (find-links) would otherwise win, and PyPI's torchvision cannot load on it.
-$(STAMP): requirements/torch.txt requirements/serve.txt requirements/train.txt requirements/dev.txt pyproject.toml
+SERVE_STAMP := $(VENV)/.installed-serve
+TRAIN_STAMP := $(VENV)/.installed-train
+STAMP := $(VENV)/.installed
+$(SERVE_STAMP): requirements/torch.txt requirements/serve.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --isolated -r requirements/torch.txt
-	$(PIP) install --quiet -r requirements/dev.txt
+	$(PIP) install --quiet -r requirements/serve.txt
 	$(PIP) install --quiet --no-deps -e .  # the project itself: its packages and commands (serve, build-mar, ...)
 	$(PY) -c "import torch, torchvision; torchvision.ops.nms" # fails fast on a mismatched pair
+	touch $@
+
+$(TRAIN_STAMP): $(SERVE_STAMP) requirements/train.txt
+	$(PIP) install --quiet -r requirements/train.txt
+	touch $@
+
+$(STAMP): $(TRAIN_STAMP) requirements/dev.txt requirements/bench.txt
+	$(PIP) install --quiet -r requirements/dev.txt
 	touch $@
 
 # TorchServe's KServe wrapper (tests/test_kserve.py runs it) needs kserve 0.13.0, whose pins clash with ours.
@@ -44,31 +58,41 @@ $(KSERVE_STAMP): requirements/kserve.txt
 	$(KSERVE_VENV)/bin/pip install --quiet -r requirements/kserve.txt
 	touch $@
 
-env: $(STAMP) $(KSERVE_STAMP) system
+serve-env: $(SERVE_STAMP) java
+train-env: $(TRAIN_STAMP)
+env: $(STAMP) $(KSERVE_STAMP) java system
 
-# Debian packages: Java 17 for TorchServe's front end, and for the tests promtool (Prometheus's check of
-# the metrics endpoint; Debian's prometheus package) and Chromium (the demo page's browser test).
-# Installed when missing and we are root (apt); otherwise the exact command to run.
-system:
-	@missing=""; \
-	java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || missing="$$missing openjdk-17-jre-headless"; \
-	command -v promtool >/dev/null || missing="$$missing prometheus"; \
-	command -v chromium >/dev/null || command -v google-chrome >/dev/null || missing="$$missing chromium"; \
-	if [ -n "$$missing" ]; then \
+# Debian packages, installed when missing and we are root (apt); otherwise the exact command to run.
+# Java 17 for TorchServe's front end; for the tests, promtool (Prometheus's check of the metrics
+# endpoint; Debian's prometheus package) and Chromium (the demo page's browser test).
+define apt_install
+	if [ -n "$(1)" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1); \
 	  else \
-	    echo "Needed: sudo apt-get install -y --no-install-recommends$$missing"; exit 1; \
+	    echo "Needed: sudo apt-get install -y --no-install-recommends $(1)"; exit 1; \
 	  fi; \
 	fi
+endef
+
+java:
+	@missing=""; \
+	java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || missing="openjdk-17-jre-headless"; \
+	$(call apt_install,$$missing)
+
+system:
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || command -v google-chrome >/dev/null || missing="$$missing chromium"; \
+	$(call apt_install,$$missing)
 
 # --- serving -----------------------------------------------------------------------------
-$(ARCHIVE): $(EXPORT)/$(MODEL).pth $(EXPORT)/index_to_name.json $(EXPORT)/model.yaml $(wildcard $(EXPORT)/$(MODEL)_int8.*) $(SERVING_SOURCES) | $(STAMP)
+$(ARCHIVE): $(EXPORT)/$(MODEL).pth $(EXPORT)/index_to_name.json $(EXPORT)/model.yaml $(wildcard $(EXPORT)/$(MODEL)_int8.*) $(SERVING_SOURCES) | $(SERVE_STAMP)
 	$(VENV)/bin/build-mar --export $(EXPORT) --version 1.0 --force
 
 archive: $(ARCHIVE)
 
-serve: env $(ARCHIVE)
+serve: serve-env $(ARCHIVE)
 	$(VENV)/bin/serve start
 
 stop:
@@ -97,17 +121,20 @@ test: env lint
 # --- training (see README) ---------------------------------------------------------------
 # Stage 1 learns the classes on the crops; stage 2 starts from its weights (runs/efficientnet_lite0/best.pth)
 # and learns the whole photos: the box head, and the cars cut from the photos (configs/*.yaml say why).
-train: $(STAMP)
+# Then the car/no-car head on the frozen network, and the calibration and thresholds fitted on val.
+train: $(TRAIN_STAMP)
 	$(PY) -m training.train --config configs/efficientnet_lite0.yaml
 	$(PY) -m training.train --config configs/efficientnet_lite0_photos.yaml
+	$(PY) -m training.car_head --run runs/efficientnet_lite0_photos
+	$(PY) -m training.calibrate --run runs/efficientnet_lite0_photos
 	$(PY) -m training.evaluate --run runs/efficientnet_lite0_photos
 	$(PY) -m training.export --run runs/efficientnet_lite0_photos --export_dir $(EXPORT)
 	$(PY) -m training.quantize --export $(EXPORT)
 
-eda: $(STAMP)
+eda: $(TRAIN_STAMP)
 	$(PY) -m training.eda --data_root ../shared/stanford_cars --out_dir reports/eda
 
-tune: $(STAMP)
+tune: $(TRAIN_STAMP)
 	$(PY) -m training.tune --config configs/resnet50.yaml
 
 # --- release pipeline (README "From training run to deployed image"; CI: .github/workflows) ---
@@ -117,22 +144,22 @@ ALIAS ?= candidate
 IMAGE ?= car-classifier
 IMAGE_TAG ?= dev
 
-gate: $(STAMP)
+gate: $(TRAIN_STAMP)
 	$(PY) -m training.gate --metrics $(EXPORT)/metrics.json --baseline models:/$(MODEL)@production $(GATE_FLAGS)
 
-register: $(STAMP)
+register: $(TRAIN_STAMP)
 	$(PY) -m training.register --export $(EXPORT) --alias $(ALIAS)
 
-promote: $(STAMP)
+promote: $(TRAIN_STAMP)
 	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=<registry version>"; exit 2; }
 	$(PY) -m training.register --name $(MODEL) --version $(VERSION) --alias production
 
 # A registered version's export into $(EXPORT), where `make archive` and the Dockerfile take it from.
-fetch: $(STAMP)
+fetch: $(TRAIN_STAMP)
 	$(PY) -m training.register --name $(MODEL) --alias $(ALIAS) --download $(EXPORT)
 
 # The archive of a registered version (default: the candidate), versioned like the registry.
-release-archive: $(STAMP)
+release-archive: $(TRAIN_STAMP)
 	$(VENV)/bin/build-mar --registered $(MODEL)@$(ALIAS) --force
 
 kserve: $(ARCHIVE)
@@ -146,7 +173,7 @@ clean:
 	-$(VENV)/bin/serve stop
 	rm -rf var model_store/*.mar .pytest_cache
 
-# --- benchmark (see bench/README.md) ---------------------------------------------------------
+# --- benchmark (see docs/benchmarks.md) ---------------------------------------------------------
 # Stock TorchServe handler vs ours vs the in-process ceiling; run on an idle machine (~8 min).
-bench: env
+bench: $(STAMP)
 	$(PY) -m bench.run

@@ -3,7 +3,7 @@ a box head), the fastest way this CPU allows, for one image size.
 
 The same network compiled by OpenVINO: int8 where the export has a calibrated int8 model
 (training.quantize; the server has no photos to calibrate on), else bf16 where the CPU has it,
-else fp32 - chosen by measurement (bench/README.md, "int8"). OpenVINO needs no compiler
+else fp32 - chosen by measurement (docs/benchmarks.md, "int8"). OpenVINO needs no compiler
 toolchain at load time, unlike torch.compile. The eager torch model stays the reference: the
 fp32 runner, explanations (gradients) and `backend: torch` use it.
 
