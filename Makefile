@@ -31,12 +31,16 @@ help:
 # Chromium and promtool). `make serve` needs only the first.
 # torch/torchvision first, with --isolated: a pip configuration that offers a CPU-only "+cpu"
 # torch wheel (find-links) would otherwise win, and PyPI's torchvision cannot load on it.
+# Where torch/torchvision come from. Empty: PyPI (its CUDA build, ~4.5 GB, unused on a CPU). On a machine
+# that reaches PyTorch's own index, `make serve TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu` installs
+# the CPU build instead (the Docker image's choice, scripts/container.sh).
+TORCH_INDEX_URL ?=
 SERVE_STAMP := $(VENV)/.installed-serve
 TRAIN_STAMP := $(VENV)/.installed-train
 STAMP := $(VENV)/.installed
 $(SERVE_STAMP): requirements/torch.txt requirements/serve.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --isolated -r requirements/torch.txt
+	$(PIP) install --quiet --isolated $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) -r requirements/torch.txt
 	$(PIP) install --quiet -r requirements/serve.txt
 	$(PIP) install --quiet --no-deps -e .  # the project itself: its packages and commands (serve, build-mar, ...)
 	$(PY) -c "import torch, torchvision; torchvision.ops.nms" # fails fast on a mismatched pair
@@ -120,11 +124,11 @@ test: env lint
 
 # --- training (see README) ---------------------------------------------------------------
 # Stage 1 learns the classes on the crops; stage 2 starts from its weights (runs/efficientnet_lite0/best.pth)
-# and learns the whole photos: the box head, and the cars cut from the photos (configs/*.yaml say why).
+# and learns the whole photos: the box head, and the cars cut from the photos (training/configs/*.yaml say why).
 # Then the car/no-car head on the frozen network, and the calibration and thresholds fitted on val.
 train: $(TRAIN_STAMP)
-	$(PY) -m training.train --config configs/efficientnet_lite0.yaml
-	$(PY) -m training.train --config configs/efficientnet_lite0_photos.yaml
+	$(PY) -m training.train --config training/configs/efficientnet_lite0.yaml
+	$(PY) -m training.train --config training/configs/efficientnet_lite0_photos.yaml
 	$(PY) -m training.car_head --run runs/efficientnet_lite0_photos
 	$(PY) -m training.calibrate --run runs/efficientnet_lite0_photos
 	$(PY) -m training.evaluate --run runs/efficientnet_lite0_photos
@@ -135,7 +139,7 @@ eda: $(TRAIN_STAMP)
 	$(PY) -m training.eda --data_root ../shared/stanford_cars --out_dir reports/eda
 
 tune: $(TRAIN_STAMP)
-	$(PY) -m training.tune --config configs/resnet50.yaml
+	$(PY) -m training.tune --config training/configs/resnet50.yaml
 
 # --- release pipeline (README "From training run to deployed image"; CI: .github/workflows) ---
 # MLflow store: mlruns/ here, $$MLFLOW_TRACKING_URI (a team server) in CI.
@@ -160,7 +164,8 @@ fetch: $(TRAIN_STAMP)
 
 # The archive of a registered version (default: the candidate), versioned like the registry.
 release-archive: $(TRAIN_STAMP)
-	$(VENV)/bin/build-mar --registered $(MODEL)@$(ALIAS) --force
+	$(PY) -m training.register --name $(MODEL) --alias $(ALIAS) --download var/release/$(MODEL)
+	$(VENV)/bin/build-mar --export var/release/$(MODEL) --force
 
 kserve: $(ARCHIVE)
 	$(PY) -m serving.kserve --archive $(ARCHIVE) --protocol v1

@@ -31,6 +31,7 @@ TRAINING_CONFIG = "config.yaml"
 METRICS = "metrics.json"
 SPLIT = "split.json"
 QUANTIZATION = "quantization.json"
+REGISTERED_VERSION = "registered_version"  # the registry version of an export fetched from it
 
 
 class ExportError(ValueError):

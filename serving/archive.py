@@ -9,7 +9,9 @@ architecture's name is refused.
 
     build-mar --export models/efficientnet_lite0_cars --version 1.0
     build-mar --export exports/resnet50_cars --version 2.0 --batch_size 8
-    build-mar --registered efficientnet_lite0_cars@production   # from the MLflow registry
+
+An export fetched from the MLflow registry (`training.register --download`, `make release-archive`)
+is versioned as the registry's version (3 -> 3.0) unless --version says otherwise.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import yaml
 
 import carmodel
 import serving
-from carmodel import paths, registry, typed
-from carmodel.export import ExportDir, ExportError
+from carmodel import paths, typed
+from carmodel.export import REGISTERED_VERSION, ExportDir, ExportError
 from serving.settings import HandlerSettings, WorkerSettings
 
 # The packages the handler may import from this project, where they are installed (a checkout, or
@@ -114,21 +116,16 @@ def build(args) -> Path:
     workers = typed.from_dict(WorkerSettings, typed.flags_given(args, WorkerSettings))
     handler = typed.from_dict(HandlerSettings, typed.flags_given(args, HandlerSettings))
     store = Path(args.model_store)
-    if args.registered:  # the export folder registered by training.register, fetched from MLflow
-        with tempfile.TemporaryDirectory() as tmp:
-            export, version = download_registered(args.registered, Path(tmp))
-            return build_from(export, store, args.version or version, workers, handler, args.model_name, args.force)
     export = ExportDir(Path(args.export).resolve())
-    return build_from(export, store, args.version or DEFAULT_VERSION, workers, handler, args.model_name, args.force)
+    return build_from(
+        export, store, args.version or export_version(export), workers, handler, args.model_name, args.force
+    )
 
 
-def download_registered(reference: str, dest: Path) -> tuple[ExportDir, str]:
-    """The registered export and its archive version (registry version 3 -> archive 3.0)."""
-    try:
-        export, version = registry.download_registered(reference, dest)
-    except registry.RegistryError as err:
-        raise BuildError(str(err)) from err
-    return ExportDir(export), f"{version}.0"
+def export_version(export: ExportDir) -> str:
+    """The registry's version for an export fetched from it (`training.register --download`: 3 -> 3.0), else 1.0."""
+    registered = export.path / REGISTERED_VERSION
+    return f"{registered.read_text().strip()}.0" if registered.is_file() else DEFAULT_VERSION
 
 
 def build_from(
@@ -169,15 +166,12 @@ def build_from(
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
+    p.add_argument(
         "--export", default=str(paths.default_export()), help="training.export output directory (./models/<default>)"
     )
-    source.add_argument(
-        "--registered", help="NAME@ALIAS or NAME/VERSION from the MLflow registry (training.register) instead"
-    )
     p.add_argument(
-        "--version", help=f"model version recorded in the archive (default {DEFAULT_VERSION}; the registry's version)"
+        "--version",
+        help=f"model version recorded in the archive (default {DEFAULT_VERSION}, or the registry's version)",
     )
     p.add_argument("--model_name", help="checked against the export's architecture (default: <arch>_cars)")
     p.add_argument("--model_store", default=str(paths.model_store()), help="default: ./model_store")

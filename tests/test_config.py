@@ -122,14 +122,14 @@ def test_missing_config_file(tmp_path):
 
 def test_shipped_configs_load():
     for name in ("efficientnet_lite0", "resnet50"):
-        cfg = config_lib.load(f"configs/{name}.yaml")
+        cfg = config_lib.load(f"training/configs/{name}.yaml")
         assert cfg.model.arch == name
-    resnet = config_lib.load("configs/resnet50.yaml")
+    resnet = config_lib.load("training/configs/resnet50.yaml")
     assert (resnet.finetune.unfreeze, resnet.optim.lr_schedule, resnet.tune.gpus_per_trial) == (2, "step", 1.0)
     # stage 2 of the shipped model starts where stage 1 writes its weights
     stage1, stage2 = (
-        config_lib.load("configs/efficientnet_lite0.yaml"),
-        config_lib.load("configs/efficientnet_lite0_photos.yaml"),
+        config_lib.load("training/configs/efficientnet_lite0.yaml"),
+        config_lib.load("training/configs/efficientnet_lite0_photos.yaml"),
     )
     assert stage2.finetune.pretrained == f"{stage1.runtime.output_dir}/best.pth"
     assert stage2.model.localizes and not stage1.model.localizes

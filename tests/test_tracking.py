@@ -1,4 +1,4 @@
-"""MLflow tracking and registry (training/tracking.py, training/register.py, serving.archive --registered)
+"""MLflow tracking and registry (training/tracking.py, training/register.py, training.register --download, build-mar)
 and the gate (training/gate.py), against a real local MLflow store (conftest: one per session)."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import DEFAULT_EXPORT, python
 
-from carmodel import registry
-from training import tracking
+from training import registry, tracking
 
 # ------------------------------------------------------------------------------ the gate
 
@@ -142,8 +141,10 @@ def test_register_gate_against_production_and_build_from_the_registry(tmp_path):
     code, line = gate("--metrics", str(worse), "--baseline", f"models:/{name}@production")
     assert code == 1 and f"(version {version})" in line
 
-    store = tmp_path / "store"
-    built = python("-m", "serving.archive", "--registered", f"{name}@production", "--model_store", str(store))
+    store, fetched = tmp_path / "store", tmp_path / "fetched"
+    download = python("-m", "training.register", "--name", name, "--alias", "production", "--download", str(fetched))
+    assert download.returncode == 0, download.stderr
+    built = python("-m", "serving.archive", "--export", str(fetched), "--model_store", str(store))
     assert built.returncode == 0, built.stderr
     archive = store / f"{name}_v{version}.0.mar"
     with zipfile.ZipFile(archive) as mar:
@@ -154,9 +155,10 @@ def test_register_gate_against_production_and_build_from_the_registry(tmp_path):
 
 
 def test_registry_errors_are_clear(tmp_path):
-    built = python("-m", "serving.archive", "--registered", "no_such_model@production", "--model_store", str(tmp_path))
+    fetch = ("-m", "training.register", "--download", str(tmp_path / "fetched"), "--alias", "production", "--name")
+    built = python(*fetch, "no_such_model")
     assert built.returncode == 2 and "no registered model 'no_such_model@production'" in built.stderr
-    bad = python("-m", "serving.archive", "--registered", "not a reference", "--model_store", str(tmp_path))
+    bad = python(*fetch, "not a name")
     assert bad.returncode == 2 and "NAME@ALIAS or NAME/VERSION" in bad.stderr
     missing = python("-m", "training.register", "--name", "efficientnet_lite0_cars", "--version", "99", "--alias", "x")
     assert missing.returncode == 2 and "has no version 99" in missing.stderr

@@ -14,7 +14,7 @@ from training import config as config_lib
 def test_search_picks_the_trial_with_the_lowest_val_loss(cars_root, tmp_path):
     out = tmp_path / "tune"
     result = python(
-        "-m", "training.tune", "--config", "configs/resnet50.yaml",
+        "-m", "training.tune", "--config", "training/configs/resnet50.yaml",
         "--arch", "efficientnet_lite0", "--data_root", str(cars_root), "--max_images_per_class", "2",
         "--val_fraction", "0.5", "--test_fraction", "0", "--train_size", "64", "--eval_size", "64",
         "--trials", "2", "--trial_epochs", "1", "--epochs", "7", "--output_dir", str(out),

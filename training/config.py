@@ -196,7 +196,7 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> Confi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config FILE` plus one `--<setting>` flag per setting (default: leave as configured)."""
-    parser.add_argument("--config", help="YAML file of Config settings, in sections (see configs/)")
+    parser.add_argument("--config", help="YAML file of Config settings, in sections (see training/configs/)")
     typed.add_arguments(parser, Config, skip=("extra",))
 
 

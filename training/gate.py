@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from carmodel import registry
+from training import registry
 
 APPROVED, REJECTED, CANNOT_DECIDE = 0, 1, 2
 

@@ -19,16 +19,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from carmodel import registry
-from carmodel.export import TRAINING_CONFIG, ExportDir
+from carmodel.export import REGISTERED_VERSION, TRAINING_CONFIG, ExportDir
 from training import config as config_lib
-from training import tracking
+from training import registry, tracking
 
 
 def download(reference: str, dest: Path) -> None:
     """Replace `dest` with the registered export (fetched next to it first, so a failure leaves it alone)."""
     with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.is_dir() else None) as tmp:
-        fetched, _ = registry.download_registered(reference, Path(tmp))
+        fetched, version = registry.download_registered(reference, Path(tmp))
+        # build-mar versions the archive as the registry does (version 3 -> 3.0)
+        (fetched / REGISTERED_VERSION).write_text(f"{version}\n")
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(fetched, dest)
 

@@ -8,8 +8,8 @@ from it) remembers its MLflow run in `mlflow_run.json`, so evaluate, export and 
 the run that trained the model instead of scattering one model over several runs.
 
 Registered models are the export folder itself (weights, index_to_name.json, model.yaml,
-metrics, int8 model), so `build-mar --registered NAME@ALIAS` builds the same archive
-from the registry that `--export` builds from a folder.
+metrics, int8 model), so `training.register --download` then `build-mar --export` builds the same
+archive from the registry as from the folder.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# The registry's read side (references, versions, downloads) is carmodel's: the archive builder uses it too.
 from carmodel.export import METRICS, ExportDir
-from carmodel.registry import RegistryError as TrackingError
-from carmodel.registry import client_mlflow, tracking_uri
+from training.registry import RegistryError as TrackingError
+from training.registry import client_mlflow, tracking_uri
 
 RUN_FILE = "mlflow_run.json"
 EXPORT_ARTIFACT = "export"  # where a registered export lives inside its run's artifacts

@@ -5,9 +5,9 @@ Writes to ``--output_dir``: ``best.pth`` (state_dict with the lowest val loss; w
 ``checkpoint.pt`` (to ``--resume`` an interrupted run), ``metrics.csv``/``metrics.json``
 (one row per epoch), ``curves.png``, ``config.yaml``, ``classes.json``, ``split.json``.
 
-    python -m training.train --config configs/efficientnet_lite0.yaml
-    python -m training.train --config configs/resnet50.yaml --epochs 20 --device cuda
-    python -m training.train --config configs/efficientnet_lite0.yaml --fit_on train  # find the epochs on val
+    python -m training.train --config training/configs/efficientnet_lite0.yaml
+    python -m training.train --config training/configs/resnet50.yaml --epochs 20 --device cuda
+    python -m training.train --config training/configs/efficientnet_lite0.yaml --fit_on train  # find the epochs on val
 """
 
 from __future__ import annotations

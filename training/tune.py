@@ -5,8 +5,8 @@ Default search space = the original project's: lr log-uniform 1e-4..1e-2, batch 
 is the one with the lowest val loss. Its directory is a complete training run, ready for
 `training.evaluate` and `training.export`.
 
-    python -m training.tune --config configs/resnet50.yaml                  # local
-    python -m training.tune --config configs/resnet50.yaml --ray_address ray://head:10001
+    python -m training.tune --config training/configs/resnet50.yaml                  # local
+    python -m training.tune --config training/configs/resnet50.yaml --ray_address ray://head:10001
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The model registry's read side (MLflow): which export a reference names, and fetching it.
 
-Registered models are export folders (carmodel/export.py). training.tracking writes them; the
-archive builder (`build-mar --registered NAME@ALIAS`) and the gate read them with these.
+Registered models are export folders (carmodel/export.py). training.tracking writes them; the gate
+and `training.register --download` (which `make release-archive` archives) read them with these.
 The store is the project's own `mlruns/` (carmodel.paths) unless MLFLOW_TRACKING_URI names another.
 """
 
