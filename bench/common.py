@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from PIL import Image
 
 from carmodel import paths
@@ -77,3 +80,31 @@ def pick_image(root: Path = SHARED_TRAIN, target: tuple[int, int] = TARGET_IMAGE
 def describe_image(path: Path) -> dict:
     with Image.open(path) as img:
         return {"path": str(path), "width": img.width, "height": img.height, "bytes": path.stat().st_size}
+
+
+class PeakMemory:
+    """The peak RSS of a process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self, pids: list[int]):
+        self.pids, self.peak, self._stop = pids, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for pid in self.pids:
+                with contextlib.suppress(psutil.Error):
+                    root = psutil.Process(pid)
+                    for process in [root, *root.children(recursive=True)]:
+                        with contextlib.suppress(psutil.Error):
+                            total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

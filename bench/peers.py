@@ -17,7 +17,6 @@ import base64
 import contextlib
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import psutil
 import requests
 
 from bench import loadgen, photos, report
-from bench.common import BENCH_VAR, ROOT, BenchError, Row, pick_image, timestamp
+from bench.common import BENCH_VAR, ROOT, BenchError, PeakMemory, Row, pick_image, timestamp
 from bench.exports import resolve_export
 from bench.harness import RUN_DIRS, fresh_server, parse_duration, warm_up
 from bench.peer_apps import PEERS, ROUTE
@@ -82,34 +81,6 @@ def body_for(peer: str, photo: Path) -> Body:
 
 
 # ------------------------------------------------------------------------------ memory
-
-
-class PeakMemory:
-    """The peak RSS of a process and all its descendants, sampled every 0.2 s."""
-
-    def __init__(self, pids: list[int]):
-        self.pids, self.peak, self._stop = pids, 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for pid in self.pids:
-                with contextlib.suppress(psutil.Error):
-                    root = psutil.Process(pid)
-                    for process in [root, *root.children(recursive=True)]:
-                        with contextlib.suppress(psutil.Error):
-                            total += process.memory_info().rss
-            self.peak = max(self.peak, total)
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # ------------------------------------------------------------------------------ a peer's server
