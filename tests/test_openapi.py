@@ -8,14 +8,17 @@ from __future__ import annotations
 import base64
 import re
 
+import hypothesis
 import pytest
 import requests
+import schemathesis
 import yaml
 from helpers import DEFAULT, ROOT, TIMEOUT, encode, png_declaring
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from PIL import Image
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 SPEC_PATH = ROOT / "api" / "openapi.yaml"
 RESNET = "resnet50_cars"  # no box head: its box is null
@@ -130,3 +133,36 @@ def test_torchserves_own_descriptions_fail_validation(server):
     per_model = requests.options(f"{inference}/predictions/{DEFAULT}", timeout=TIMEOUT).json()
     assert f"/prediction/{DEFAULT}" in per_model["paths"]
     assert requests.post(f"{inference}/prediction/{DEFAULT}", timeout=TIMEOUT).status_code == 404
+
+
+# ---------------------------------------------------------------------------- schemathesis
+
+SCHEMA = schemathesis.openapi.from_path(SPEC_PATH)
+# A body that the document allows (any bytes) need not be an image: the server's 415 for random bytes is the
+# documented answer, not a rejected valid request.
+EXCLUDED_CHECKS = [positive_data_acceptance]
+
+
+@SCHEMA.parametrize()
+@hypothesis.settings(
+    max_examples=12, deadline=None, suppress_health_check=list(hypothesis.HealthCheck), database=None, derandomize=True
+)
+def test_schemathesis_finds_the_server_true_to_its_document(case, server):
+    """Schemathesis's generated requests (bodies, headers, fields) at the served models: every answer's status,
+    content type, headers and body are the document's. Model names and versions are the served ones, or every
+    request would be a 404."""
+    if "model_name" in (case.path_parameters or {}):
+        case.path_parameters["model_name"] = DEFAULT
+    if "model_version" in (case.path_parameters or {}):
+        case.path_parameters["model_version"] = "1.0"
+    case.call_and_validate(base_url=server.url("inference"), timeout=TIMEOUT, excluded_checks=EXCLUDED_CHECKS)
+
+
+def test_what_the_java_front_end_does_that_the_handler_cannot_change(server, photo):
+    """TorchServe 0.12's front end answers before the handler: pinned, so that we notice if it changes
+    (docs/serving.md, "OpenAPI")."""
+    url = f"{server.url('inference')}/predictions/{DEFAULT}"
+    empty_name = requests.post(url, files={"": ("car.jpg", photo, "image/jpeg")}, timeout=TIMEOUT)
+    assert empty_name.status_code == 500 and "empty name" in empty_name.text
+    trace = requests.request("TRACE", f"{server.url('inference')}/ping", timeout=TIMEOUT)
+    assert trace.status_code == 200
