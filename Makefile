@@ -36,22 +36,27 @@ help:
 # the CPU build instead (the Docker image's choice, scripts/container.sh).
 TORCH_INDEX_URL ?=
 SERVE_STAMP := $(VENV)/.installed-serve
+# The project itself: its packages and commands (serve, build-mar, ...). Again after each later step,
+# because ray installs a `serve` command of its own (Ray Serve's CLI) over ours.
+INSTALL_PROJECT := $(PIP) install --quiet --no-deps --force-reinstall -e .
 TRAIN_STAMP := $(VENV)/.installed-train
 STAMP := $(VENV)/.installed
 $(SERVE_STAMP): requirements/torch.txt requirements/serve.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --isolated $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) -r requirements/torch.txt
 	$(PIP) install --quiet -r requirements/serve.txt
-	$(PIP) install --quiet --no-deps -e .  # the project itself: its packages and commands (serve, build-mar, ...)
+	$(INSTALL_PROJECT)
 	$(PY) -c "import torch, torchvision; torchvision.ops.nms" # fails fast on a mismatched pair
 	touch $@
 
 $(TRAIN_STAMP): $(SERVE_STAMP) requirements/train.txt
 	$(PIP) install --quiet -r requirements/train.txt
+	$(INSTALL_PROJECT)
 	touch $@
 
 $(STAMP): $(TRAIN_STAMP) requirements/dev.txt requirements/bench.txt
 	$(PIP) install --quiet -r requirements/dev.txt
+	$(INSTALL_PROJECT)
 	touch $@
 
 # TorchServe's KServe wrapper (tests/test_kserve.py runs it) needs kserve 0.13.0, whose pins clash with ours.
