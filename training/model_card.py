@@ -114,7 +114,7 @@ def render(export: ExportDir) -> str:
             "",
             f"No car: {_percent(no_car['answered_no_car'])} of {no_car['pictures']} pictures without a car "
             "(the sample pictures of scikit-image, scikit-learn and matplotlib, never trained on) are answered "
-            '"no car"; those called cars: ' + ", ".join(no_car.get("answered_car", [])[:12]) + ".",
+            '"no car"; those called cars: ' + ", ".join(list(no_car.get("answered_car", {}))[:12]) + ".",
         ]
     if calibration:
         out += [
