@@ -40,7 +40,7 @@ from helpers import (
 from carmodel.images import ImageLimits
 from serving.torchserve import BASE_PROPERTIES, ServeError, Server, free_ports, read_properties
 
-LOAD_REQUESTS = int(os.environ.get("LOAD_REQUESTS", 10_000))
+LOAD_REQUESTS = int(os.environ.get("LOAD_REQUESTS", 4_000))  # LOAD_REQUESTS=100000 for a soak
 LOAD_CONCURRENCY = 32
 CLIENT_TIMEOUT = 60  # seconds a client waits before it calls a request hung
 RECOVERY_LIMIT = 30  # seconds from kill -9 to full service

@@ -47,9 +47,12 @@ def poisoned_export(tmp_path) -> tuple[Path, Path]:
 # The modules the handler imports, and nothing else of the repository: no training code, no
 # archive/lifecycle tooling, no registry client (the archive builder finds these from the imports).
 HANDLER_MODULES = {
-    *(f"carmodel/{name}.py" for name in ("__init__", "config", "export", "images", "models", "predictor", "presets")),
-    "carmodel/runners.py",
-    *(f"serving/{name}.py" for name in ("__init__", "batch", "metrics", "oip", "requests", "settings")),
+    *(
+        f"carmodel/{name}.py"
+        for name in ("__init__", "calibration", "config", "errors", "export", "images", "models", "predictor")
+    ),
+    *(f"carmodel/{name}.py" for name in ("presets", "runners", "typed", "vehicles")),
+    *(f"serving/{name}.py" for name in ("__init__", "batch", "grpc", "metrics", "oip", "requests", "settings")),
 }
 
 
@@ -62,6 +65,7 @@ def test_mar_holds_exactly_what_the_build_put_there(model_store):
         "model-config.yaml",
         "index_to_name.json",
         "model.yaml",  # ModelConfig only: no training config, data paths or tune addresses
+        "calibration.json",  # the temperature and thresholds fitted on val
         *HANDLER_MODULES,
         *(p.name for p in DEFAULT_EXPORT.glob(f"{DEFAULT}_int8.*")),  # the calibrated int8 model, if exported
     }
