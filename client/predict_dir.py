@@ -288,9 +288,10 @@ class Run:
 
 
 def resume_state(lines: Path, run: Run) -> dict[str, dict]:
-    """The answered files of an earlier run into `lines` (its errors are sent again)."""
+    """The answered files of an earlier run into `lines` (its errors are sent again); none if there is no
+    such file yet, so that the same command can be run until it completes."""
     if not lines.is_file():
-        raise UsageError(f"nothing to resume: {lines} does not exist")
+        return {}
     earlier = summary_path(lines)
     if earlier.is_file():
         recorded = json.loads(earlier.read_text())
@@ -383,7 +384,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--topk", type=positive_int, help="classes per image (default: the model's setting)")
     parser.add_argument("--retries", type=int, default=8, help="tries again after a 503, a reset or a timeout")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the results")
-    parser.add_argument("--resume", type=Path, help="the .jsonl of an interrupted run to carry on")
+    parser.add_argument(
+        "--resume", type=Path, help="the .jsonl of an interrupted run to carry on (started there if missing)"
+    )
     parser.add_argument("--csv", action="store_true", help="also write a CSV of the results")
     parser.add_argument("--json", action="store_true", help="also write the results as one JSON file")
     parser.add_argument("--parquet", action="store_true", help="also write the results as Parquet")

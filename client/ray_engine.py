@@ -62,9 +62,12 @@ def connect(address: str | None) -> Iterator[None]:
 class ChainActor:
     """One worker's Predictor; a batch of image paths -> their answers as predict-dir's result lines."""
 
-    def __init__(self, shipment: ExportShipment, topk: int | None):
+    def __init__(self, shipment_ref: object, topk: int | None):
+        import ray
+
         from carmodel.predictor import Predictor
 
+        shipment: ExportShipment = ray.get(shipment_ref)  # Ray Data hands constructor arguments over unresolved
         self.settings = HandlerSettings()
         self.predictor = Predictor.for_export(shipment.unpack(), threads=1)  # one core per actor
         self.topk = topk or self.settings.topk

@@ -18,7 +18,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from PIL import Image
-from schemathesis.specs.openapi.checks import positive_data_acceptance
+from schemathesis.specs.openapi.checks import positive_data_acceptance, unsupported_method
 
 SPEC_PATH = ROOT / "api" / "openapi.yaml"
 RESNET = "resnet50_cars"  # no box head: its box is null
@@ -102,7 +102,7 @@ def requests_to_send(url: str, photo: bytes, no_car: bytes) -> list[tuple[str, s
 
 def test_the_server_answers_as_documented(server, spec, photo, no_car_pictures):
     url = f"{server.url('inference')}/predictions/{DEFAULT}"
-    no_car = no_car_pictures["skimage:coffee"].read_bytes()
+    no_car = no_car_pictures["skimage:horse"].read_bytes()
     for method, target, kwargs, status in requests_to_send(url, photo, no_car):
         response = requests.request(method, target, timeout=TIMEOUT, **kwargs)
         assert response.status_code == status, (method, target, response.text[:300])
@@ -139,8 +139,14 @@ def test_torchserves_own_descriptions_fail_validation(server):
 
 SCHEMA = schemathesis.openapi.from_path(SPEC_PATH)
 # A body that the document allows (any bytes) need not be an image: the server's 415 for random bytes is the
-# documented answer, not a rejected valid request.
-EXCLUDED_CHECKS = [positive_data_acceptance]
+# documented answer, not a rejected valid request. An undeclared method (TRACE) is answered by TorchServe's
+# front end as if it were the declared one, before the handler sees it: pinned by the next test.
+EXCLUDED_CHECKS = [positive_data_acceptance, unsupported_method]
+
+
+def fields_of(body) -> set[str]:
+    """The multipart field names schemathesis will send ("" for a body that is not an object of fields)."""
+    return set(body) if isinstance(body, dict) and body else {""}
 
 
 @SCHEMA.parametrize()
@@ -155,6 +161,8 @@ def test_schemathesis_finds_the_server_true_to_its_document(case, server):
         case.path_parameters["model_name"] = DEFAULT
     if "model_version" in (case.path_parameters or {}):
         case.path_parameters["model_version"] = "1.0"
+    # a multipart field without a name (schemathesis's negative cases make them) gets the front end's pinned 500
+    hypothesis.assume(not (case.media_type == "multipart/form-data" and "" in fields_of(case.body)))
     case.call_and_validate(base_url=server.url("inference"), timeout=TIMEOUT, excluded_checks=EXCLUDED_CHECKS)
 
 

@@ -48,6 +48,7 @@ def test_the_shipped_export_follows_the_contract():
     assert {p.name for p in export.serving_files()} == {
         "model.yaml",
         "index_to_name.json",
+        "calibration.json",
         f"{MODEL}.pth",
         f"{MODEL}_int8.xml",
         f"{MODEL}_int8.bin",
@@ -110,7 +111,7 @@ def test_predictor_finds_the_car_then_classifies_it_cut_from_the_full_image(refe
     config, model = export.model_config, export.load_model()
     assert config.localizes
     with torch.no_grad():
-        _, found = model(torch.stack([locate_preset(config)(p) for p in whole_photos]))
+        _, found, _ = model(torch.stack([locate_preset(config)(p) for p in whole_photos]))
         cars = []
         for image, box in zip(whole_photos, found, strict=True):
             x1, y1, x2, y2 = (box.clamp(0, 1) * torch.tensor([image.width, image.height] * 2)).tolist()

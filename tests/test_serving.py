@@ -257,9 +257,10 @@ def _sixteen_bit(img: Image.Image) -> Image.Image:
 
 
 def _exif_rotated(img: Image.Image) -> bytes:
+    """As a phone saves a photo held upright: the pixels turned a quarter, EXIF orientation 6 to turn them back."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    return encode(img, "JPEG", quality=90, exif=exif.tobytes())
+    return encode(img.rotate(90, expand=True), "JPEG", quality=90, exif=exif.tobytes())
 
 
 MODES = {

@@ -141,7 +141,9 @@ def view_report(calibration: Calibration, outputs: Outputs) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished training run (or an export) fitted on train alone")
-    parser.add_argument("--max_no_car", type=float, default=MAX_NO_CAR, help="share of val cars the car threshold may flag")
+    parser.add_argument(
+        "--max_no_car", type=float, default=MAX_NO_CAR, help="share of val cars the car threshold may flag"
+    )
     parser.add_argument(
         "--sure_accuracy", type=float, default=0.975, help="accuracy of the answers marked sure, on val"
     )
