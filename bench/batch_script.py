@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                 hey = loadgen.run_hey(served.predict_url, image, args.concurrency, args.duration, None)
                 print(f"server ({served.name}, hey -c {args.concurrency}, one car JPEG): {hey.img_s:.1f} img/s")
                 command = predict_dir("server", args, served.client.inference_url, served.name, export.path)
-                summary, wall, peak = run_batch_script(command, [served.frontend_pid])
+                summary, wall, peak = run_batch_script(command, [served.frontend_pid()])
                 report("server", len(photos), mean_kb, summary, wall, peak, interrupt_half_way(command, len(photos)))
                 failed += summary["counts"]["error"]
         if "ray" in args.engines:

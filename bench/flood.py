@@ -55,7 +55,7 @@ def one_run(export, args, budget: int | None) -> dict:
                 served.predict_url, flood, args.flood_concurrency, args.duration, None, "image/png"
             )
 
-        with PeakMemory([served.frontend_pid]) as memory:
+        with PeakMemory([served.frontend_pid()]) as memory:
             thread = threading.Thread(target=flood_it)
             thread.start()
             results["normal"] = loadgen.run_hey(served.predict_url, photo, 1, args.duration, None)

@@ -15,7 +15,6 @@ Each answers POST /predictions/<model>. Started by bench.peers, one at a time:
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import sys
 from pathlib import Path
@@ -41,28 +40,12 @@ def rows(pipeline, bodies: list[bytes]) -> list[list[dict]]:
 # ----------------------------------------------------------------------------- FastAPI + uvicorn
 
 
-def fastapi_app():
-    """uvicorn's factory (it imports this in each worker): the settings come in the environment."""
-    from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
-
-    chain = pipeline(os.environ["PEER_EXPORT"], int(os.environ["PEER_THREADS"]))
-    app = FastAPI()
-
-    @app.post(ROUTE)
-    async def predict(model: str, request: Request) -> list[dict]:
-        body = await request.body()
-        return (await run_in_threadpool(rows, chain, [body]))[0]
-
-    return app
-
-
 def serve_fastapi(args) -> None:
     import uvicorn
 
     os.environ.update(PEER_EXPORT=args.export, PEER_THREADS=str(args.threads))
     uvicorn.run(
-        "bench.peer_apps:fastapi_app",
+        "bench.fastapi_service:app",  # its own module: FastAPI reads the endpoint's annotations from its globals
         factory=True,
         host=args.host,
         port=args.port,
@@ -75,21 +58,12 @@ def serve_fastapi(args) -> None:
 
 
 def serve_litserve(args) -> None:
+    """LitServe pickles the LitAPI into its worker processes: it lives in its own module (bench/lit_service.py)."""
     import litserve as ls
 
-    class CarsAPI(ls.LitAPI):
-        def setup(self, device):
-            self.chain = pipeline(args.export, args.threads)
+    from bench.lit_service import CarsAPI
 
-        def decode_request(self, request):
-            return base64.b64decode(request["image"])
-
-        def predict(self, bodies):
-            return rows(self.chain, list(bodies)) if isinstance(bodies, list) else rows(self.chain, [bodies])[0]
-
-        def encode_response(self, output):
-            return output
-
+    os.environ.update(PEER_EXPORT=args.export, PEER_THREADS=str(args.threads))
     api = CarsAPI(
         max_batch_size=args.batch_size,
         batch_timeout=args.batch_delay_ms / 1000,

@@ -442,7 +442,9 @@ def raise_interrupted(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM as Ctrl-C; and Ctrl-C even when started from a script's background job, which ignores SIGINT
     signal.signal(signal.SIGTERM, raise_interrupted)
+    signal.signal(signal.SIGINT, raise_interrupted)
     try:
         images = find_images(args.directory)
         summary = (run_ray if args.engine == "ray" else run_server)(args, images, not args.quiet)
