@@ -10,7 +10,6 @@ car in the photo where photos/boxes.csv says it is.
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 
@@ -194,14 +193,13 @@ def test_pictures_without_a_car_are_answered_no_car(server):
     called_cars, pictures = [], 0
     for name, picture in test_pictures():
         pictures += 1
-        body = io.BytesIO()
-        picture.save(body, "JPEG", quality=92)
-        plain = requests.put(url, data=body.getvalue(), timeout=60)
+        body = encode(picture, "JPEG", quality=92)
+        plain = requests.put(url, data=body, timeout=60)
         assert plain.status_code == 200, (name, plain.text[:300])
         if plain.json():
             called_cars.append(name)
             continue
-        answer = details(server, body.getvalue())
+        answer = details(server, body)
         assert answer["car"]["found"] is False and 0 <= answer["car"]["score"] < 1, (name, answer)
         assert answer["car"]["box"] is None and answer["make"] is None and answer["predictions"] == []
     assert pictures >= 40 and len(called_cars) <= 0.12 * pictures, called_cars
