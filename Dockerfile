@@ -4,10 +4,11 @@
 # scripts/container.sh, which tests/test_container.py runs outside Docker (install, archive, start, predict).
 #
 # Layout: the build stage makes /opt/venv (the pinned requirements, then the project itself as a package:
-# `pip install --no-deps .` of carmodel/, serving/ and client/, not editable, with their package data:
-# serving's torchserve.properties and metrics.yaml, client's demo page) and the default model's .mar in
-# /app/model_store. The runtime stage holds only that venv, that model store and scripts/container.sh in
-# /app: no source tree, no export, no training code.
+# `pip install --no-deps .` of carmodel/, handler/, serving/ and client/, not editable, with their package
+# data: handler's metrics.yaml, client's demo page) and the default model's .mar in /app/model_store. The
+# runtime stage holds only that venv, that model store, config.properties (TorchServe's base configuration,
+# which serve reads from the project's home, /app) and scripts/container.sh in /app: no source tree, no
+# export, no training code.
 #
 #   docker build -t car-classifier .
 #   docker run -d --name cars -p 127.0.0.1:8080:8080 -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082 car-classifier
@@ -48,6 +49,7 @@ RUN python -m venv /opt/venv \
 # finds only the packages present). Then pip goes: the image installs nothing at run time.
 COPY pyproject.toml ./
 COPY carmodel/ carmodel/
+COPY handler/ handler/
 COPY serving/ serving/
 COPY client/ client/
 RUN python -m pip install --no-cache-dir --no-deps --disable-pip-version-check . \
@@ -80,6 +82,7 @@ WORKDIR /app
 # and the entry point.
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app/model_store/ model_store/
+COPY config.properties ./
 COPY scripts/container.sh scripts/
 USER 10001:10001
 # Inference, management, metrics. They listen on 0.0.0.0 inside the container only (its own network

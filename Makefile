@@ -8,17 +8,18 @@ PIP := $(VENV)/bin/pip
 MODEL := efficientnet_lite0_cars
 EXPORT := models/$(MODEL)
 ARCHIVE := model_store/$(MODEL)_v1.0.mar
-# The archive packs these two packages whole (serving/archive.py).
-SERVING_SOURCES := $(wildcard carmodel/*.py serving/*.py)
+# The archive packs the handler's modules of these two packages (serving/archive.py).
+SERVING_SOURCES := $(wildcard carmodel/*.py handler/*.py)
 
-.PHONY: help env serve-env train-env java system serve demo stop status test lint format archive train evaluate export eda tune clean bench \
+.PHONY: help env serve-env train-env java system serve demo stop status test check lint format archive train evaluate export eda tune clean bench \
 	gate register promote fetch release-archive kserve image
 
 help:
 	@echo "make serve   - create the environment if needed, build the archive, start TorchServe, wait until READY"
 	@echo "make stop    - stop TorchServe"
 	@echo "make demo    - a page in the browser on 127.0.0.1:8090: drop car photos, see the answers"
-	@echo "make test    - lint + the whole test suite (what CI runs)"
+	@echo "make test    - lint + the test suite, about 10 minutes (CI runs it with PYTEST_ARGS=--slow: all of it)"
+	@echo "make check   - lint + the tests that start no server, about 2 minutes: the everyday loop"
 	@echo "make train   - train the default model on ../shared/stanford_cars (two stages: crops, then whole photos"
 	@echo "               and the box head; then the car head and the calibration), evaluate, export, int8 into $(EXPORT)"
 	@echo "make gate | register | promote | release-archive | kserve | image - the release pipeline (README)"
@@ -124,8 +125,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# pytest's own flags: --slow adds the training stages, Ray and the soak-sized load (what CI runs).
+PYTEST_ARGS ?=
 test: env lint
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The everyday loop: lint and the tests that start no TorchServe (docs/development.md).
+check: lint
+	$(PY) -m pytest -m "not server" $(PYTEST_ARGS)
 
 # --- training (see README) ---------------------------------------------------------------
 # Stage 1 learns the classes on the crops; stage 2 starts from its weights (runs/efficientnet_lite0/best.pth)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from bench.common import ROOT, BenchError
 from carmodel.export import ExportDir
+from handler.settings import HandlerSettings, WorkerSettings
 from serving import archive
-from serving.settings import HandlerSettings, WorkerSettings
 
 VERSION = "1.0"
 STOCK_HANDLER = "image_classifier"

@@ -34,6 +34,7 @@ from bench import loadgen
 from bench.common import BENCH_VAR, ROOT, SHARED_TRAIN, BenchError, PeakMemory, pick_image
 from bench.exports import resolve_export
 from bench.harness import add_ours_arguments, fresh_server, parse_duration, warm_up
+from carmodel.errors import exit_with
 from carmodel.images import IMAGE_SUFFIXES
 from carmodel.paths import DEFAULT_MODEL
 
@@ -148,8 +149,7 @@ def main(argv=None) -> int:
             report("ray", len(photos), mean_kb, summary, wall, peak, interrupt_half_way(command, len(photos)))
             failed += summary["counts"]["error"]
     except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     return 0 if failed == 0 else 1
 
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import bentoml
 
-from bench.peer_apps import ROUTE, pipeline, rows
+from bench.inprocess import Pipeline
+from bench.peer_apps import ROUTE
 from carmodel.paths import DEFAULT_MODEL
 
 
 @bentoml.service(workers=int(os.environ.get("PEER_WORKERS", "1")), traffic={"timeout": 60})
 class Cars:
     def __init__(self):
-        self.chain = pipeline(os.environ["PEER_EXPORT"], int(os.environ.get("PEER_THREADS", "0")))
+        self.chain = Pipeline.for_peer(os.environ["PEER_EXPORT"], int(os.environ.get("PEER_THREADS", "0")))
 
     @bentoml.api(
         batchable=True,
@@ -25,4 +26,4 @@ class Cars:
         route=ROUTE.format(model=os.environ.get("PEER_MODEL", DEFAULT_MODEL)),
     )
     def predict(self, photo: list[Path]) -> list[list[dict]]:
-        return rows(self.chain, [path.read_bytes() for path in photo])
+        return self.chain.rows([path.read_bytes() for path in photo])

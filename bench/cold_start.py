@@ -22,10 +22,11 @@ from pathlib import Path
 
 from bench.archives import build_ours
 from bench.common import BENCH_VAR, MODELS_DIR, ROOT, BenchError, pick_image, timestamp
+from carmodel.errors import exit_with
 from carmodel.export import ExportDir
 from carmodel.paths import DEFAULT_MODEL
+from handler.settings import HandlerSettings, WorkerSettings
 from serving.client import TorchServeClient, TorchServeError
-from serving.settings import HandlerSettings, WorkerSettings
 from serving.torchserve import ADDRESS_KEYS, Server, free_ports
 
 POLL_INTERVAL_S = 0.1
@@ -107,8 +108,7 @@ def main(argv=None) -> int:
         body = (args.image or pick_image()).read_bytes()
         runs = [cold_start(store, name, archive, body, COLD_VAR / f"run{i}") for i in range(args.repeat)]
     except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     for i, run in enumerate(runs):
         first, returned = run["first_200_s"], run["serve_returned_s"]
         print(f"start {i + 1}: first 200 after {first:.1f} s (serve start returned after {returned:.1f} s)")

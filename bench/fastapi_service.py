@@ -9,16 +9,17 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
-from bench.peer_apps import ROUTE, pipeline, rows
+from bench.inprocess import Pipeline
+from bench.peer_apps import ROUTE
 
 
 def app() -> FastAPI:
-    chain = pipeline(os.environ["PEER_EXPORT"], int(os.environ["PEER_THREADS"]))
+    chain = Pipeline.for_peer(os.environ["PEER_EXPORT"], int(os.environ["PEER_THREADS"]))
     service = FastAPI()
 
     @service.post(ROUTE)
     async def predict(model: str, request: Request) -> list[dict]:
         body = await request.body()
-        return (await run_in_threadpool(rows, chain, [body]))[0]
+        return (await run_in_threadpool(chain.rows, [body]))[0]
 
     return service

@@ -25,6 +25,7 @@ from bench import loadgen
 from bench.common import BENCH_VAR, BenchError, PeakMemory, pick_image
 from bench.exports import resolve_export
 from bench.harness import add_ours_arguments, fresh_server, parse_duration, warm_up
+from carmodel.errors import exit_with
 from carmodel.paths import DEFAULT_MODEL
 
 FLOOD_SIZE = (8100, 6000)  # 48.6 megapixels: legal (the limit is 50)
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
         if args.budget_off:
             print(describe("budget off", one_run(export, args, budget=NO_BUDGET)))
     except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     return 0
 
 

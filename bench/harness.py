@@ -14,7 +14,7 @@ from bench.common import BENCH_VAR, BenchError
 from bench.servers import ServedModel, serving
 from carmodel import typed
 from carmodel.export import ExportDir
-from serving.settings import HandlerSettings, WorkerSettings
+from handler.settings import HandlerSettings, WorkerSettings
 
 STORES = BENCH_VAR / "store"  # archives, rebuilt on every run
 RUN_DIRS = BENCH_VAR / "ts"  # TorchServe state and logs (short paths: worker sockets live there)
@@ -40,7 +40,7 @@ def parse_duration(text: str) -> float:
 
 
 def add_ours_arguments(parser: argparse.ArgumentParser) -> None:
-    """Our server's settings: build-mar's own flags (serving.settings), with its defaults. The handler's
+    """Our server's settings: build-mar's own flags (handler.settings), with its defaults. The handler's
     backend/precision/threads/limits also set the in-process ceiling (bench/run.py)."""
     typed.add_arguments(parser, WorkerSettings)
     typed.add_arguments(parser, HandlerSettings)

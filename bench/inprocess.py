@@ -1,64 +1,62 @@
 """The ceiling: what the handler's work costs in this process, with no HTTP and no TorchServe.
 
-Per batch, exactly the handler's steps through the same code: each request row read and decoded
-(serving.requests.read_request, with the handler's image limits), then carmodel's chain for the
-batch (carmodel.predictor.Predictor, built as the worker builds it: same backend, precision and
-threads): preset, [find and cut out the car], forward pass, top-k. A batch's images are decoded
-and cut out in a thread pool of the handler's size, as the handler does: a phone photo's decoding
-is most of its cost, and one thread would leave a core idle.
+Per batch, the handler's own chain (handler.chain.ServedChain, built from the same HandlerSettings:
+image limits, decoding budget, backend, precision, threads, thresholds): each body opened, the batch's
+images decoded and cut out side by side in the chain's thread pool, the forward passes, the answers.
+Only reading TorchServe's request rows is left out: the bodies are the photo's bytes.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from bench.common import Row
-from bench.loadgen import CONTENT_TYPE
 from carmodel.export import ExportDir
-from carmodel.predictor import Answer, Predictor
-from serving.requests import read_request
-from serving.settings import HandlerSettings
+from carmodel.images import InputError
+from carmodel.predictor import Answer
+from handler.chain import ServedChain
+from handler.settings import HandlerSettings
 
-REQUEST_CONTENT_TYPES = {"body": CONTENT_TYPE}  # what TorchServe records for hey's raw body
 MIN_BATCHES = 3  # per batch size, however slow
 WARMUP_BATCHES = 1
 
 
 class Pipeline:
+    """The served chain over raw bodies, failing loudly: a benchmark's photo must be answered."""
+
     def __init__(self, export: ExportDir, settings: HandlerSettings | None = None):
-        self.settings = settings or HandlerSettings()
-        s = self.settings
-        self.predictor = Predictor.for_export(export, s.backend, s.precision, s.threads)
-        self.limits = s.image_limits
-        self.max_topk = s.largest_topk(len(self.predictor.classes))
-        self.pool = ThreadPoolExecutor(s.threads or os.cpu_count() or 1, thread_name_prefix="decode")
+        self.chain = ServedChain.for_export(export, settings)
 
     @property
     def engine(self) -> str:
-        return self.predictor.engine
+        return self.chain.predictor.engine
 
     @property
     def input_size(self) -> int:
-        return self.predictor.config.eval_size
-
-    def _prepare(self, body: bytes):
-        request = read_request(
-            {"body": body}, self.limits, self.max_topk, REQUEST_CONTENT_TYPES, self.predictor.decode_side
-        )
-        return self.predictor.prepare(request.image), request.options.topk or self.settings.topk
+        return self.chain.predictor.config.eval_size
 
     def answers(self, bodies: list[bytes]) -> list[Answer]:
-        prepared, topks = zip(*self.pool.map(self._prepare, bodies), strict=True)
-        return self.predictor.answer(self.predictor.run(prepared, map=self.pool.map), list(topks))
+        answers = self.chain.answer_bytes(bodies)
+        refused = [a for a in answers if isinstance(a, InputError)]
+        if refused:
+            raise refused[0]
+        return answers
+
+    def rows(self, bodies: list[bytes]) -> list[list[dict]]:
+        """The plain answer (top-k rows) of each body: what the peer servers (bench/peer_apps.py) answer."""
+        return [answer.rows() for answer in self.answers(bodies)]
 
     def __call__(self, body: bytes, batch_size: int) -> list[Answer]:
         return self.answers([body] * batch_size)
+
+    @classmethod
+    def for_peer(cls, export: str, threads: int) -> Pipeline:
+        """A peer server's chain: the export at `export`, the handler's default settings on `threads` threads."""
+        return cls(ExportDir(Path(export)), HandlerSettings(threads=threads))
 
 
 def time_batches(pipeline: Pipeline, body: bytes, batch_size: int, seconds: float) -> list[float]:

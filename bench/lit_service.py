@@ -8,18 +8,18 @@ import os
 
 import litserve as ls
 
-from bench.peer_apps import pipeline, rows
+from bench.inprocess import Pipeline
 
 
 class CarsAPI(ls.LitAPI):
     def setup(self, device):
-        self.chain = pipeline(os.environ["PEER_EXPORT"], int(os.environ["PEER_THREADS"]))
+        self.chain = Pipeline.for_peer(os.environ["PEER_EXPORT"], int(os.environ["PEER_THREADS"]))
 
     def decode_request(self, request):
         return base64.b64decode(request["image"])
 
     def predict(self, bodies):
-        return rows(self.chain, list(bodies)) if isinstance(bodies, list) else rows(self.chain, [bodies])[0]
+        return self.chain.rows(list(bodies)) if isinstance(bodies, list) else self.chain.rows([bodies])[0]
 
     def encode_response(self, output):
         return output

@@ -1,5 +1,5 @@
 """The servers a user would pick instead of TorchServe, each serving the same export through the same
-chain (bench.inprocess.Pipeline: the handler's decode, carmodel's Predictor, the plain top-k answer),
+chain (bench.inprocess.Pipeline: the handler's own served chain, the plain top-k answer),
 in the way its own documentation shows:
 
     fastapi   FastAPI + uvicorn, one request at a time per worker (the original project's shape)
@@ -17,24 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from carmodel.paths import DEFAULT_MODEL
 
 PEERS = ("fastapi", "litserve", "rayserve", "bentoml")
 ROUTE = "/predictions/{model}"
-
-
-def pipeline(export: str, threads: int):
-    from bench.inprocess import Pipeline
-    from carmodel.export import ExportDir
-    from serving.settings import HandlerSettings
-
-    return Pipeline(ExportDir(Path(export)), HandlerSettings(threads=threads))
-
-
-def rows(pipeline, bodies: list[bytes]) -> list[list[dict]]:
-    return [answer.rows() for answer in pipeline.answers(bodies)]
 
 
 # ----------------------------------------------------------------------------- FastAPI + uvicorn
@@ -84,11 +71,13 @@ def serve_rayserve(args) -> None:
     @serve.deployment(num_replicas=args.workers, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
     class Cars:
         def __init__(self):
-            self.chain = pipeline(args.export, args.threads)
+            from bench.inprocess import Pipeline
+
+            self.chain = Pipeline.for_peer(args.export, args.threads)
 
         @serve.batch(max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_delay_ms / 1000)
         async def answer(self, bodies: list[bytes]) -> list[list[dict]]:
-            return rows(self.chain, bodies)
+            return self.chain.rows(bodies)
 
         async def __call__(self, request: Request) -> list[dict]:
             return await self.answer(await request.body())

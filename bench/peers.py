@@ -30,6 +30,7 @@ from bench.common import BENCH_VAR, ROOT, BenchError, PeakMemory, Row, pick_imag
 from bench.exports import resolve_export
 from bench.harness import RUN_DIRS, fresh_server, parse_duration, warm_up
 from bench.peer_apps import PEERS, ROUTE
+from carmodel.errors import exit_with
 from carmodel.paths import DEFAULT_MODEL
 from serving.torchserve import free_port
 
@@ -234,8 +235,7 @@ def main(argv=None) -> int:
                 print(f"  {peer} failed: {err}", file=sys.stderr)
                 failures[peer] = str(err)
     except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     table = report.peers_markdown(rows)
     meta = {"when": timestamp(), "photos": [photos.label(p) for p in images], "failures": failures}
     results, table_md = report.save(out, meta, rows, table, 0)

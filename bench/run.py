@@ -38,6 +38,7 @@ from bench.harness import (
     settings_overrides,
     warm_up,
 )
+from carmodel.errors import exit_with
 from carmodel.export import ExportDir
 from carmodel.paths import DEFAULT_MODEL
 
@@ -223,8 +224,7 @@ def main(argv=None) -> int:
         for model in args.models:
             rows += bench_model(model, images, args, failures)
     except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     meta["failures"] = failures
     table = report.markdown(rows, args.quiet_pct)
     results, table_md = report.save(out, meta, rows, table, args.quiet_pct)

@@ -2,7 +2,7 @@
 
 Both run through serving.torchserve.Server (the lifecycle `serve` uses):
 
-* ours:  the default profile, this project's serving/torchserve.properties, rendered as `make serve` does.
+* ours:  the default profile, this project's config.properties, rendered as `make serve` does.
 * stock: `Server(properties=stock_properties(ports))`: a TorchServe configuration with nothing beyond the
   addresses (all on 127.0.0.1, free ports), the model store and token auth off (as in our default
   profile): workers, batching, queue sizes and timeouts are TorchServe's defaults.

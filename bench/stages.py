@@ -33,8 +33,9 @@ from bench.common import BENCH_VAR, BenchError, pick_image, timestamp
 from bench.exports import resolve_export
 from bench.harness import add_ours_arguments, fresh_server, parse_duration, warm_up
 from bench.servers import ServedModel
+from carmodel.errors import exit_with
+from handler.metrics import STAGE_BATCHES, STAGE_IMAGES, STAGE_SECONDS  # the handler's, per stage
 from serving.client import TorchServeError
-from serving.metrics import STAGE_BATCHES, STAGE_IMAGES, STAGE_SECONDS  # the handler's, per stage
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 QUEUE_COUNTER = "ts_queue_latency_microseconds"
@@ -199,8 +200,7 @@ def main(argv=None) -> int:
                 profiles.append(profile)
                 print(report(name, settings, profile) + "\n", flush=True)
     except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     out = BENCH_VAR / "stages" / f"{timestamp()}-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": name, "settings": settings, "levels": [asdict(p) for p in profiles]}, indent=1))

@@ -49,7 +49,7 @@ class InputError(StatusError, ValueError):
 @dataclass(frozen=True)
 class ImageLimits:
     # A 12-megapixel phone photo is 2-6 MB as JPEG or HEIC and 15-25 MB as PNG: 30 MiB lets the PNG
-    # through. TorchServe's max_request_size is 48 MiB (serving/torchserve.properties), above this plus base64's
+    # through. TorchServe's max_request_size is 48 MiB (config.properties), above this plus base64's
     # third, so an oversized image reaches the handler and gets a JSON 413 that names the limit.
     max_bytes: int = 30 * 1024 * 1024
     max_pixels: int = 50_000_000  # a 48-megapixel phone photo (8064 x 6048) passes, bombs do not

@@ -1,10 +1,11 @@
 """The default model's name, and where the project's folders are.
 
-The folders (models/, model_store/, var/, mlruns/) belong to a working copy, not to the packages: they
-are found from a home directory, the current working directory unless $CAR_CLASSIFIER_HOME names
-another, never from ``__file__``. A plain `pip install .` (the Docker image) puts the packages in
-site-packages, far from any checkout; from the checkout's root (where `make` and the docs run every
-command) the two are the same. Each is a function, so a changed cwd or variable counts at use time.
+The folders (models/, model_store/, var/, mlruns/) and config.properties belong to a working copy,
+not to the packages: they are found from a home directory, the current working directory unless
+$CAR_CLASSIFIER_HOME names another, never from ``__file__``. A plain `pip install .` (the Docker
+image) puts the packages in site-packages, far from any checkout; from the checkout's root (where
+`make` and the docs run every command) the two are the same. Each is a function, so a changed cwd
+or variable counts at use time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ DEFAULT_ARCHIVE = f"{DEFAULT_MODEL}_v1.0.mar"
 def home() -> Path:
     """$CAR_CLASSIFIER_HOME, or the current working directory."""
     return Path(os.environ.get(HOME_ENV) or Path.cwd()).resolve()
+
+
+def config_properties() -> Path:
+    """TorchServe's configuration: the base of every serving profile (serving/torchserve.py)."""
+    return home() / "config.properties"
 
 
 def models_dir() -> Path:

@@ -3,7 +3,7 @@ overridden by one `--<field>` flag per setting.
 
 Every configuration of the project goes through here: the model's (carmodel.config.ModelConfig, the
 export's model.yaml), training's (training.config.Config: YAML with sections) and the server's
-(serving.settings: build-mar's flags, the archive's model-config.yaml).
+(handler.settings: build-mar's flags, the archive's model-config.yaml).
 
     cfg = from_dict(Config, yaml.safe_load(text))              # unknown keys and bad values say where
     add_arguments(parser, Config)                              # --lr, --epochs, ... (default: as configured)

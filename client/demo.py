@@ -33,12 +33,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from carmodel.errors import StatusError
+from carmodel.errors import EXIT_UNREACHABLE, StatusError, exit_with
 from carmodel.images import ImageLimits
 from carmodel.paths import DEFAULT_MODEL
 from client import add_server_arguments, server_client
 from client.photos import ClientError, fit_for_display, load_display_image
-from serving.client import EXIT_UNREACHABLE, EXIT_USAGE, TorchServeClient, TorchServeError, error_message
+from serving.client import TorchServeClient, TorchServeError, error_message
 
 PAGE = Path(__file__).with_name("demo_page")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
@@ -100,7 +100,7 @@ class DemoHandler(BaseHTTPRequestHandler):
         elif url.path.startswith("/static/"):
             self._static(url.path.removeprefix("/static/"))
         else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {url.path}"})
+            self._error(DemoError(HTTPStatus.NOT_FOUND, f"no such page: {url.path}"))
 
     def do_POST(self):
         url = urlparse(self.path)
@@ -120,7 +120,7 @@ class DemoHandler(BaseHTTPRequestHandler):
         elif url.path == "/api/explain":
             self._answer(lambda: self.client.explain(model, body, version=version))
         else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {url.path}"})
+            self._error(DemoError(HTTPStatus.NOT_FOUND, f"no such endpoint: {url.path}"))
 
     def _body(self) -> bytes:
         size = int(self.headers.get("Content-Length") or 0)
@@ -157,13 +157,14 @@ class DemoHandler(BaseHTTPRequestHandler):
     def _static(self, name: str) -> None:
         path = (PAGE / name).resolve()
         if path.parent != PAGE.resolve() or not path.is_file() or path.suffix not in STATIC_TYPES:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {name}"})
+            self._error(DemoError(HTTPStatus.NOT_FOUND, f"no such file: {name}"))
             return
         self._send(HTTPStatus.OK, path.read_bytes(), STATIC_TYPES[path.suffix])
 
     def _error(self, err: DemoError) -> None:
-        """What the page shows: the status and the server's (or TorchServe's) own message."""
-        self._json(err.status, {"error": err.message, "status": err.status})
+        """What the page shows: the status and the server's (or TorchServe's) own message, in the
+        project's one error body (StatusError.to_json)."""
+        self._json(err.status, err.to_json())
 
     def _json(self, status: int, body: dict) -> None:
         self._send(status, json.dumps(body).encode(), "application/json")
@@ -197,8 +198,7 @@ def main(argv=None) -> int:
     try:
         server = make_server(client, args.port, args.model)
     except OSError as err:
-        print(f"error: cannot listen on 127.0.0.1:{args.port}: {err.strerror}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_with(f"cannot listen on 127.0.0.1:{args.port}: {err.strerror}")
     print(f"car classifier demo on http://127.0.0.1:{server.server_port} (TorchServe at {client.inference_url})")
     try:
         server.serve_forever()

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from carmodel.errors import EXIT_SERVER
 from client import add_server_arguments, server_client
 from client.photos import ClientError, exit_status, fit_for_display, load_display_image, read_image_bytes, save_answer
-from serving.client import EXIT_SERVER
 
 BOX_COLOUR = (255, 208, 0)  # amber: visible on road grey, sky and most paint
 LABEL_TEXT = (0, 0, 0)

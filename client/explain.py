@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from carmodel.errors import EXIT_SERVER
 from client import add_server_arguments, server_client
 from client.photos import (
     MAX_DISPLAY_SIDE,
@@ -36,7 +37,7 @@ from client.photos import (
     read_image_bytes,
     save_answer,
 )
-from serving.client import EXIT_SERVER, TorchServeClient
+from serving.client import TorchServeClient
 
 # Perceptually uniform and dark at zero, so unimportant regions stay close to the photo's colours.
 COLORMAP = "inferno"

@@ -4,26 +4,25 @@ handler saw it, and fail with an exit status that says whose problem it is."""
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
+from carmodel.errors import EXIT_USAGE, StatusError, exit_with
 from carmodel.images import ImageLimits, InputError, decode_image
-from serving.client import EXIT_USAGE, TorchServeError
+from serving.client import TorchServeError
 
 # Drawings are for people: capping the photo keeps 24-megapixel uploads from costing seconds and
 # hundreds of MB for no visible gain.
 MAX_DISPLAY_SIDE = 1024
 
 
-class ClientError(Exception):
+class ClientError(StatusError):
     """A failure of a client's own (a local file, an answer it cannot use), with its exit status."""
 
     def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+        super().__init__(None, message, exit_code)
 
 
 def read_image_bytes(path: Path) -> bytes:
@@ -66,9 +65,7 @@ def exit_status(work: Callable[[], object]) -> int:
     try:
         work()
     except (ClientError, TorchServeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return exit_with(err)
     except OSError as err:  # writing the PNG/JSON: a missing permission is the user's to fix
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_with(err)
     return 0

@@ -49,9 +49,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from carmodel.errors import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, exit_with
 from carmodel.images import IMAGE_SUFFIXES
 from client import add_server_arguments, positive_int, server_client
-from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, TorchServeClient, TorchServeError
+from client.result_line import from_details
+from serving.client import TorchServeClient, TorchServeError
 
 EXIT_INTERRUPTED = 130
 FIELDS = ["car_found", "car_score", "class_id", "class_name", "probability", "make", "model", "year", "body_type"]
@@ -94,24 +96,6 @@ def find_images(directory: Path | str) -> list[Path]:
     if not images:
         raise NoImagesError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {directory}")
     return images
-
-
-# ----------------------------------------------------------------------------- one answer -> one line
-
-
-def from_details(answer: dict) -> dict:
-    """The handler's detailed answer (carmodel.predictor.Answer.details) as one result line's fields."""
-    if not answer["car"]["found"]:
-        return {"car_found": False, "car_score": answer["car"]["score"], "top_k": []}
-    best = answer["predictions"][0]
-    return {
-        "car_found": True,
-        "car_score": answer["car"]["score"],
-        **{key: best[key] for key in ("class_id", "class_name", "probability", "make", "model", "year", "body_type")},
-        "make_probability": answer["make"]["probability"] if answer["make"] else None,
-        "uncertain": answer["uncertain"],
-        "top_k": answer["predictions"],
-    }
 
 
 # ----------------------------------------------------------------------------- the results file
@@ -452,8 +436,7 @@ def main(argv=None) -> int:
         print("interrupted: the results so far are written; --resume carries on", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (PredictDirError, TorchServeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return exit_with(err)
     lines = Path(summary["lines"])
     for path in [lines, summary_path(lines), *write_derived(lines, args.csv, args.json, args.parquet)]:
         print(f"saved {path}", file=sys.stderr)

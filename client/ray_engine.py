@@ -4,9 +4,9 @@ cut it out, classify, answer) in Ray Data actors, on this machine or across a Ra
 The export's serving files go into Ray's object store once (`ExportShipment`); each actor writes them
 to a temporary folder on its own node and loads the Predictor from there (int8 where the export ships
 it), so no worker downloads or re-reads the export. Each actor reads its images from their paths: on a
-cluster, the directory must be on storage that every node mounts at the same path. Images are decoded
-with the server's limits and settings (serving.settings.HandlerSettings), so a photo gets the answer
-the server would give it.
+cluster, the directory must be on storage that every node mounts at the same path. Each actor answers
+through the handler's own chain (handler.chain.ServedChain, with the server's default limits and
+thresholds), so a photo gets the answer the server would give it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carmodel.export import ExportDir
-from carmodel.images import InputError, decode_image
-from client.predict_dir import from_details
-from serving.settings import HandlerSettings
+from carmodel.images import InputError
+from client.result_line import from_details, from_error
+from handler.inputs import Options
 
 
 @dataclass(frozen=True)
@@ -60,31 +60,33 @@ def connect(address: str | None) -> Iterator[None]:
 
 
 class ChainActor:
-    """One worker's Predictor; a batch of image paths -> their answers as predict-dir's result lines."""
+    """One worker's served chain; a batch of image paths -> their answers as predict-dir's result lines."""
 
     def __init__(self, shipment_ref: object, topk: int | None):
         import ray
 
-        from carmodel.predictor import Predictor
+        from handler.chain import ServedChain
+        from handler.settings import HandlerSettings
 
         shipment: ExportShipment = ray.get(shipment_ref)  # Ray Data hands constructor arguments over unresolved
-        self.settings = HandlerSettings()
-        self.predictor = Predictor.for_export(shipment.unpack(), threads=1)  # one core per actor
-        self.topk = topk or self.settings.topk
+        # One core per actor, and no decoding budget: nothing waits behind an offline job's large images.
+        settings = HandlerSettings(threads=1, batch_decode_pixels=0)
+        self.chain = ServedChain.for_export(shipment.unpack(), settings)
+        self.options = Options(topk=topk)
 
-    def _decode(self, path: str):
+    def _open(self, path: str):
         try:
-            return decode_image(Path(path).read_bytes(), self.settings.image_limits, self.predictor.decode_side)
+            return self.chain.open(Path(path).read_bytes(), self.options)
         except InputError as err:
-            return {"error": err.message, "status": err.status}
+            return err
         except OSError as err:
-            return {"error": f"cannot read file: {type(err).__name__}: {err}", "status": None}
+            return InputError(None, f"cannot read file: {type(err).__name__}: {err}")
 
     def __call__(self, batch: dict) -> dict:
-        decoded = [self._decode(path) for path in batch["path"]]
-        images = [d for d in decoded if not isinstance(d, dict)]
-        answers = iter(self.predictor.predict(images, self.topk) if images else [])
-        results = [d if isinstance(d, dict) else from_details(next(answers).details()) for d in decoded]
+        results = [
+            from_error(a.message, a.status) if isinstance(a, InputError) else from_details(a.details())
+            for a in self.chain([self._open(path) for path in batch["path"]])
+        ]
         return {"file": list(batch["file"]), "result": [json.dumps(r) for r in results]}
 
 

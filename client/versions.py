@@ -10,7 +10,7 @@ roll back, unregister, scale.
     versions scale resnet50_cars --workers 2
 
 Archives are registered by file name from the server's model store: TorchServe's allowed_urls
-(serving/torchserve.properties) refuses remote URLs, and this tool never sends one.
+(config.properties) refuses remote URLs, and this tool never sends one.
 
 Every command but `predict` uses the management API and its key (--management_token or
 $TS_MANAGEMENT_TOKEN); `predict` uses the inference API and its key (--token or $TS_INFERENCE_TOKEN).
@@ -27,8 +27,9 @@ import json
 import sys
 from pathlib import Path
 
+from carmodel.errors import EXIT_USAGE, exit_with
 from client import MANAGEMENT_TOKEN_ENV, add_server_arguments, server_client
-from serving.client import EXIT_USAGE, TorchServeClient, TorchServeError, version_key
+from serving.client import TorchServeClient, TorchServeError, version_key
 
 
 def register(client: TorchServeClient, model: str, archive: str, workers: int = 1, set_default: bool = False) -> dict:
@@ -130,8 +131,7 @@ def main(argv=None) -> int:
         try:
             run(client, args)
         except TorchServeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return err.exit_code
+            return exit_with(err)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Build a TorchServe .mar from an export directory (carmodel/export.py's contract).
 
-The archive holds exactly: the handler, the export's serving files (weights, index_to_name.json,
-model.yaml, the int8 model when it is served), a model-config.yaml (serving/settings.py) and the
-modules of carmodel/ and serving/ that the handler imports, found from its imports - nothing else.
+The archive holds exactly: the handler (handler/car_handler.py), the export's serving files (weights,
+index_to_name.json, model.yaml, calibration.json, the int8 model when it is served), a model-config.yaml
+(handler/settings.py) and the modules of handler/ and carmodel/ that the handler imports, found from
+its imports - nothing else.
 
 The model name is derived from the export's architecture (`<arch>_cars`); asking for another
 architecture's name is refused.
@@ -27,15 +28,18 @@ from pathlib import Path
 import yaml
 
 import carmodel
-import serving
+import handler
 from carmodel import paths, typed
+from carmodel.errors import exit_with
 from carmodel.export import REGISTERED_VERSION, ExportDir, ExportError
-from serving.settings import HandlerSettings, WorkerSettings
+from handler.settings import HandlerSettings, WorkerSettings
 
 # The packages the handler may import from this project, where they are installed (a checkout, or
 # site-packages after a plain `pip install .`): the archive packs their source files from there.
-FIRST_PARTY = {"carmodel": Path(carmodel.__file__).parent, "serving": Path(serving.__file__).parent}
-HANDLER = Path(serving.__file__).parent / "handler.py"
+FIRST_PARTY = {"carmodel": Path(carmodel.__file__).parent, "handler": Path(handler.__file__).parent}
+# Not handler.py: TorchServe imports the handler file by its name from the archive's root, where a
+# module named `handler` would clash with the handler/ package beside it.
+HANDLER = Path(handler.__file__).parent / "car_handler.py"
 # TorchServe's eager-model path wants a model file; our handler builds the network from
 # model.yaml (carmodel.models), so the architecture registry is that file.
 MODEL_FILE = Path(carmodel.__file__).parent / "models.py"
@@ -51,15 +55,15 @@ def archive_name(model_name: str, version: str) -> str:
     return f"{model_name}_v{version}.mar"
 
 
-def model_config(workers: WorkerSettings, handler: HandlerSettings) -> dict:
+def model_config(workers: WorkerSettings, settings: HandlerSettings) -> dict:
     """model-config.yaml: TorchServe's per-model settings plus our handler's own section."""
-    return {**workers.to_model_config(), "handler": typed.to_dict(handler)}
+    return {**workers.to_model_config(), "handler": typed.to_dict(settings)}
 
 
-def handler_modules(handler: Path = HANDLER) -> list[Path]:
+def handler_modules(entry: Path = HANDLER) -> list[Path]:
     """The handler's own import closure within FIRST_PARTY, package __init__ files included: what the
     archive must carry, found by reading the imports rather than kept as a list."""
-    found, todo = set(), [handler]
+    found, todo = set(), [entry]
     while todo:
         source = todo.pop()
         for node in ast.walk(ast.parse(source.read_text())):
@@ -73,7 +77,7 @@ def handler_modules(handler: Path = HANDLER) -> list[Path]:
                     if path not in found:
                         found.add(path)
                         todo.append(path)
-    return sorted(found - {handler})
+    return sorted(found - {entry})
 
 
 def module_files(name: str) -> list[Path]:
@@ -93,32 +97,32 @@ def archived_name(module: Path) -> Path:
     raise BuildError(f"{module} is not in {', '.join(FIRST_PARTY)}")
 
 
-def stage(export: ExportDir, workers: WorkerSettings, handler: HandlerSettings, tmp: Path) -> tuple[Path, Path]:
+def stage(export: ExportDir, workers: WorkerSettings, settings: HandlerSettings, tmp: Path) -> tuple[Path, Path]:
     """Copy what the archive needs into a staging folder; returns (extra-files dir, model-config)."""
     extra = tmp / "extra"
     for module in handler_modules():
         target = extra / archived_name(module)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(module, target)
-    if handler.precision == "int8" and not export.has_int8:
+    if settings.precision == "int8" and not export.has_int8:
         raise BuildError(
             f"--precision int8 needs {export.int8_xml}: run python -m training.quantize --export {export.path}"
         )
-    for path in export.serving_files(with_int8=handler.precision in ("auto", "int8")):
+    for path in export.serving_files(with_int8=settings.precision in ("auto", "int8")):
         if path != export.weights:  # the weights travel as the archive's serialized file
             shutil.copy2(path, extra / path.name)
     model_config_path = tmp / "model-config.yaml"
-    model_config_path.write_text(yaml.safe_dump(model_config(workers, handler), sort_keys=False))
+    model_config_path.write_text(yaml.safe_dump(model_config(workers, settings), sort_keys=False))
     return extra, model_config_path
 
 
 def build(args) -> Path:
     workers = typed.from_dict(WorkerSettings, typed.flags_given(args, WorkerSettings))
-    handler = typed.from_dict(HandlerSettings, typed.flags_given(args, HandlerSettings))
+    settings = typed.from_dict(HandlerSettings, typed.flags_given(args, HandlerSettings))
     store = Path(args.model_store)
     export = ExportDir(Path(args.export).resolve())
     return build_from(
-        export, store, args.version or export_version(export), workers, handler, args.model_name, args.force
+        export, store, args.version or export_version(export), workers, settings, args.model_name, args.force
     )
 
 
@@ -133,7 +137,7 @@ def build_from(
     store: Path,
     version: str,
     workers: WorkerSettings,
-    handler: HandlerSettings,
+    settings: HandlerSettings,
     model_name: str | None = None,
     force: bool = False,
 ) -> Path:
@@ -149,7 +153,7 @@ def build_from(
         raise BuildError(f"{target} exists (use --force to rebuild)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        extra, model_config_path = stage(export, workers, handler, tmp)
+        extra, model_config_path = stage(export, workers, settings, tmp)
         cmd = [
             str(ARCHIVER),
             *("--model-name", export.model_name, "--version", version),
@@ -186,8 +190,7 @@ def main(argv=None) -> int:
     try:
         target = build(args)
     except (BuildError, typed.SettingsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     print(f"built {target} ({target.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -3,12 +3,10 @@
 Used by the lifecycle code (serving/torchserve.py: readiness), the command-line clients
 (client/), the benchmarks and the tests. Imports no torch: a client starts in well under a second.
 
-Every failure is a `TorchServeError` whose `exit_code` the command-line clients return:
-
-    2  EXIT_USAGE        a usage problem (bad URL, an archive path instead of a store file name)
-    3  EXIT_UNREACHABLE  TorchServe not reachable, or it refused the token
-    4  EXIT_SERVER       TorchServe answered with an error (`status` holds the HTTP status,
-                         `detail` the server's own message), or no answer in time
+Every failure is a `TorchServeError` (a carmodel.errors.StatusError) whose `exit_code` the
+command-line clients return: EXIT_USAGE for a usage problem (bad URL, an archive path instead of a
+store file name), EXIT_UNREACHABLE when TorchServe is not reachable or refused the token, EXIT_SERVER
+when it answered with an error (`status` holds the HTTP status, `detail` the server's own message).
 """
 
 from __future__ import annotations
@@ -21,11 +19,8 @@ from packaging.version import InvalidVersion, Version
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from carmodel.errors import StatusError
+from carmodel.errors import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, StatusError
 
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_SERVER = 4
 DEFAULT_INFERENCE = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
 DEFAULT_METRICS = "http://127.0.0.1:8082"
@@ -43,8 +38,7 @@ class TorchServeError(StatusError):
     def __init__(
         self, message: str, exit_code: int = EXIT_SERVER, status: int | None = None, detail: str | None = None
     ):
-        super().__init__(status, message)
-        self.exit_code = exit_code
+        super().__init__(status, message, exit_code)
         self.detail = detail if detail is not None else message  # the server's own words, when it answered
 
 

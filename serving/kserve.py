@@ -1,9 +1,10 @@
 """Assemble the storage folder KServe's TorchServe runtime mounts at /mnt/models:
 
-    <out>/config/config.properties   deploy/kserve/config/config.properties + this model's snapshot
+    <out>/config/config.properties   config.properties + the KServe overlay (serving.torchserve.KSERVE)
+                                     + this archive's envelope and model snapshot
     <out>/model-store/<model>.mar    copied from model_store/, named after the model alone
 
-Run from the checkout (or with $CAR_CLASSIFIER_HOME set to it): the template is a repository file.
+Run from the checkout (or with $CAR_CLASSIFIER_HOME set to it): the base is the project's config.properties.
 
     python -m serving.kserve                                          # v2, the default .mar
     python -m serving.kserve --protocol v1 --archive model_store/resnet50_cars_v2.0.mar
@@ -26,17 +27,14 @@ from pathlib import Path
 import yaml
 
 from carmodel import paths
+from carmodel.errors import exit_with
+from serving.torchserve import KSERVE, ServeError, overlaid
 
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
 
 
 class AssembleError(RuntimeError):
     pass
-
-
-def template() -> Path:
-    """The KServe runtime's .properties, a repository file (deploy/kserve/config/config.properties)."""
-    return paths.home() / "deploy" / "kserve" / "config" / "config.properties"
 
 
 def read_manifest(archive: Path) -> tuple[dict, dict]:
@@ -76,14 +74,11 @@ def snapshot(manifest: dict, model_config: dict) -> str:
     return json.dumps({"name": "startup.cfg", "modelCount": 1, "models": models}, separators=(",", ":"))
 
 
-def render_config(template: str, protocol: str, model_snapshot: str) -> str:
-    values = {"service_envelope": ENVELOPES[protocol], "model_snapshot": model_snapshot}
-    lines = []
-    for line in template.splitlines():
-        key = line.split("=", 1)[0].strip()
-        lines.append(f"{key}={values.pop(key)}" if key in values and not line.lstrip().startswith("#") else line)
-    lines += [f"{key}={value}" for key, value in values.items()]  # template without the keys
-    return "\n".join(lines) + "\n"
+def render_config(protocol: str, model_snapshot: str) -> str:
+    """The pod's config.properties: the project's base, the KServe overlay, this archive's envelope and snapshot."""
+    props = {**overlaid(KSERVE), "service_envelope": ENVELOPES[protocol], "model_snapshot": model_snapshot}
+    header = "# KServe's TorchServe runtime: config.properties + serving.torchserve.KSERVE (make kserve)\n"
+    return header + "".join(f"{key}={value}\n" for key, value in props.items())
 
 
 def assemble(archive: Path, out: Path, protocol: str = "v2") -> Path:
@@ -93,10 +88,10 @@ def assemble(archive: Path, out: Path, protocol: str = "v2") -> Path:
     if not archive.is_file():
         raise AssembleError(f"archive not found: {archive} (build it: make archive)")
     manifest, model_config = read_manifest(archive)
-    source = template()
-    if not source.is_file():
-        raise AssembleError(f"{source} not found: run from the project's checkout (or set ${paths.HOME_ENV})")
-    config = render_config(source.read_text(), protocol, snapshot(manifest, model_config))
+    try:
+        config = render_config(protocol, snapshot(manifest, model_config))
+    except ServeError as err:
+        raise AssembleError(str(err)) from err
     shutil.rmtree(out / "model-store", ignore_errors=True)
     (out / "config").mkdir(parents=True, exist_ok=True)
     (out / "model-store").mkdir(parents=True)
@@ -118,8 +113,7 @@ def main(argv=None) -> int:
     try:
         stored = assemble(args.archive, out, args.protocol)
     except AssembleError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     print(f"KServe storage for {args.protocol} in {out}: config/config.properties, model-store/{stored.name}")
     return 0
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from carmodel import paths
+from carmodel.errors import exit_with
 from carmodel.paths import DEFAULT_MODEL
 from serving.torchserve import (
     ADDRESS_KEYS,
@@ -140,8 +141,7 @@ def main(argv=None) -> int:
                 return run_foreground(server, start)
             start()
     except ServeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     return 0
 
 

@@ -3,9 +3,10 @@
 The library behind `serve` (serving/serve.py), the tests and the benchmarks. Every HTTP request
 (readiness, load errors) goes through `Server.client()`, a serving.client.TorchServeClient with
 this instance's addresses and keys.
-The configuration is serving/torchserve.properties (package data) with a profile's overlay (PROFILES)
-on top. State lives under ``var/run/`` of the working directory by default (carmodel.paths): rendered
-config, logs, pid file, snapshots. On start, the last snapshot (models, versions, default versions)
+The configuration is the project's config.properties (carmodel.paths.config_properties: the
+checkout's root, or $CAR_CLASSIFIER_HOME) with a profile's overlay (PROFILES) on top. State lives
+under ``var/run/`` of the working directory by default (carmodel.paths): rendered config, logs, pid
+file, snapshots. On start, the last snapshot (models, versions, default versions)
 is restored only if every archive it names is still in the model store; a stale snapshot is moved
 aside and the default model is loaded.
 """
@@ -23,14 +24,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import handler
 from carmodel import paths
 from carmodel.paths import DEFAULT_ARCHIVE, DEFAULT_MODEL
 from serving.client import TorchServeClient
 
-# Every profile's base (package data beside this module; its own paths are relative to its folder).
-BASE_PROPERTIES = Path(__file__).with_name("torchserve.properties")
-# Each profile: the keys it changes in the base (docs/configuration.md, docs/security.md).
-PROFILES: dict[str, dict[str, str]] = {
+# The handler's metrics, declared for TorchServe: package data of the handler that serves.
+HANDLER_METRICS = Path(handler.__file__).with_name("metrics.yaml")
+
+# Each profile: the keys it changes in the base, config.properties (docs/configuration.md,
+# docs/security.md); None drops a key.
+PROFILES: dict[str, dict[str, str | None]] = {
     "default": {},  # `make serve`: the base as it is, every API on loopback, no tokens
     # Inference beyond this host: tokens on every API, no model API; management and metrics stay on loopback.
     "hardened": {
@@ -46,12 +50,49 @@ PROFILES: dict[str, dict[str, str]] = {
         "enable_model_api": "false",
     },
 }
+# KServe's TorchServe runtime (serving/kserve.py adds the envelope and the model snapshot). Its wrapper
+# takes the public traffic on the pod's 8080 (HTTP) and 8081 (gRPC), hard-coded, and forwards to
+# TorchServe's inference API on 8085; management stays on the pod's loopback, metrics leave it for
+# Prometheus. KServe mounts the storage at /mnt/models; the pod network is the perimeter (KServe/Istio
+# authenticate), and the runtime sets TS_SERVICE_ENVELOPE from the environment, which must be allowed.
+KSERVE: dict[str, str | None] = {
+    "inference_address": "http://0.0.0.0:8085",
+    "management_address": "http://127.0.0.1:8084",
+    "metrics_address": "http://0.0.0.0:8082",
+    "enable_metrics_api": "true",
+    "number_of_netty_threads": "4",
+    "model_store": "/mnt/models/model-store",
+    "enable_model_api": "false",
+    "enable_envvars_config": "true",
+    "metrics_config": None,  # TorchServe's own metrics there: the layout carries no handler/ folder
+}
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 MIN_JAVA = 17
 
 
 class ServeError(RuntimeError):
     pass
+
+
+def base_properties() -> Path:
+    """config.properties, where TorchServe itself would read it: the project's root."""
+    path = paths.config_properties()
+    if not path.is_file():
+        raise ServeError(f"{path} not found: run from the project's root (or set ${paths.HOME_ENV} to it)")
+    return path
+
+
+def profile_properties(profile: str) -> dict[str, str]:
+    """The base with `profile`'s overlay (PROFILES) on top."""
+    if profile not in PROFILES:
+        raise ServeError(f"unknown profile {profile!r}: {', '.join(PROFILES)}")
+    return overlaid(PROFILES[profile])
+
+
+def overlaid(overlay: dict[str, str | None]) -> dict[str, str]:
+    """The base config.properties with `overlay`'s keys set (None: removed); relative paths as they are."""
+    props = {**read_properties(base_properties()), **overlay}
+    return {key: value for key, value in props.items() if value is not None}
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -118,15 +159,11 @@ class Server:
     def _render_props(self) -> dict[str, str]:
         if self.properties is not None:
             return {**self.properties, "model_store": str(self.model_store), **self.overrides}
-        if self.profile not in PROFILES:
-            raise ServeError(f"unknown profile {self.profile!r}: {', '.join(PROFILES)}")
-        source = Path(self.config) if self.config else BASE_PROPERTIES
-        props = read_properties(source)
-        if not self.config:
-            props.update(PROFILES[self.profile])
+        source = Path(self.config) if self.config else base_properties()
+        props = read_properties(source) if self.config else profile_properties(self.profile)
         props["model_store"] = str(self.model_store)
-        if "metrics_config" in props:  # relative to the file that names it
-            props["metrics_config"] = str((source.parent / props["metrics_config"]).resolve())
+        if "metrics_config" in props:  # the installed handler's declaration (a checkout's, or site-packages')
+            props["metrics_config"] = str(HANDLER_METRICS)
         for name, key in ADDRESS_KEYS.items():
             scheme_host, port = props[key].rsplit(":", 1)
             if self.host:

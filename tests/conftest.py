@@ -1,6 +1,16 @@
 """The fixtures (shared helpers are in helpers.py): real data from ../shared, real exports made by
 the training pipeline, real .mar archives made by build-mar, real TorchServe processes on free ports,
-real car photos."""
+real car photos.
+
+One TorchServe per profile serves the whole session (`server`: both models, default profile;
+`hardened_server`); a module starts its own only where its tests change what a server serves or how
+it runs (versions, restarts, kills, broken archives, the KServe layout, the container, `serve` itself).
+
+Two marks choose what runs:
+    slow    the training stages, Ray, the soak-sized load: skipped unless `--slow` (CI runs with it)
+    server  starts or talks to a TorchServe (set here from the fixtures a test uses, or by its module);
+            `make check` runs the rest: `pytest -m "not server"`
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,29 @@ from pathlib import Path
 import pytest
 from helpers import DEFAULT_EXPORT, SHARED_CARS, python, smoke_train, start_server
 from PIL import Image
+
+from serving.torchserve import free_port
+
+SERVER_FIXTURES = {"server", "hardened_server", "model_store"}  # a test using one of these needs TorchServe
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (training stages, Ray, soak)")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+        if "slow" in item.keywords and not config.getoption("--slow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def slow(request) -> bool:
+    """Whether this run includes the slow paths (`--slow`)."""
+    return request.config.getoption("--slow")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -64,14 +97,24 @@ def resnet50_export(tmp_path_factory, cars_root) -> Path:
     return smoke_train(tmp_path_factory.mktemp("resnet50"), cars_root, "resnet50", pretrained="none")
 
 
+def build_archive(export: Path, store: Path) -> None:
+    result = python("-m", "serving.archive", "--export", str(export), "--model_store", str(store))
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture(scope="session")
-def model_store(tmp_path_factory, resnet50_export) -> Path:
-    """Archives of the shipped default model (v1.0) and the ResNet-50 smoke export (v1.0)."""
+def default_store(tmp_path_factory) -> Path:
+    """The shipped default model's archive (v1.0) alone: what the in-process handler tests unpack."""
     store = tmp_path_factory.mktemp("model_store")
-    for export in (DEFAULT_EXPORT, resnet50_export):
-        result = python("-m", "serving.archive", "--export", str(export), "--model_store", str(store))
-        assert result.returncode == 0, result.stderr
+    build_archive(DEFAULT_EXPORT, store)
     return store
+
+
+@pytest.fixture(scope="session")
+def model_store(default_store, resnet50_export) -> Path:
+    """Archives of the shipped default model (v1.0) and the ResNet-50 smoke export (v1.0)."""
+    build_archive(resnet50_export, default_store)
+    return default_store
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +124,22 @@ def server(tmp_path_factory, model_store):
         tmp_path_factory.mktemp("ts"),
         model_store,
         {"efficientnet_lite0_cars": "efficientnet_lite0_cars_v1.0.mar", "resnet50_cars": "resnet50_cars_v1.0.mar"},
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def hardened_server(tmp_path_factory, model_store):
+    """One TorchServe with the hardened profile as shipped (tokens on every API, the model API off), except
+    that inference listens on loopback: a test must not expose a server on every interface of its machine."""
+    inference = f"http://127.0.0.1:{free_port()}"
+    srv = start_server(
+        tmp_path_factory.mktemp("hardened"),
+        model_store,
+        {"efficientnet_lite0_cars": "efficientnet_lite0_cars_v1.0.mar"},
+        profile="hardened",
+        overrides={"inference_address": inference},
     )
     yield srv
     srv.stop()

@@ -29,6 +29,8 @@ from helpers import DEFAULT_EXPORT, ROOT
 from serving.archive import handler_modules
 from serving.torchserve import Server, free_ports
 
+pytestmark = pytest.mark.server  # the image's script starts TorchServe
+
 MODEL = "efficientnet_lite0_cars"
 ARCHIVE = f"{MODEL}_v1.0.mar"
 WORKDIR = "/app"
@@ -260,7 +262,15 @@ def test_dockerfile_runs_container_sh_as_non_root_with_healthcheck(stages):
     assert ("build", ["/opt/venv"], "/opt/venv") in copies(runtime)
     runtime_sources = [src.rstrip("/") for _, sources, _ in copies(runtime) for src in sources]
     assert all(not src.startswith("models") for src in runtime_sources), runtime_sources
-    assert not {src.split("/")[0] for src in runtime_sources} & {"carmodel", "serving", "client", "training", "bench"}
+    assert not {src.split("/")[0] for src in runtime_sources} & {
+        "carmodel",
+        "handler",
+        "serving",
+        "client",
+        "training",
+        "bench",
+    }
+    assert "config.properties" in runtime_sources  # serve's base configuration, read from the home (/app)
 
 
 def test_copied_paths_exist_and_are_in_the_build_context(stages):
@@ -282,7 +292,7 @@ def test_copied_paths_exist_and_are_in_the_build_context(stages):
     # ...while the bulky and the private stay out of the context.
     for rel in (".venv/bin/python", ".git/HEAD", "var/run/config.properties", f"model_store/{ARCHIVE}", "tests/x.py"):
         assert ignored(rel, rules), rel
-    assert ignored("serving/__pycache__/batch.cpython-311.pyc", rules)
+    assert ignored("handler/__pycache__/chain.cpython-311.pyc", rules)
     assert ignored("training/train.py", rules)
 
 
@@ -295,7 +305,7 @@ def test_container_profile_is_the_default_one_listening_inside_the_container(tmp
     }
     assert container["allowed_urls"] == "^$" and container["enable_envvars_config"] == "false"
     assert container["enable_model_api"] == "false"  # the image's models are baked in
-    assert Path(container["metrics_config"]).is_file()  # the package's metrics.yaml, wherever it is installed
+    assert Path(container["metrics_config"]).is_file()  # the handler's metrics.yaml, wherever it is installed
     assert [container[k] for k in sorted(addresses)] == [f"http://0.0.0.0:{p}" for p in (8080, 8081, 8082)]
 
 
@@ -347,7 +357,7 @@ def test_archive_builds_the_mar_from_the_build_stage_files(archived):
     with zipfile.ZipFile(store / ARCHIVE) as mar:
         packed = set(mar.namelist())
     expected = {str(module.relative_to(ROOT)) for module in handler_modules()}
-    assert expected | {f"{MODEL}.pth", "index_to_name.json", "model.yaml", "handler.py"} <= packed, packed
+    assert expected | {f"{MODEL}.pth", "index_to_name.json", "model.yaml", "car_handler.py"} <= packed, packed
 
 
 def test_predict_over_a_folder(tmp_path, container_env, runtime_tree, car_images):

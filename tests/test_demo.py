@@ -15,7 +15,7 @@ from pathlib import Path
 import pillow_heif
 import pytest
 import requests
-from helpers import DEFAULT, ROOT, SHARED_CARS, start_server
+from helpers import DEFAULT, ROOT, SHARED_CARS
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
@@ -23,7 +23,6 @@ from serving.torchserve import free_port
 
 # make env installs Debian's chromium; a CI runner may bring Google Chrome instead
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("google-chrome")
-ARCHIVE = f"{DEFAULT}_v1.0.mar"
 SCREENSHOT = ROOT / "var" / "demo.png"
 WAIT_MS = 90_000
 
@@ -124,14 +123,8 @@ def test_torchserve_down_is_said_on_the_page(chromium, whole_photos):
         proc.wait(10)
 
 
-def test_the_hardened_profile_keeps_its_keys_from_the_browser(chromium, tmp_path_factory, model_store, whole_photos):
-    hardened = start_server(
-        tmp_path_factory.mktemp("hardened"),
-        model_store,
-        {DEFAULT: ARCHIVE},
-        profile="hardened",
-        overrides={"inference_address": f"http://127.0.0.1:{free_port()}"},  # loopback, as test_hardened
-    )
+def test_the_hardened_profile_keeps_its_keys_from_the_browser(chromium, hardened_server, whole_photos):
+    hardened = hardened_server
     keys = {kind: hardened.token(kind) for kind in ("inference", "management")}
     env = {"TS_INFERENCE_TOKEN": keys["inference"], "TS_MANAGEMENT_TOKEN": keys["management"]}
     proc, url = start_demo(hardened.url("inference"), hardened.url("management"), env)
@@ -148,7 +141,6 @@ def test_the_hardened_profile_keeps_its_keys_from_the_browser(chromium, tmp_path
     finally:
         proc.terminate()
         proc.wait(10)
-        hardened.stop()
     assert len(seen) > 4 and not any(key.encode() in text for text in seen for key in keys.values())
 
 

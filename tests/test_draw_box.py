@@ -10,8 +10,8 @@ import pillow_heif
 from helpers import command, run
 from PIL import Image
 
+from carmodel.errors import EXIT_UNREACHABLE, EXIT_USAGE
 from client.draw_box import BOX_COLOUR, MIN_DISPLAY_SIDE, draw
-from serving.client import EXIT_UNREACHABLE, EXIT_USAGE
 
 MODEL = "efficientnet_lite0_cars"
 

@@ -18,9 +18,9 @@ import yaml
 from helpers import run
 from PIL import Image
 
+from carmodel.errors import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 from client.explain import place_in_region, render_overlay
 from client.photos import ClientError
-from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 
 MODEL = "efficientnet_lite0_cars"
 EXPLAIN = str(Path(sys.executable).parent / "explain")  # the entry point users run

@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from helpers import run, start_server
+from helpers import run
 
-from serving.client import EXIT_UNREACHABLE
+from carmodel.errors import EXIT_UNREACHABLE
 from serving.torchserve import Server, free_ports
 
 MODEL = "efficientnet_lite0_cars"
@@ -27,19 +27,9 @@ BIN = Path(sys.executable).parent  # the clients' entry points
 
 
 @pytest.fixture(scope="module")
-def hardened(tmp_path_factory, model_store):
-    """The hardened profile as shipped, except that inference listens on loopback: a test must not
-    expose a server on every interface of the machine it runs on."""
-    inference = f"http://127.0.0.1:{free_ports()['inference']}"
-    srv = start_server(
-        tmp_path_factory.mktemp("hardened"),
-        model_store,
-        {MODEL: ARCHIVE},
-        profile="hardened",
-        overrides={"inference_address": inference},
-    )
-    yield srv
-    srv.stop()
+def hardened(hardened_server):
+    """The session's hardened server (conftest), shared with the demo page's test."""
+    return hardened_server
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
+from helpers import ROOT
+
 from carmodel import paths
-from serving.torchserve import Server
+from serving.torchserve import ServeError, Server
 
 
 def test_home_is_the_working_directory_unless_the_variable_names_another(tmp_path, monkeypatch):
@@ -27,6 +32,9 @@ def test_home_is_the_working_directory_unless_the_variable_names_another(tmp_pat
 
 def test_server_defaults_follow_the_home_when_it_is_made(tmp_path, monkeypatch):
     monkeypatch.setenv(paths.HOME_ENV, str(tmp_path))
+    with pytest.raises(ServeError, match="config.properties not found: run from the project's root"):
+        Server()  # a home is a checkout (or the image's /app): TorchServe's configuration is there
+    shutil.copy(ROOT / "config.properties", tmp_path)
     server = Server()
     assert server.run_dir == tmp_path.resolve() / "var" / "run"
     assert server.model_store == tmp_path.resolve() / "model_store"

@@ -16,9 +16,9 @@ import pytest
 from helpers import DEFAULT_EXPORT, ROOT, python, run, start_server
 from PIL import Image
 
+from carmodel.errors import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 from carmodel.vehicles import describe
 from client.predict_dir import EXIT_INTERRUPTED, main, read_lines
-from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 from serving.torchserve import free_ports
 
 MODEL = "efficientnet_lite0_cars"

@@ -1,7 +1,7 @@
 """Bad input, load and faults against real TorchServe processes (issue: reliability and security).
 
 * the bad-input corpus of tests/bad_inputs.py over HTTP, one by one, on the session server;
-* 10,000 requests at concurrency 32, good photos and bad uploads mixed, on a server of its own:
+* 1,000 requests (4,000 with --slow) at concurrency 32, good photos and bad uploads mixed, on a server of its own:
   no 5xx, nothing dropped, no worker restart, bounded worker memory;
 * kill -9 of the worker under load, a model whose workers cannot start, a full queue.
 
@@ -11,6 +11,8 @@ Figures (requests, errors, RSS, recovery time) are printed; run with `-s` to see
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import json
 import os
 import shutil
@@ -38,9 +40,11 @@ from helpers import (
 )
 
 from carmodel.images import ImageLimits
-from serving.torchserve import BASE_PROPERTIES, ServeError, Server, free_ports, read_properties
+from serving.client import TorchServeClient, TorchServeError
+from serving.torchserve import ServeError, Server, base_properties, free_ports, read_properties
 
-LOAD_REQUESTS = int(os.environ.get("LOAD_REQUESTS", 4_000))  # LOAD_REQUESTS=100000 for a soak
+# Requests of the load test: 1,000, or 4,000 with --slow; LOAD_REQUESTS=100000 for a soak.
+LOAD_REQUESTS = {False: 1_000, True: 4_000}
 LOAD_CONCURRENCY = 32
 CLIENT_TIMEOUT = 60  # seconds a client waits before it calls a request hung
 RECOVERY_LIMIT = 30  # seconds from kill -9 to full service
@@ -158,7 +162,7 @@ def test_every_bad_upload_gets_its_json_error_and_the_worker_lives_on(server, ca
 
 
 def front_end_limit() -> int:
-    return int(read_properties(BASE_PROPERTIES)["max_request_size"])  # every profile's (none changes it)
+    return int(read_properties(base_properties())["max_request_size"])  # every profile's (none changes it)
 
 
 def test_the_front_end_lets_every_image_the_handler_accepts_through():
@@ -175,19 +179,66 @@ def test_body_over_the_front_end_limit_is_a_fast_413(server, photo):
 
 
 def test_binary_form_urlencoded_body_is_refused_by_the_front_end(server, photo):
-    """Known TorchServe 0.12 behaviour (netty's form decoder, before the handler): a JSON 500, fast.
-    Pinned here so that we notice when it changes; the worker is not involved and lives on."""
+    """Known TorchServe 0.12 behaviour: netty's form decoder reads a body labelled
+    application/x-www-form-urlencoded (what `curl --data-binary` sends unless told otherwise) before any
+    handler, and a photo's bytes are no form: a JSON 500 whose message is the decoder's, fast. Nothing
+    inside the project sees the request (docs/serving.md shows the forms that work); pinned here so
+    that we notice when it changes. The worker is not involved and lives on."""
     pids = worker_pids(server, DEFAULT)
+    started = time.monotonic()
     r = requests.post(
         predict_url(server),
         data=photo,
         headers={"Content-Type": "application/x-www-form-urlencoded"},
         timeout=CLIENT_TIMEOUT,
     )
-    assert r.status_code in (400, 500), r.text[:300]
-    assert r.json()["code"] == r.status_code
+    assert r.status_code == 500 and r.json()["code"] == 500, r.text[:300]
+    assert time.monotonic() - started < 5
     assert worker_pids(server, DEFAULT) == pids
-    assert post_raw(server, photo).status_code == 200
+    for forms in ({"Content-Type": "image/jpeg"}, {"Content-Type": "application/octet-stream"}):  # --data-binary -H
+        assert requests.post(predict_url(server), data=photo, headers=forms, timeout=CLIENT_TIMEOUT).status_code == 200
+    multipart = requests.post(predict_url(server), files={"data": ("car.jpg", photo)}, timeout=CLIENT_TIMEOUT)  # -F
+    assert multipart.status_code == 200
+
+
+class _Headers(http.server.BaseHTTPRequestHandler):
+    """Answers every request 200 `[]` and keeps each one's method and Content-Type."""
+
+    seen: list[tuple[str, str]] = []
+
+    def _answer(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).seen.append((self.command, self.headers.get("Content-Type", "")))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    do_PUT = do_POST = _answer  # noqa: N815 (http.server's naming)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_projects_clients_never_send_a_form_urlencoded_body(photo):
+    """Every way the project's client sends a photo names its type (or is multipart)."""
+    _Headers.seen = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Headers)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with TorchServeClient(inference_url=f"http://127.0.0.1:{httpd.server_port}") as client:
+            client.predict(DEFAULT, photo)
+            client.top_k(DEFAULT, photo)
+            client.details(DEFAULT, photo)
+            for target in (None, 3):
+                with contextlib.suppress(TorchServeError):  # `[]` is no explanation: only the request matters
+                    client.explain(DEFAULT, photo, target)
+    finally:
+        httpd.shutdown()
+    assert len(_Headers.seen) == 5, _Headers.seen
+    for method, content_type in _Headers.seen:
+        assert content_type == "application/octet-stream" or content_type.startswith("multipart/form-data"), method
 
 
 def test_base64_in_a_url_encoded_form_field_is_classified(server, photo, names):
@@ -214,16 +265,16 @@ def load_mix(photos: list[bytes], cases: list[Case], n: int) -> list[tuple[dict,
     return items
 
 
-def test_load_good_and_bad_mixed_no_5xx_nothing_dropped_no_restart(own_server, photos, cases, names, capsys):
+def test_load_good_and_bad_mixed_no_5xx_nothing_dropped_no_restart(own_server, photos, cases, names, capsys, slow):
     client = Client(predict_url(own_server), LOAD_CONCURRENCY)
-    warmup = load_mix(photos, cases, 400)
+    warmup = load_mix(photos, cases, 200)
     assert all(o.status is not None for o in client.run([kw for kw, _ in warmup]))
     pids = worker_pids(own_server, DEFAULT)
     frontend = int((own_server.run_dir / "tmp" / ".model_server.pid").read_text())
     rss_before = {pid: rss_mb(pid) for pid in pids}
     java_before = rss_mb(frontend)
 
-    items = load_mix(photos, cases, LOAD_REQUESTS)
+    items = load_mix(photos, cases, int(os.environ.get("LOAD_REQUESTS", LOAD_REQUESTS[slow])))
     started = time.monotonic()
     outcomes = client.run([kw for kw, _ in items])
     seconds = time.monotonic() - started

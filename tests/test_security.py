@@ -52,7 +52,7 @@ HANDLER_MODULES = {
         for name in ("__init__", "calibration", "config", "errors", "export", "images", "models", "predictor")
     ),
     *(f"carmodel/{name}.py" for name in ("presets", "runners", "typed", "vehicles")),
-    *(f"serving/{name}.py" for name in ("__init__", "batch", "grpc", "metrics", "oip", "requests", "settings")),
+    *(f"handler/{name}.py" for name in ("__init__", "chain", "grpc_calls", "inputs", "metrics", "oip", "settings")),
 }
 
 
@@ -60,7 +60,7 @@ def test_mar_holds_exactly_what_the_build_put_there(model_store):
     expected = {
         "MAR-INF/MANIFEST.json",
         "models.py",  # --model-file: carmodel/models.py
-        "handler.py",  # --handler: serving/handler.py
+        "car_handler.py",  # --handler: handler/car_handler.py
         f"{DEFAULT}.pth",
         "model-config.yaml",
         "index_to_name.json",
@@ -72,10 +72,10 @@ def test_mar_holds_exactly_what_the_build_put_there(model_store):
     with zipfile.ZipFile(model_store / f"{DEFAULT}_v1.0.mar") as mar:
         names = set(mar.namelist())
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
-        assert mar.read("serving/requests.py") == Path("serving/requests.py").read_bytes()
-        assert mar.read("handler.py") == Path("serving/handler.py").read_bytes()
+        assert mar.read("handler/inputs.py") == Path("handler/inputs.py").read_bytes()
+        assert mar.read("car_handler.py") == Path("handler/car_handler.py").read_bytes()
     assert names == expected, names ^ expected  # no __pycache__, tests, data, keys or stray files
-    assert manifest["model"]["handler"] == "handler.py"
+    assert manifest["model"]["handler"] == "car_handler.py"
     assert manifest["model"]["serializedFile"] == f"{DEFAULT}.pth"
 
 

@@ -15,6 +15,8 @@ from helpers import run
 
 from serving.torchserve import free_ports
 
+pytestmark = pytest.mark.server  # every test starts `serve`'s own TorchServe
+
 SERVE = str(Path(sys.executable).parent / "serve")  # the entry point users (and the Makefile) run
 
 DEFAULT = "efficientnet_lite0_cars"

@@ -1,7 +1,8 @@
 """The handler inside a real TorchServe over real HTTP, with real car photos.
 
-Most tests use the session `server` (both models, v1.0). The batching test starts its own
-TorchServe with an archive that waits long enough to put four concurrent requests in one batch.
+Every test uses the session `server` (both models, v1.0). The handler's own steps (a batch of good
+and bad requests, the archive's settings and thresholds, the decoding budget) are tested in-process
+in tests/test_handler.py; here is what only a real server shows.
 
 The shipped export may be a provisional one, so no test asserts which class a photo gets: only
 that every answer is a valid, consistent top-k list, or a 4xx JSON error that says why.
@@ -16,14 +17,12 @@ import shutil
 import subprocess
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 from helpers import (
     DEFAULT,
-    DEFAULT_EXPORT,
     TIMEOUT,
     check_error,
     check_predictions,
@@ -32,8 +31,6 @@ from helpers import (
     png_declaring,
     post_raw,
     predict_url,
-    python,
-    start_server,
     worker_pids,
 )
 from PIL import Image
@@ -444,114 +441,34 @@ def test_only_model_store_archives_can_be_registered(server, model_store, tmp_pa
             management(server, f"/models/{name}", "DELETE")
 
 
-# ---------------------------------------------------------------------------- one batch, good and bad together
+# ---------------------------------------------------------------------------- what the worker's metrics reach
+# (a batch of good and bad requests, the archive's settings and thresholds: tests/test_handler.py, in-process)
 
 
-BATCH_DELAY_MS = 5000
-BATCH_MAX_TOPK = 50  # a handler setting given to build-mar reaches the handler
-
-
-@pytest.fixture(scope="module")
-def batch_server(tmp_path_factory):
-    """The default archive, but with batch size 4 and a long batch delay: concurrent requests meet in one batch."""
-    store = tmp_path_factory.mktemp("batch_store")
-    result = python(
-        "-m",
-        "serving.archive",
-        "--export",
-        str(DEFAULT_EXPORT),
-        "--model_store",
-        str(store),
-        "--batch_size",
-        "4",
-        "--max_batch_delay",
-        str(BATCH_DELAY_MS),
-        "--max_topk",
-        str(BATCH_MAX_TOPK),
-        "--sure_threshold",  # nothing is sure, and everything is a car: the thresholds are the server's settings
-        "1.0",
-        "--car_threshold",
-        "0",
-    )
-    assert result.returncode == 0, result.stderr
-    srv = start_server(tmp_path_factory.mktemp("ts_batch"), store, {DEFAULT: f"{DEFAULT}_v1.0.mar"})
-    yield srv
-    srv.stop()
-
-
-def test_good_and_bad_requests_in_one_batch(batch_server, photos, corrupt):
-    with zipfile.ZipFile(batch_server.model_store / f"{DEFAULT}_v1.0.mar") as mar:
-        batch_names = json.loads(mar.read("index_to_name.json"))
-    config = management(batch_server, f"/models/{DEFAULT}").json()[0]
-    assert (config["batchSize"], config["maxBatchDelay"]) == (4, BATCH_DELAY_MS)
-
-    requests_ = [
-        (photos[0], None),
-        (corrupt["random"][0], 415),
-        (photos[1], None),
-        (corrupt["truncated_jpeg"][0], 422),
-    ]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        responses = list(pool.map(lambda item: post_raw(batch_server, item[0]), requests_))
-    for (_, status), response in zip(requests_, responses, strict=True):
-        if status is None:
-            check_predictions(response, batch_names)
-        else:
-            assert check_error(response, status)["type"] == "InputError"
-
-    # The handler logs each batch it preprocesses: the four met in one.
-    log = batch_server.run_dir / "logs" / "model_log.log"
-    deadline = time.monotonic() + 15
-    while "batch of 4 request(s), 2 refused" not in (text := log.read_text()) and time.monotonic() < deadline:
+def test_answers_without_a_car_reach_the_metrics_endpoint(server, no_car_pictures):
+    """The handler's counters travel through the worker's log to the front end's Prometheus endpoint."""
+    assert post_raw(server, no_car_pictures["skimage:cat"].read_bytes()).json() == []
+    deadline = time.monotonic() + 30
+    while not (samples := _samples(_families(_metrics_text(server)).get("car_no_car"), DEFAULT)):
+        assert time.monotonic() < deadline, "car_no_car not counted"
         time.sleep(0.5)
-    batches = [line for line in text.splitlines() if "batch of" in line and "refused" in line]
-    assert any("batch of 4 request(s), 2 refused" in line for line in batches), batches
+    assert samples[0].value >= 1
 
 
-def test_handler_settings_from_the_archive_are_the_ones_served(batch_server, photos):
-    description = batch_server.client().handler_description(DEFAULT)
-    assert description["settings"]["max_topk"] == BATCH_MAX_TOPK
-    assert description.get("load_error") is None  # TorchServe drops null fields from the description
-    assert (description["backend"], description["precision"]) == ("openvino", "int8")
-    names = json.loads((DEFAULT_EXPORT / "index_to_name.json").read_text())
-    check_predictions(post_raw(batch_server, photos[0], **{"X-Top-K": str(BATCH_MAX_TOPK)}), names, k=BATCH_MAX_TOPK)
-    error = check_error(post_raw(batch_server, photos[0], **{"X-Top-K": str(BATCH_MAX_TOPK + 1)}), 400)
-    assert f"between 1 and {BATCH_MAX_TOPK}" in error["message"]
-
-
-def test_thresholds_are_handler_settings_and_answers_are_counted(server, batch_server, photos, no_car_pictures):
-    """The archive's sure and car thresholds override the model's own; the metrics count the answers
-    marked uncertain and the photos without a car."""
-    cat = no_car_pictures["skimage:cat"].read_bytes()
-    assert post_raw(server, cat).json() == []  # the model's own threshold: no car
-    answer = post_raw(batch_server, cat, **{"X-Details": "true"}).json()
-    assert answer["car"]["found"] is True and answer["uncertain"] is True  # threshold 0: a car, never sure
-    assert post_raw(batch_server, photos[0], **{"X-Details": "true"}).json()["uncertain"] is True
-    calibration = batch_server.client().handler_description(DEFAULT)["calibration"]
-    assert (calibration["sure_threshold"], calibration["car_threshold"]) == (1.0, 0.0)
-    for srv, family in ((server, "car_no_car"), (batch_server, "car_uncertain")):
-        deadline = time.monotonic() + 30  # handler metrics reach the frontend through the worker's log
-        while not (samples := _samples(_families(_metrics_text(srv)).get(family), DEFAULT)):
-            assert time.monotonic() < deadline, f"{family} not counted"
-            time.sleep(0.5)
-        assert samples[0].value >= 1
-
-
-def test_archive_in_another_folder_named_model_store_is_refused(batch_server, tmp_path):
-    """Run on the module's own server (not the shared one), in case it is ever accepted."""
+def test_archive_in_another_folder_named_model_store_is_refused(server, tmp_path):
     other = tmp_path / "model_store"
     other.mkdir()
-    shutil.copy(batch_server.model_store / f"{DEFAULT}_v1.0.mar", other / "evil_v1.0.mar")
-    before = registered(batch_server)
+    shutil.copy(server.model_store / f"{DEFAULT}_v1.0.mar", other / "evil_v1.0.mar")
+    before = registered(server)
     try:
         response = management(
-            batch_server,
+            server,
             "/models",
             "POST",
             params={"url": f"file://{other}/evil_v1.0.mar", "model_name": "evil", "initial_workers": 0},
         )
         assert 400 <= response.status_code < 500, response.text
-        assert registered(batch_server) == before
-    finally:
-        for name, _ in set(registered(batch_server)) - set(before):
-            management(batch_server, f"/models/{name}", "DELETE")
+        assert registered(server) == before
+    finally:  # never leave a stray model on the shared server
+        for name, _ in set(registered(server)) - set(before):
+            management(server, f"/models/{name}", "DELETE")

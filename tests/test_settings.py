@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from carmodel import typed
+from handler.settings import HandlerSettings, WorkerSettings
 from serving.archive import model_config
-from serving.settings import HandlerSettings, WorkerSettings
 
 
 def settings(parser: argparse.ArgumentParser, *argv: str):

@@ -113,6 +113,7 @@ def test_training_evaluation_and_export_log_to_one_mlflow_run(resnet50_export, m
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(Path(mlflow_store[10:]).parent)
 
 
+@pytest.mark.slow
 def test_tracking_can_be_switched_off(cars_root, tmp_path):
     from helpers import smoke_train
 
@@ -120,6 +121,7 @@ def test_tracking_can_be_switched_off(cars_root, tmp_path):
     assert not (tmp_path / "run" / tracking.RUN_FILE).exists() and not (export / tracking.RUN_FILE).exists()
 
 
+@pytest.mark.slow
 def test_register_gate_against_production_and_build_from_the_registry(tmp_path):
     export = tmp_path / "export"
     shutil.copytree(DEFAULT_EXPORT, export)
@@ -154,11 +156,14 @@ def test_register_gate_against_production_and_build_from_the_registry(tmp_path):
     assert "config.yaml" not in names  # training's config stays out of the archive
 
 
-def test_registry_errors_are_clear(tmp_path):
-    fetch = ("-m", "training.register", "--download", str(tmp_path / "fetched"), "--alias", "production", "--name")
-    built = python(*fetch, "no_such_model")
-    assert built.returncode == 2 and "no registered model 'no_such_model@production'" in built.stderr
-    bad = python(*fetch, "not a name")
-    assert bad.returncode == 2 and "NAME@ALIAS or NAME/VERSION" in bad.stderr
-    missing = python("-m", "training.register", "--name", "efficientnet_lite0_cars", "--version", "99", "--alias", "x")
-    assert missing.returncode == 2 and "has no version 99" in missing.stderr
+def test_registry_errors_are_clear(tmp_path, capsys):
+    """training.register's own main, in this process (MLflow imported once, not per command)."""
+    from training import register
+
+    fetch = ["--download", str(tmp_path / "fetched"), "--alias", "production", "--name"]
+    assert register.main([*fetch, "no_such_model"]) == 2
+    assert "no registered model 'no_such_model@production'" in capsys.readouterr().err
+    assert register.main([*fetch, "not a name"]) == 2
+    assert "NAME@ALIAS or NAME/VERSION" in capsys.readouterr().err
+    assert register.main(["--name", "efficientnet_lite0_cars", "--version", "99", "--alias", "x"]) == 2
+    assert "has no version 99" in capsys.readouterr().err

@@ -31,6 +31,7 @@ def lite0(tmp_path_factory, cars_root) -> Path:
     return smoke_train(tmp_path_factory.mktemp("lite0"), cars_root, "efficientnet_lite0", **SMOKE)
 
 
+@pytest.mark.slow
 def test_run_directory_has_metrics_curves_and_checkpoints(lite0):
     run = lite0.parent / "run"
     for name in ("config.yaml", "classes.json", "split.json", "best.pth", "checkpoint.pt", "curves.png"):
@@ -47,6 +48,7 @@ def test_run_directory_has_metrics_curves_and_checkpoints(lite0):
     assert not set(split["files"]["train"]) & (set(split["files"]["val"]) | set(split["files"]["test"]))
 
 
+@pytest.mark.slow
 def test_export_has_what_the_archive_builder_needs(lite0):
     assert {p.name for p in lite0.iterdir()} >= set(
         ["efficientnet_lite0_cars.pth", "index_to_name.json", "model.yaml", "metrics.json", "config.yaml", "split.json"]
@@ -71,6 +73,7 @@ def test_export_has_what_the_archive_builder_needs(lite0):
     assert ExportDir(lite0).model_config == training_config.model  # model.yaml: the model section, nothing else
 
 
+@pytest.mark.slow
 def test_export_round_trip_gives_identical_logits(lite0, car_images):
     """A fresh model from the exported .pth (weights_only) computes exactly what the trained one does."""
     state = torch.load(lite0 / "efficientnet_lite0_cars.pth", weights_only=True)
@@ -83,6 +86,7 @@ def test_export_round_trip_gives_identical_logits(lite0, car_images):
         assert torch.equal(trained.eval()(batch), served(batch))
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(lite0, cars_root, tmp_path):
     run = lite0.parent / "run"
     out = tmp_path / "resumed"
@@ -129,6 +133,7 @@ def test_resumed_lr_schedule_matches_an_uninterrupted_run_even_with_more_epochs(
         assert lr_trace(resumed, (epochs - 2) * 5) == expected
 
 
+@pytest.mark.slow
 def test_frozen_trunk_trains_the_head_on_cached_features(cars_root, tmp_path):
     export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", unfreeze=0, **SMOKE)
     trained = torch.load(export / "efficientnet_lite0_cars.pth", weights_only=True)
@@ -140,6 +145,7 @@ def test_frozen_trunk_trains_the_head_on_cached_features(cars_root, tmp_path):
     assert not torch.equal(trained[f"{head}.weight"], reference[f"{head}.weight"])
 
 
+@pytest.mark.slow
 def test_a_box_head_trains_on_the_photos_boxes_and_is_evaluated_on_them(cars_root, tmp_path):
     """locate_size > 0: the Localizer trains on crops and photos (photos/boxes.csv), exports with
     its box head, and the held-out whole photos are evaluated through the whole chain."""
@@ -212,6 +218,7 @@ def test_bad_settings_fail_before_training_with_a_clear_message(flags, message, 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_final_fit_trains_on_train_plus_val_and_keeps_the_last_epoch(cars_root, tmp_path):
     """--fit_on train+val: val joins training, no early stopping, test stays held out."""
     export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", fit_on="train+val", epochs=2, unfreeze=0)
@@ -232,6 +239,7 @@ def test_tune_refuses_a_final_fit_config(tmp_path):
     assert result.returncode == 2 and "--fit_on train" in result.stderr
 
 
+@pytest.mark.slow
 def test_quantize_adds_a_calibrated_int8_model_or_nothing(lite0, tmp_path):
     export = tmp_path / "export"
     shutil.copytree(lite0, export)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import python
 
 from training import config as config_lib
 
 
+@pytest.mark.slow
 def test_search_picks_the_trial_with_the_lowest_val_loss(cars_root, tmp_path):
     out = tmp_path / "tune"
     result = python(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -24,14 +25,17 @@ import requests
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import python, run, smoke_train, start_server
+from helpers import python, run, start_server
 
+from carmodel.errors import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
 from carmodel.export import ExportDir
 from carmodel.images import ImageLimits, decode_image
 from carmodel.presets import decode_side, eval_preset
 from client import versions
-from serving.client import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, TorchServeClient, TorchServeError
+from serving.client import TorchServeClient, TorchServeError
 from serving.torchserve import free_ports
+
+pytestmark = pytest.mark.server  # a TorchServe of its own, whose versions change
 
 MODEL = "resnet50_cars"
 V1, V2 = "1.0", "2.0"
@@ -49,9 +53,20 @@ VERSIONS = str(Path(sys.executable).parent / "versions")  # the entry point user
 
 
 @pytest.fixture(scope="module")
-def resnet50_v2_export(tmp_path_factory, cars_root) -> Path:
-    """A second ResNet-50 through the real pipeline: same data and split, another training seed."""
-    return smoke_train(tmp_path_factory.mktemp("resnet50_v2"), cars_root, "resnet50", pretrained="none", seed=1)
+def resnet50_v2_export(tmp_path_factory, resnet50_export) -> Path:
+    """A second version of the session's ResNet-50 export, saved through the export's own contract: its
+    network with the classifier's rows turned round by one class, so that each class scores what its
+    neighbour did (another model, without a second training run)."""
+    export = ExportDir(resnet50_export)
+    model = export.load_model("cpu")
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        classifier.weight.copy_(classifier.weight.roll(1, 0))
+        classifier.bias.copy_(classifier.bias.roll(1, 0))
+    v2 = tmp_path_factory.mktemp("resnet50_v2") / "export"
+    shutil.copytree(resnet50_export, v2)
+    ExportDir(v2).save(model, export.classes(), export.model_config)
+    return v2
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from carmodel.calibration import CALIBRATION, Calibration
+from carmodel.errors import exit_with
 from training import config as config_lib
 from training import data, tracking
 from training.evaluate import (
@@ -155,8 +156,7 @@ def main(argv=None) -> int:
             Path(args.run), args.max_no_car, args.sure_accuracy, args.single_temperature
         )
     except (FileNotFoundError, ValueError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     print(json.dumps({"calibration": dataclasses.asdict(calibration), "val": report}, indent=1))
     return 0
 

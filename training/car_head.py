@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from carmodel import models as model_lib
+from carmodel.errors import exit_with
 from carmodel.presets import locate_preset
 from training import config as config_lib
 from training import data, nocar, tracking
@@ -168,8 +169,7 @@ def main(argv=None) -> int:
     try:
         report = train_car_head(Path(args.run), args.epochs, args.seed)
     except (FileNotFoundError, ValueError, data.DatasetError, tracking.TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     print(json.dumps(report))
     return 0
 

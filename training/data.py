@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from carmodel.errors import exit_with
 from carmodel.images import IMAGE_SUFFIXES, open_image
 from carmodel.presets import cut_out
 from training import config as config_lib
@@ -443,8 +444,7 @@ def main(argv=None) -> int:
         if args.verify:
             decode_all([s for items in splits.values() for s in items], cfg.data.crop_to_bbox, cfg.runtime.progress)
     except (DatasetError, config_lib.ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     manifest = split_manifest(index, splits, cfg.data.data_root)
     print(
         f"layout={index.layout} classes={len(index.classes)} "

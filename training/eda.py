@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from carmodel.errors import exit_with
 from training import config as config_lib
 from training import plots
 from training.data import CarsIndex, DatasetError, Sample, scan
@@ -322,8 +323,7 @@ def main(argv=None) -> int:
         cfg = config_lib.from_args(args)
         report = run_eda(cfg.data.data_root, cfg.data.layout, args.out_dir, cfg.runtime.progress)
     except (DatasetError, config_lib.ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     for split, summary in report["splits"].items():
         print(f"{split}: {summary['num_images']} images, {summary['num_unreadable']} unreadable")
     print(f"layout={report['layout']} classes={report['num_classes']} images={report['num_images']}")

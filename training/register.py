@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from carmodel.errors import exit_with
 from carmodel.export import REGISTERED_VERSION, TRAINING_CONFIG, ExportDir
 from training import config as config_lib
 from training import registry, tracking
@@ -61,8 +62,7 @@ def main(argv=None) -> int:
         else:
             parser.error("give --export, or --name, --version and --alias")
     except (tracking.TrackingError, config_lib.ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     alias = f" (@{args.alias})" if args.alias else ""
     print(f"{name} version {version}{alias} in {tracking.tracking_uri()}")
     return 0

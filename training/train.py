@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from carmodel import models as model_lib
 from carmodel import presets, vehicles
+from carmodel.errors import exit_with
 from training import config as config_lib
 from training import data, plots, tracking
 from training.config import Config, OptimConfig, RuntimeConfig
@@ -648,8 +649,7 @@ def main(argv=None) -> int:
         tracking.TrackingError,
         ValueError,
     ) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     print(json.dumps(summary))
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from carmodel.errors import exit_with
 from training import config as config_lib
 from training import data, tracking
 
@@ -158,8 +159,7 @@ def main(argv=None) -> int:
         space = search_space(args.lr_range, args.batch_sizes, args.unfreeze_choices)
         summary = run_search(cfg, space, Path(cfg.runtime.output_dir))
     except (data.DatasetError, config_lib.ConfigError, tracking.TrackingError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with(err)
     best = summary["best"]
     print(f"best trial: {best['params']} val_loss={best['val_loss']:.4f}\n  run dir: {best['run_dir']}")
     print(

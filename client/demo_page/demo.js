@@ -20,7 +20,7 @@ async function api(path, body) {
   const type = response.headers.get("Content-Type") || "";
   const answer = type.includes("json") ? await response.json() : await response.blob();
   if (!response.ok) {
-    throw new Error(`${response.status}: ${answer.error || response.statusText}`);
+    throw new Error(`${response.status}: ${answer.message || response.statusText}`);
   }
   return {answer, response};
 }

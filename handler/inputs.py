@@ -2,7 +2,7 @@
 the car's box or in detail), or an `InputError` that says why not.
 
 Pure functions with no TorchServe imports, so they are tested and fuzzed in-process
-(tests/test_requests.py). Decoding the bytes is carmodel.images'; the statuses added here:
+(tests/test_inputs.py). Decoding the bytes is carmodel.images'; the statuses added here:
 
     400 malformed request (bad base64, bad JSON, no image field, bad topk, box or details)
     415 a binary body that claims to be text
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from carmodel.images import ImageLimits, InputError, decode_image, open_upload
+from carmodel.images import ImageLimits, InputError, decode_image
 
 # Where TorchServe puts the image: "body" for a raw body (curl -T / --data-binary), "data" for
 # the stock clients' multipart field; "file"/"image" are the names people reach for in forms.
@@ -214,12 +214,12 @@ def with_header_options(headers: dict, row):
     return {**given, **row}
 
 
-def read_row(row, headers: dict, limits: ImageLimits, max_topk: int, default_topk: int) -> ImageRequest:
-    """One TorchServe row and its request's headers -> the opened image (header read, pixels not yet
-    decoded: carmodel.images.decode_upload) and its options (top-k defaulted), or an InputError."""
+def read_row(row, headers: dict, limits: ImageLimits, max_topk: int, default_topk: int) -> ParsedRequest:
+    """One TorchServe row and its request's headers -> the image's bytes and its options (top-k
+    defaulted), or an InputError."""
     parsed = parse_request(with_header_options(headers, row), limits, max_topk, content_types(headers))
     parsed.options.topk = parsed.options.topk or default_topk
-    return ImageRequest(open_upload(parsed.image_bytes, limits), parsed.options)
+    return parsed
 
 
 def explain_target(row) -> int | None:

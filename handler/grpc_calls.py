@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ts.utils.util import PredictionException
 
-from serving.requests import has_request, http_headers, request_headers
+from handler.inputs import has_request, http_headers, request_headers
 
 STREAM_NEXT_HEADER = "ts_stream_next"  # TorchServe's: "true" while a streamed answer has more parts
 # HTTP statuses the gRPC front end would map to FAILED_PRECONDITION: a bad image is an invalid argument

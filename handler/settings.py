@@ -50,7 +50,8 @@ class HandlerSettings:
     # Two 49-megapixel PNGs (~0.2 s of decoding each): what a batch may spend on images with no DCT
     # shortcut before the rest wait their turn, so a flood of them cannot starve everyone else.
     batch_decode_pixels: int = setting(
-        100_000_000, "pixels a batch may decode; images past it are answered 503 + Retry-After (one always passes)"
+        100_000_000,
+        "pixels a batch may decode; images past it are answered 503 + Retry-After (one always passes; 0 = no budget)",
     )
     ig_steps: int = setting(16, "Integrated Gradients steps per explanation")
     car_threshold: float = setting(

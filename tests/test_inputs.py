@@ -31,7 +31,7 @@ from carmodel.images import (
     open_upload,
     uploaded_size,
 )
-from serving.requests import explain_target, parse_request, read_request, read_row
+from handler.inputs import explain_target, parse_request, read_request, read_row
 
 LIMITS = ImageLimits()
 MAX_TOPK = 196  # the number of classes: the handler's default largest top-k

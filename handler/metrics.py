@@ -1,5 +1,5 @@
 """The handler's Prometheus metrics, by the names a scrape shows (declared for TorchServe in
-serving/metrics.yaml; bench/stages.py and the tests read them by these names).
+handler/metrics.yaml; bench/stages.py and the tests read them by these names).
 
 Prometheus's conventions (`promtool check metrics`): snake_case, base units (seconds), counters end
 in `_total`. TorchServe adds the labels `ModelName` and `Level` to every model metric and names its
