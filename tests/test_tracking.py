@@ -94,6 +94,7 @@ def client():
     return MlflowClient()
 
 
+@pytest.mark.slow  # the session's smoke training: part of the training paths
 def test_training_evaluation_and_export_log_to_one_mlflow_run(resnet50_export, mlflow_store):
     """The session's ResNet-50 smoke run (conftest) went through train -> export (which evaluates)."""
     record = json.loads((resnet50_export / tracking.RUN_FILE).read_text())
