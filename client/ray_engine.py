@@ -76,16 +76,14 @@ class ChainActor:
 
     def _open(self, path: str):
         try:
-            return self.chain.open(Path(path).read_bytes(), self.options)
-        except InputError as err:
-            return err
+            return self.chain.refusing(self.chain.open, Path(path).read_bytes(), self.options)
         except OSError as err:
             return InputError(None, f"cannot read file: {type(err).__name__}: {err}")
 
     def __call__(self, batch: dict) -> dict:
         results = [
             from_error(a.message, a.status) if isinstance(a, InputError) else from_details(a.details())
-            for a in self.chain([self._open(path) for path in batch["path"]])
+            for a in self.chain(self.chain.opened(self._open, batch["path"]))
         ]
         return {"file": list(batch["file"]), "result": [json.dumps(r) for r in results]}
 

@@ -101,12 +101,13 @@ class CarClassifier(BaseHandler):
 
     def preprocess(self, data) -> Batch:
         started = time.perf_counter()
-        batch = self.chain.prepare([self._open(idx, row) for idx, row in enumerate(data)])
+        batch = self.chain.prepare(self.chain.opened(self._open, enumerate(data)))
         self._stage_time("preprocess", started, len(data))
         return batch
 
-    def _open(self, idx: int, row):
+    def _open(self, item: tuple[int, object]):
         """A row -> the chain's Upload (its header read: cheap; pixels later, within the budget), or why not."""
+        idx, row = item
         try:
             headers = inputs.request_headers(self.context, idx)
             parsed = inputs.read_row(row, headers, self.settings.image_limits, self.chain.max_topk, self.settings.topk)
