@@ -143,7 +143,7 @@ train: $(TRAIN_STAMP)
 	$(PY) -m training.train --config training/configs/efficientnet_lite0_photos.yaml
 	$(PY) -m training.car_head --run runs/efficientnet_lite0_photos
 	$(PY) -m training.calibrate --run runs/efficientnet_lite0_photos
-	$(PY) -m training.evaluate --run runs/efficientnet_lite0_photos
+	$(PY) -m training.evaluate --run runs/efficientnet_lite0_photos --corruptions
 	$(PY) -m training.export --run runs/efficientnet_lite0_photos --export_dir $(EXPORT)
 	$(PY) -m training.quantize --export $(EXPORT)
 

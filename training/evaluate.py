@@ -11,6 +11,7 @@ level of the metrics JSON; every view's are under `views`.
     python -m training.evaluate --run runs/efficientnet_lite0
     python -m training.evaluate --run runs/efficientnet_lite0 --split val --eval_size 192
     python -m training.evaluate --export models/efficientnet_lite0_cars --out var/eval --views crops photos
+    python -m training.evaluate --export models/efficientnet_lite0_cars --out var/eval --views crops --corruptions
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from carmodel.predictor import Forward, Predictor
 from carmodel.presets import decode_side
 from carmodel.runners import torch_runner
 from training import config as config_lib
-from training import data, plots, tracking
+from training import corruptions, data, plots, tracking
 from training.train import pick_device
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,12 @@ def reference_predictor(model, cfg, classes: list[str], calibration: Calibration
     return Predictor(model, cfg.model, classes, runner, runner if cfg.model.localizes else None, calibration)
 
 
-def image_batches(samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None):
+def image_batches(
+    samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None, corruption: tuple | None = None
+):
     """(PIL images, labels) in batches of `samples`, each photo decoded once (and shrunk so that its
-    longer side is at most `longest_side`)."""
+    longer side is at most `longest_side`; then put through `corruption`, (name, severity):
+    training/corruptions.py)."""
     crop = cfg.data.crop_to_bbox if crop_to_bbox is None else crop_to_bbox
     size, side = cfg.optim.batch_size, decode_side(cfg.model)  # decoded as the server decodes
     for start in tqdm(range(0, len(samples), size), desc="evaluating", disable=not cfg.runtime.progress, leave=False):
@@ -98,6 +102,8 @@ def image_batches(samples, cfg, crop_to_bbox: bool | None = None, longest_side: 
         if longest_side:
             for image in images:
                 image.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
+        if corruption:
+            images = [corruptions.corrupt(image, *corruption) for image in images]
         yield images, torch.tensor([s.label for s in chunk])
 
 
@@ -113,11 +119,16 @@ class Outputs:
 
 
 def predict(
-    predictor: Predictor, samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None
+    predictor: Predictor,
+    samples,
+    cfg,
+    crop_to_bbox: bool | None = None,
+    longest_side: int | None = None,
+    corruption: tuple | None = None,
 ) -> Outputs:
     """Every image of `samples` through the whole chain."""
     forwards, labels = [], []
-    for images, targets in image_batches(samples, cfg, crop_to_bbox, longest_side):
+    for images, targets in image_batches(samples, cfg, crop_to_bbox, longest_side, corruption):
         forwards.append(predictor.forward(images))
         labels.append(targets)
     scores = [f.car_scores for f in forwards if f.car_scores is not None]
@@ -292,6 +303,25 @@ def risk_coverage(confidence: Confidence) -> list[dict]:
     return points
 
 
+def corruption_metrics(predictor: Predictor, samples, cfg, clean_top1: float) -> dict:
+    """The crops under each corruption at each severity (training/corruptions.py): top-1, ECE, the share
+    of answers marked sure and how often those are right; and the mean top-1 as a share of the clean one."""
+    crops, crop_to_bbox = data.view_samples(samples, "crops", cfg.data)
+    results, top1 = {}, {}
+    for name in corruptions.CORRUPTIONS:
+        results[name], top1[name] = {}, {}
+        for severity in corruptions.SEVERITIES:
+            outputs = predict(predictor, crops, cfg, crop_to_bbox, corruption=(name, severity))
+            answers, _ = answer_metrics(predictor, outputs)
+            top1[name][severity] = float((outputs.logits.argmax(1) == outputs.labels).float().mean())
+            results[name][str(severity)] = {
+                "top1": round(top1[name][severity], 4),
+                **{key: answers[key] for key in ("ece", "sure_coverage", "sure_accuracy", "no_car")},
+            }
+            log.info("%s %d: %s", name, severity, results[name][str(severity)])
+    return {"by_corruption": results, "mean_top1_relative": round(corruptions.mean_relative_top1(top1, clean_top1), 4)}
+
+
 def available_views(cfg, views=data.VIEWS) -> list[str]:
     """`views` that the dataset has: `photos` needs its photos/ folder."""
     return [v for v in views if v != "photos" or data.has_photos(cfg.data.data_root)]
@@ -327,10 +357,11 @@ def evaluate_run(
     out: Path | None = None,
     views: list[str] | None = None,
     whole_image: bool = False,
+    with_corruptions: bool = False,
 ) -> dict:
     """`run_dir`: a training run or an export. Writes eval_<split>.json and a confusion PNG per view into `out`.
     `whole_image`: classify the whole image even where the model has a box head (the chain without
-    localising, for comparison)."""
+    localising, for comparison). `with_corruptions`: the crops under ordinary photo conditions too."""
     cfg, classes, model = load_trained(run_dir, overrides)
     if whole_image:
         cfg = config_lib.override(cfg, locate_size=0)
@@ -357,6 +388,8 @@ def evaluate_run(
     }
     if cfg.model.car_head:
         run["no_car_test_set"] = no_car_metrics(predictor)
+    if with_corruptions:
+        run["corruptions"] = corruption_metrics(predictor, samples, cfg, results["crops"]["top1"])
     metrics = {**run, **results["crops"], "views": results}
     (out / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
     # logged to the training's run: the crops' figures as before, the other views' prefixed with their name.
@@ -388,13 +421,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--whole_image", action="store_true", help="classify whole images, without the box head (for comparison)"
     )
+    parser.add_argument(
+        "--corruptions",
+        action="store_true",
+        help="also the crops under low light, blur, noise, JPEG, downscaling and grayscale, 3 severities each",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k: v for k, v in {"eval_size": args.eval_size, "data_root": args.data_root}.items() if v is not None}
     try:
         folder = Path(args.run or args.export)
         out = Path(args.out) if args.out else None
-        metrics = evaluate_run(folder, args.split, overrides, out, args.views, args.whole_image)
+        metrics = evaluate_run(folder, args.split, overrides, out, args.views, args.whole_image, args.corruptions)
     except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError, ExportError) as err:
         return exit_with(err)
     for view, result in metrics["views"].items():
@@ -405,6 +443,9 @@ def main(argv=None) -> int:
         )
     for pair in metrics["most_confused"][:5]:
         print(f"  {pair['count']}x {pair['true']} -> {pair['predicted']}")
+    for name, by_severity in metrics.get("corruptions", {}).get("by_corruption", {}).items():
+        figures = ", ".join(f"{s}: top1={r['top1']:.4f} ece={r['ece']:.3f}" for s, r in by_severity.items())
+        print(f"{args.split} crops, {name}: {figures}")
     return 0
 
 
