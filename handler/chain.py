@@ -72,6 +72,9 @@ class Batch:
 
 
 class ServedChain:
+    """One export served with one HandlerSettings: its Predictor (thresholds from the settings), its limits,
+    its decoding budget and its thread pool. The steps, in order: `opened`, `prepare`, `forward`, `answers`."""
+
     def __init__(self, predictor: Predictor, settings: HandlerSettings | None = None):
         self.settings = settings = settings or HandlerSettings()
         predictor.calibration = predictor.calibration.with_thresholds(
@@ -159,7 +162,7 @@ class ServedChain:
         return results
 
     def __call__(self, uploads: Sequence[Upload | InputError]) -> list[Answer | InputError]:
-        """The whole chain for a batch, in this thread."""
+        """The whole chain for a batch of uploads (as `opened` gives them)."""
         return self.answers(self.forward(self.prepare(uploads)))
 
     def answer_bytes(self, bodies: Sequence[bytes], options: Options | None = None) -> list[Answer | InputError]:
