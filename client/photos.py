@@ -11,7 +11,6 @@ from PIL import Image
 
 from carmodel.errors import EXIT_USAGE, StatusError, exit_with
 from carmodel.images import ImageLimits, InputError, decode_image
-from serving.client import TorchServeError
 
 # Drawings are for people: capping the photo keeps 24-megapixel uploads from costing seconds and
 # hundreds of MB for no visible gain.
@@ -64,8 +63,6 @@ def exit_status(work: Callable[[], object]) -> int:
     """Run a drawing client's work; its failures become the documented exit statuses."""
     try:
         work()
-    except (ClientError, TorchServeError) as err:
-        return exit_with(err)
-    except OSError as err:  # writing the PNG/JSON: a missing permission is the user's to fix
+    except (StatusError, OSError) as err:  # OSError: writing the PNG/JSON, the user's to fix (EXIT_USAGE)
         return exit_with(err)
     return 0

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from carmodel.errors import EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, exit_with
 from carmodel.images import IMAGE_SUFFIXES
 from client import add_server_arguments, positive_int, server_client
-from client.result_line import from_details
+from client.result_line import from_details, from_error
 from serving.client import TorchServeClient, TorchServeError
 
 EXIT_INTERRUPTED = 130
@@ -213,9 +213,9 @@ def predict_file(
             raise ModelNotFoundError(_model_missing(model, version, client.inference_url, err.detail)) from None
         if first and err.exit_code == EXIT_UNREACHABLE:
             raise
-        return {"error": err.detail, "status": err.status}
+        return from_error(err.detail, err.status)
     except OSError as err:
-        return {"error": f"cannot read file: {type(err).__name__}: {err}", "status": None}
+        return from_error(f"cannot read file: {type(err).__name__}: {err}", None)
 
 
 def server_results(

@@ -19,9 +19,7 @@ import binascii
 import re
 from dataclasses import dataclass
 
-from PIL import Image
-
-from carmodel.images import ImageLimits, InputError, decode_image
+from carmodel.images import ImageLimits, InputError
 
 # Where TorchServe puts the image: "body" for a raw body (curl -T / --data-binary), "data" for
 # the stock clients' multipart field; "file"/"image" are the names people reach for in forms.
@@ -44,12 +42,6 @@ class Options:
 @dataclass
 class ParsedRequest:
     image_bytes: bytes
-    options: Options
-
-
-@dataclass
-class ImageRequest:
-    image: Image.Image
     options: Options
 
 
@@ -164,18 +156,6 @@ def parse_request(
     if isinstance(value, list):
         raise InputError(400, "JSON body must be an object with a base64 'image' field, not a list")
     raise InputError(400, f"unsupported request value of type {type(value).__name__}")
-
-
-def read_request(
-    row: dict,
-    limits: ImageLimits,
-    max_topk: int,
-    content_types: dict[str, str] | None = None,
-    decode_side: int = 0,
-) -> ImageRequest:
-    """`decode_side`: the shorter side the image is decoded to, at least (Predictor.decode_side; 0: full size)."""
-    parsed = parse_request(row, limits, max_topk, content_types)
-    return ImageRequest(decode_image(parsed.image_bytes, limits, decode_side), parsed.options)
 
 
 # ------------------------------------------------------------------ a TorchServe request's parts

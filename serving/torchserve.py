@@ -159,8 +159,7 @@ class Server:
     def _render_props(self) -> dict[str, str]:
         if self.properties is not None:
             return {**self.properties, "model_store": str(self.model_store), **self.overrides}
-        source = Path(self.config) if self.config else base_properties()
-        props = read_properties(source) if self.config else profile_properties(self.profile)
+        props = read_properties(Path(self.config)) if self.config else profile_properties(self.profile)
         props["model_store"] = str(self.model_store)
         if "metrics_config" in props:  # the installed handler's declaration (a checkout's, or site-packages')
             props["metrics_config"] = str(HANDLER_METRICS)

@@ -14,6 +14,7 @@ import io
 import os
 import random
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -28,10 +29,11 @@ from carmodel.images import (
     ImageLimits,
     InputError,
     decode_cost,
+    decode_image,
     open_upload,
     uploaded_size,
 )
-from handler.inputs import explain_target, parse_request, read_request, read_row
+from handler.inputs import Options, explain_target, parse_request, read_row
 
 LIMITS = ImageLimits()
 MAX_TOPK = 196  # the number of classes: the handler's default largest top-k
@@ -40,6 +42,20 @@ ERROR_STATUSES = {400, 413, 415, 422}
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class ImageRequest:
+    image: Image.Image
+    options: Options
+
+
+def read_request(
+    row: dict, limits: ImageLimits, max_topk: int, content_types: dict | None = None, decode_side: int = 0
+) -> ImageRequest:
+    """A row parsed and its image decoded at once (`decode_side`: as the Predictor asks; 0: full size)."""
+    parsed = parse_request(row, limits, max_topk, content_types)
+    return ImageRequest(decode_image(parsed.image_bytes, limits, decode_side), parsed.options)
 
 
 def decode(data: bytes, limits: ImageLimits = LIMITS) -> Image.Image:
