@@ -134,17 +134,41 @@ test: env lint
 check: lint
 	$(PY) -m pytest -m "not server" $(PYTEST_ARGS)
 
-# --- training (see README) ---------------------------------------------------------------
-# Stage 1 learns the classes on the crops; stage 2 starts from its weights (runs/efficientnet_lite0/best.pth)
-# and learns the whole photos: the box head, and the cars cut from the photos (training/configs/*.yaml say why).
-# Then the car/no-car head on the frozen network, and the calibration and thresholds fitted on val.
-train: $(TRAIN_STAMP)
-	$(PY) -m training.train --config training/configs/efficientnet_lite0.yaml
-	$(PY) -m training.train --config training/configs/efficientnet_lite0_photos.yaml
-	$(PY) -m training.car_head --run runs/efficientnet_lite0_photos
-	$(PY) -m training.calibrate --run runs/efficientnet_lite0_photos
-	$(PY) -m training.evaluate --run runs/efficientnet_lite0_photos --corruptions
-	$(PY) -m training.export --run runs/efficientnet_lite0_photos --export_dir $(EXPORT)
+# --- training (see README, docs/training.md) ------------------------------------------------
+# Stage 1 learns the classes on the crops; stage 2 starts from its weights and learns the whole photos (the box
+# head, the cars cut from the photos); then the car/no-car head on the frozen network. Stage 2 runs twice: on
+# train alone (HELDOUT), whose val answers fit the calibration and thresholds, and on train+val (FINAL, what
+# ships), which takes that calibration over; test is only evaluated. Each step is a file: a rerun of
+# `make train` skips the finished ones and continues an interrupted training at its last epoch
+# (--resume auto); a changed config starts that stage over.
+STAGE1 := runs/efficientnet_lite0
+HELDOUT := runs/efficientnet_lite0_photos
+FINAL := runs/efficientnet_lite0_final
+
+train: $(EXPORT)/quantization.json
+
+$(STAGE1)/train_summary.json: training/configs/efficientnet_lite0.yaml | $(TRAIN_STAMP)
+	$(PY) -m training.train --config $< --resume auto
+
+$(HELDOUT)/train_summary.json: training/configs/efficientnet_lite0_photos.yaml $(STAGE1)/train_summary.json
+	$(PY) -m training.train --config $< --resume auto --output_dir $(HELDOUT)
+
+$(HELDOUT)/calibration.json: $(HELDOUT)/train_summary.json
+	$(PY) -m training.car_head --run $(HELDOUT)
+	$(PY) -m training.calibrate --run $(HELDOUT)
+
+$(FINAL)/train_summary.json: training/configs/efficientnet_lite0_photos.yaml $(STAGE1)/train_summary.json
+	$(PY) -m training.train --config $< --resume auto --output_dir $(FINAL) --fit_on train+val
+
+$(FINAL)/calibration.json: $(FINAL)/train_summary.json $(HELDOUT)/calibration.json
+	$(PY) -m training.car_head --run $(FINAL)
+	$(PY) -m training.calibrate --run $(FINAL) --fitted_on $(HELDOUT)
+
+$(FINAL)/eval_test.json: $(FINAL)/calibration.json
+	$(PY) -m training.evaluate --run $(FINAL) --corruptions
+
+$(EXPORT)/quantization.json: $(FINAL)/eval_test.json
+	$(PY) -m training.export --run $(FINAL) --export_dir $(EXPORT)
 	$(PY) -m training.quantize --export $(EXPORT)
 
 eda: $(TRAIN_STAMP)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from carmodel.calibration import Calibration
+from carmodel.calibration import Calibration, image_quality
 from carmodel.config import ModelConfig
 from carmodel.export import ExportDir
 from carmodel.images import uploaded_size
@@ -131,6 +131,7 @@ class Forward:
     sides: torch.Tensor  # the classified region's size, sqrt(width x height) in decoded pixels: what T depends on
     car_scores: torch.Tensor | None = None  # the car/no-car score of each image; None without a car head
     uploaded_sizes: list[tuple[int, int]] | None = None  # each upload's (width, height), before decoding shrank it
+    quality: torch.Tensor | None = None  # calibration.image_quality of what was classified: T depends on it too
 
 
 class Predictor:
@@ -226,17 +227,26 @@ class Predictor:
         images = [p.image for p in prepared]
         if not self.localizes:
             inputs = [p.tensor for p in prepared]
-            return Forward(self.logits(inputs), inputs, None, side_lengths([(0, 0, *i.size) for i in images]))
+            sides = side_lengths([(0, 0, *i.size) for i in images])
+            return Forward(self.logits(inputs), inputs, None, sides, quality=self.quality(inputs))
         boxes, car_scores = self.locate(prepared)
         inputs = list(map(self.cut_car, images, boxes))
         regions = [self.region(image.size, box) for image, box in zip(images, boxes, strict=True)]
         uploaded = list(map(in_uploaded_pixels, boxes, images))
         sizes = [uploaded_size(image) for image in images]
-        return Forward(self.logits(inputs), inputs, uploaded, side_lengths(regions), car_scores, sizes)
+        return Forward(
+            self.logits(inputs), inputs, uploaded, side_lengths(regions), car_scores, sizes, self.quality(inputs)
+        )
+
+    def quality(self, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """What the calibration reads off the classified images besides their size (when it does)."""
+        if not self.calibration.sees_quality:
+            return None
+        return image_quality(torch.stack(inputs), self.config.mean, self.config.std)
 
     def probabilities(self, forward: Forward) -> torch.Tensor:
         """Calibrated class probabilities, one row per image."""
-        return self.calibration.probabilities(forward.logits, forward.sides)
+        return self.calibration.probabilities(forward.logits, forward.sides, forward.quality)
 
     def top_k(self, probabilities: torch.Tensor, k: int | Sequence[int]) -> list[list[Prediction]]:
         """Best first; `k` for every row, or one k per row."""

@@ -41,6 +41,7 @@ class ClassificationPresetTrain:
         min_crop_scale: float = 0.35,
         downscale_prob: float = 0.0,
         downscale_sizes: tuple[int, int] = (48, 160),
+        photo_conditions_prob: float = 0.0,
     ):
         steps = [v2.ToImage()]
         if downscale_prob > 0:
@@ -60,7 +61,10 @@ class ClassificationPresetTrain:
             if auto_augment not in _AUTO_AUGMENT:
                 raise ValueError(f"auto_augment must be one of none, {', '.join(_AUTO_AUGMENT)}; got {auto_augment!r}")
             steps.append(_AUTO_AUGMENT[auto_augment](interpolation))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)]
+        steps.append(v2.ToDtype(torch.float32, scale=True))
+        if photo_conditions_prob > 0:
+            steps.append(v2.RandomApply([photo_conditions()], p=photo_conditions_prob))
+        steps.append(v2.Normalize(mean=mean, std=std))
         self.transforms = v2.Compose(steps)
 
     def __call__(self, img):
@@ -84,6 +88,26 @@ class Downscale:
         if scale >= 1:
             return img
         return F.resize(img, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
+
+
+def photo_conditions() -> v2.RandomChoice:
+    """One of the conditions people take photos in, at a random strength, on a float image in [0, 1]:
+    dusk (darker, flatter, grainy), out of focus, a small sensor's grain, heavy JPEG, washed-out colour.
+    Deliberately not training/corruptions.py's functions (brightness scaling, not gamma; random, not
+    fixed strengths): the corruption benchmark then measures robustness, not a memorised transform."""
+    dusk = v2.Compose(
+        [v2.ColorJitter(brightness=(0.15, 0.7), contrast=(0.4, 0.9)), v2.GaussianNoise(sigma=0.03, clip=True)]
+    )
+    jpeg = v2.Compose([v2.ToDtype(torch.uint8, scale=True), v2.JPEG((5, 50)), v2.ToDtype(torch.float32, scale=True)])
+    return v2.RandomChoice(
+        [
+            dusk,
+            v2.GaussianBlur(9, sigma=(0.5, 3.0)),
+            v2.GaussianNoise(sigma=0.08, clip=True),
+            jpeg,
+            v2.ColorJitter(saturation=(0.0, 0.5)),
+        ]
+    )
 
 
 class LocatePresetTrain:
@@ -148,7 +172,8 @@ class ClassificationPresetEval:
 
 
 def train_preset(augment, model) -> ClassificationPresetTrain:
-    """`augment`: training's augmentation settings (train_size, hflip_prob, auto_augment, min_crop_scale);
+    """`augment`: training's augmentation settings (train_size, hflip_prob, auto_augment, min_crop_scale,
+    downscaling, photo conditions);
     `model`: a ModelConfig (or anything with mean and std)."""
     return ClassificationPresetTrain(
         crop_size=augment.train_size,
@@ -159,6 +184,7 @@ def train_preset(augment, model) -> ClassificationPresetTrain:
         min_crop_scale=augment.min_crop_scale,
         downscale_prob=augment.downscale_prob,
         downscale_sizes=(augment.downscale_min, augment.downscale_max),
+        photo_conditions_prob=augment.photo_conditions_prob,
     )
 
 

@@ -31,6 +31,7 @@ def shown_commands() -> list[tuple[str, str, list[str]]]:
     found = []
     for doc in DOCUMENTS:
         for block in FENCE.findall(doc.read_text()):
+            block = re.sub(r"\\\n\s*", " ", block)  # a command continued over lines is one command
             lines = [part for line in block.splitlines() for part in line.split(" && ")]
             for line in lines:
                 line = line.removeprefix("$ ").split(" #")[0].strip().rstrip("\\").strip()

@@ -270,3 +270,59 @@ def test_quantize_adds_a_calibrated_int8_model_or_nothing(lite0, tmp_path):
 def test_quantize_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
     code, stderr = run_main(quantize.main, ["--export", str(tmp_path)], capsys)
     assert code == 2 and "not a training.export directory" in stderr
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_the_same_recipe_and_starts_another_over(lite0, tmp_path):
+    """make train's --resume auto: a finished run of this config trains nothing more; another config's
+    checkpoint in the folder is not resumed."""
+    out = tmp_path / "run"
+    shutil.copytree(lite0.parent / "run", out)
+    config = str(out / "config.yaml")
+    again = python("-m", "training.train", "--config", config, "--resume", "auto", "--output_dir", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and [r["epoch"] for r in csv.DictReader((out / "metrics.csv").open())] == [
+        "1"
+    ]
+    other = python(
+        "-m", "training.train", "--config", config, "--resume", "auto", "--output_dir", str(out), "--lr", "0.0001",
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "holds a run of another config: starting over" in other.stderr and "resumed from" not in other.stderr
+
+
+@pytest.mark.slow
+def test_calibration_fitted_on_val_is_taken_over_by_the_train_plus_val_fit(cars_root, tmp_path):
+    """make train's order: the car head and the calibration (size and image quality) on the train-only
+    run's val answers, then the train+val run's own car head (val cars among its positives) and that
+    calibration carried over."""
+    smoke = {"locate_size": 32, "unfreeze": 0, "cache_features": "false", "photo_conditions_prob": 0.5}
+    smoke_train(tmp_path / "heldout", cars_root, "efficientnet_lite0", **smoke)
+    smoke_train(tmp_path / "final", cars_root, "efficientnet_lite0", fit_on="train+val", **smoke)
+    heldout, final = tmp_path / "heldout" / "run", tmp_path / "final" / "run"
+    for run in (heldout, final):
+        result = python("-m", "training.car_head", "--run", str(run), "--epochs", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+    heldout_head, final_head = (json.loads((run / "car_head.json").read_text()) for run in (heldout, final))
+    assert "val_auroc" in heldout_head and "val_auroc" not in final_head  # val is no longer held out there
+    assert final_head["train_pictures"]["cars"] > heldout_head["train_pictures"]["cars"]
+
+    refused = python("-m", "training.calibrate", "--run", str(final))
+    assert refused.returncode == 2 and "no val cars are left" in refused.stderr
+    fitted = python("-m", "training.calibrate", "--run", str(heldout))
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    report = json.loads(fitted.stdout)
+    assert set(report["val"]) == {"crops", "photos", "small_crops", "crops_in_photo_conditions", "without_quality"}
+    calibration = report["calibration"]
+    assert len(calibration["quality_weights"]) == len(calibration["quality_mean"]) == 4
+    assert calibration["fitted_on"].startswith("val split")
+
+    carried = python("-m", "training.calibrate", "--run", str(final), "--fitted_on", str(heldout))
+    assert carried.returncode == 0, carried.stderr[-3000:]
+    taken = json.loads((final / "calibration.json").read_text())
+    assert {k: v for k, v in taken.items() if k != "fitted_on"} == {
+        k: v for k, v in calibration.items() if k != "fitted_on"
+    }
+    assert "train alone" in taken["fitted_on"]
+    missing = python("-m", "training.calibrate", "--run", str(final), "--fitted_on", str(tmp_path))
+    assert missing.returncode == 2 and "calibrate that run first" in missing.stderr

@@ -5,7 +5,8 @@ the first pass (the whole image at the locate size), so "is there a car?" costs 
 pass. The network is frozen: the trunk's features are computed once and the small head trains on
 them in seconds, so the classes, the box and the int8 path are exactly what stage 2 made.
 
-Positives: the training cars, as crops (a random half shrunk to thumbnail size) and as whole photos.
+Positives: the training cars (train+val for a model fitted on both), as crops (a random half shrunk to
+thumbnail size) and as whole photos.
 Negatives (training/nocar.py): road, buildings and sky cut from the training photos outside each
 car's box, synthetic pictures, and training cars cut in pieces and shuffled. Val cars and val
 negatives measure it; the no-car test set of training/nocar.py is never seen here. The threshold
@@ -135,26 +136,28 @@ def train_car_head(run_dir: Path, epochs: int = 20, seed: int = 0) -> dict:
         features = trunk_features(model, cfg, cars + others, flip, progress)
         return features, torch.cat([torch.ones(len(cars)), torch.zeros(len(others))])
 
+    if cfg.data.fit_on == "train+val":  # the model learnt val's cars: so does its head, and nothing is measured
+        splits["train"] += splits["val"]
     train_x, train_y = extract("train", flip=False)
     flipped_x, flipped_y = extract("train", flip=True)  # other thumbnails, backgrounds and shuffles, mirrored
-    val_x, val_y = extract("val", flip=False)
     fit_head(model.car_head, torch.cat([train_x, flipped_x]), torch.cat([train_y, flipped_y]), epochs, seed)
-    val_scores = scores(model.car_head, val_x)
-    report = {
-        "train_pictures": {"cars": int(train_y.sum() * 2), "no_car": int((1 - train_y).sum() * 2)},
-        "val_pictures": {"cars": int(val_y.sum()), "no_car": int((1 - val_y).sum())},
-        "val_auroc": round(float(roc_auc_score(val_y.numpy(), val_scores)), 4),
-        "val_auroc_mahalanobis": round(
-            float(roc_auc_score(val_y.numpy(), mahalanobis_scores(train_x, train_y, val_x))), 4
-        ),
-        "epochs": epochs,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    report = {"train_pictures": {"cars": int(train_y.sum() * 2), "no_car": int((1 - train_y).sum() * 2)}}
+    if cfg.data.fit_on != "train+val":
+        val_x, val_y = extract("val", flip=False)
+        report |= {
+            "val_pictures": {"cars": int(val_y.sum()), "no_car": int((1 - val_y).sum())},
+            "val_auroc": round(float(roc_auc_score(val_y.numpy(), scores(model.car_head, val_x))), 4),
+            "val_auroc_mahalanobis": round(
+                float(roc_auc_score(val_y.numpy(), mahalanobis_scores(train_x, train_y, val_x))), 4
+            ),
+        }
+    report |= {"epochs": epochs, "seconds": round(time.perf_counter() - started, 1)}
     torch.save(model.state_dict(), run_dir / "best.pth")
     cfg.save(run_dir / "config.yaml")
     (run_dir / REPORT).write_text(json.dumps(report, indent=1))
     with tracking.tracked(run_dir, cfg.tracking.track, cfg.tracking.experiment, name=run_dir.name) as tracker:
-        tracker.metrics({"car_head_val_auroc": report["val_auroc"]})
+        if "val_auroc" in report:
+            tracker.metrics({"car_head_val_auroc": report["val_auroc"]})
         tracker.artifacts(run_dir / REPORT)
     return report
 

@@ -67,6 +67,9 @@ class AugmentConfig:
     downscale_prob: float = 0.0
     downscale_min: int = 48
     downscale_max: int = 160
+    # this share of training images is put through one photo condition (presets.photo_conditions: dusk,
+    # blur, grain, JPEG, washed-out colour) at a random strength, so that "sure" keeps meaning right there
+    photo_conditions_prob: float = 0.0
     # with a box head: the share of classification inputs cut from the whole photo at its box
     # (jittered) rather than taken from the crop, and of box inputs that are crops (box = all of it)
     photo_share: float = 0.5
@@ -104,7 +107,8 @@ class RuntimeConfig:
     num_workers: int = 0
     seed: int = 0
     output_dir: str = "runs/default"
-    resume: str | None = None  # checkpoint.pt of an interrupted run
+    # checkpoint.pt of an interrupted run, or "auto": output_dir's, when it is a run of this same config
+    resume: str | None = None
     progress: bool = True
 
 

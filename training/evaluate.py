@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from sklearn.metrics import top_k_accuracy_score
 from tqdm import tqdm
 
 from carmodel import models as model_lib
-from carmodel.calibration import CALIBRATION, Calibration
+from carmodel.calibration import CALIBRATION, Calibration, image_quality
 from carmodel.errors import exit_with
 from carmodel.export import MODEL_CONFIG, TRAINING_CONFIG, ExportDir, ExportError
 from carmodel.predictor import Forward, Predictor
@@ -89,11 +91,15 @@ def reference_predictor(model, cfg, classes: list[str], calibration: Calibration
 
 
 def image_batches(
-    samples, cfg, crop_to_bbox: bool | None = None, longest_side: int | None = None, corruption: tuple | None = None
+    samples,
+    cfg,
+    crop_to_bbox: bool | None = None,
+    longest_side: int | None = None,
+    corruption: Callable[[Image.Image], Image.Image] | None = None,
 ):
     """(PIL images, labels) in batches of `samples`, each photo decoded once (and shrunk so that its
-    longer side is at most `longest_side`; then put through `corruption`, (name, severity):
-    training/corruptions.py)."""
+    longer side is at most `longest_side`; then put through `corruption`: training/corruptions.py's, or
+    calibration's photo conditions)."""
     crop = cfg.data.crop_to_bbox if crop_to_bbox is None else crop_to_bbox
     size, side = cfg.optim.batch_size, decode_side(cfg.model)  # decoded as the server decodes
     for start in tqdm(range(0, len(samples), size), desc="evaluating", disable=not cfg.runtime.progress, leave=False):
@@ -103,7 +109,7 @@ def image_batches(
             for image in images:
                 image.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
         if corruption:
-            images = [corruptions.corrupt(image, *corruption) for image in images]
+            images = [corruption(image) for image in images]
         yield images, torch.tensor([s.label for s in chunk])
 
 
@@ -116,6 +122,7 @@ class Outputs:
     sides: torch.Tensor
     boxes: list | None  # None without a box head
     car_scores: torch.Tensor | None  # None without a car head
+    quality: torch.Tensor  # carmodel.calibration.image_quality of each classified image
 
 
 def predict(
@@ -124,7 +131,7 @@ def predict(
     cfg,
     crop_to_bbox: bool | None = None,
     longest_side: int | None = None,
-    corruption: tuple | None = None,
+    corruption: Callable[[Image.Image], Image.Image] | None = None,
 ) -> Outputs:
     """Every image of `samples` through the whole chain."""
     forwards, labels = [], []
@@ -138,6 +145,7 @@ def predict(
         sides=torch.cat([f.sides for f in forwards]),
         boxes=[box for f in forwards for box in f.boxes] if predictor.localizes else None,
         car_scores=torch.cat(scores) if scores else None,
+        quality=torch.cat([image_quality(torch.stack(f.inputs), cfg.model.mean, cfg.model.std) for f in forwards]),
     )
 
 
@@ -239,7 +247,7 @@ class Confidence:
 def answer_metrics(predictor: Predictor, outputs: Outputs) -> tuple[dict, Confidence]:
     """What a person is told, measured: calibration (ECE, 15 bins), the make and body type summed over
     their classes, cars answered "no car", and the answers marked sure with how often they are right."""
-    probabilities = predictor.calibration.probabilities(outputs.logits, outputs.sides)
+    probabilities = predictor.calibration.probabilities(outputs.logits, outputs.sides, outputs.quality)
     confidence = Confidence(
         torch.softmax(outputs.logits.float(), 1).max(1).values.numpy(),
         probabilities.max(1).values.numpy(),
@@ -250,7 +258,7 @@ def answer_metrics(predictor: Predictor, outputs: Outputs) -> tuple[dict, Confid
     def accuracy_summed(of: torch.Tensor) -> float:
         return float((predictor.summed(probabilities, of).argmax(1) == of[outputs.labels]).float().mean())
 
-    forward = Forward(outputs.logits, [], outputs.boxes, outputs.sides, outputs.car_scores)
+    forward = Forward(outputs.logits, [], outputs.boxes, outputs.sides, outputs.car_scores, quality=outputs.quality)
     answers = predictor.answer(forward, 1)
     found = np.array([a.car_found for a in answers])
     sure = np.array([a.car_found and not a.uncertain for a in answers])
@@ -311,7 +319,8 @@ def corruption_metrics(predictor: Predictor, samples, cfg, clean_top1: float) ->
     for name in corruptions.CORRUPTIONS:
         results[name], top1[name] = {}, {}
         for severity in corruptions.SEVERITIES:
-            outputs = predict(predictor, crops, cfg, crop_to_bbox, corruption=(name, severity))
+            corrupt = functools.partial(corruptions.corrupt, name=name, severity=severity)
+            outputs = predict(predictor, crops, cfg, crop_to_bbox, corruption=corrupt)
             answers, _ = answer_metrics(predictor, outputs)
             top1[name][severity] = float((outputs.logits.argmax(1) == outputs.labels).float().mean())
             results[name][str(severity)] = {

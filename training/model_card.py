@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from carmodel.calibration import QUALITY
 from carmodel.errors import exit_with
 from carmodel.export import METRICS, TRAINING_CONFIG, ExportDir
 
@@ -120,6 +121,29 @@ def _training(config: dict, metrics: dict) -> list[str]:
     return lines
 
 
+def _quality_term(calibration: dict) -> str:
+    weights = calibration.get("quality_weights") or []
+    if not weights:
+        return ""
+    terms = ", ".join(
+        f"{name} {w:+.2f} / {v:+.2f}"
+        for name, w, v in zip(QUALITY, weights, calibration["quality_square_weights"], strict=True)
+    )
+    return (
+        " x exp(w.z + v.z^2), z the classified image's quality standardised on the clean val crops "
+        f"(carmodel.calibration.image_quality; w / v: {terms})"
+    )
+
+
+def _held_out(fit_on: str | None) -> str:
+    if fit_on == "train+val":
+        return (
+            "Val was learnt too: the same recipe fitted on train alone chose nothing but its own epoch, and "
+            "its answers on val fitted the calibration and thresholds this model takes over."
+        )
+    return "Val chose the epoch and fitted the calibration and thresholds."
+
+
 def render(export: ExportDir) -> str:
     metrics, config = _read(export, METRICS) or {}, _read(export, TRAINING_CONFIG) or {}
     calibration, car_head, int8 = (
@@ -148,8 +172,8 @@ def render(export: ExportDir) -> str:
         "The official test images are not available here: every figure below is on a held-out part of the",
         f"official training images. Split by car, per class, seed {data.get('split_seed')}: test "
         f"{_percent(data.get('test_fraction'))}, val {_percent(data.get('val_fraction'))}; fitted on "
-        f"`{data.get('fit_on')}` (`split.json` lists every file). Val chose the epoch and fitted the calibration "
-        "and thresholds; test was used for these figures only.",
+        f"`{data.get('fit_on')}` (`split.json` lists every file). {_held_out(data.get('fit_on'))} Test was used "
+        "for these figures only.",
         "",
         "Licence of the data: Stanford Cars (Krause et al., 2013) is a collection of photos from the web, whose",
         "copyright stays with their owners; its authors provide it for non-commercial research and education,",
@@ -180,15 +204,20 @@ def render(export: ExportDir) -> str:
     if calibration:
         out += [
             "",
-            "## Calibration and thresholds (`calibration.json`, fitted on val)",
+            "## Calibration and thresholds (`calibration.json`)",
+            "",
+            f"Fitted on the {calibration.get('fitted_on')}.",
             "",
             f"Temperature T(s) = {calibration['temperature']:.3f} x (s / {calibration['reference_side']})"
-            f"^{calibration['size_exponent']:.3f}, s the classified region's side in pixels. Thresholds: car "
+            f"^{calibration['size_exponent']:.3f}{_quality_term(calibration)}, s the classified region's side in "
+            "pixels. Thresholds: car "
             f"{calibration['car_threshold']:.3f}, sure {calibration['sure_threshold']:.3f}, make "
             f"{calibration['make_threshold']:.3f} (handler settings `car_threshold`, `sure_threshold` override them).",
         ]
-    if car_head:
+    if car_head and "val_auroc" in car_head:
         out.append(f"Car head: val AUROC {car_head.get('val_auroc')} ({car_head.get('seconds')} s to train).")
+    elif car_head:
+        out.append(f"Car head: {car_head['train_pictures']} pictures ({car_head.get('seconds')} s to train).")
     out += ["", "## Training", "", *_training(config, metrics)]
     if int8:
         out += [

@@ -2,7 +2,8 @@
 
 Writes to ``--output_dir``: ``best.pth`` (state_dict with the lowest val loss; with
 ``--fit_on train+val``, the last epoch's),
-``checkpoint.pt`` (to ``--resume`` an interrupted run), ``metrics.csv``/``metrics.json``
+``checkpoint.pt`` (every epoch: ``--resume auto`` continues an interrupted run of the same config where it
+stopped, and does nothing for a finished one), ``metrics.csv``/``metrics.json``
 (one row per epoch), ``curves.png``, ``config.yaml``, ``classes.json``, ``split.json``.
 
     python -m training.train --config training/configs/efficientnet_lite0.yaml
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -124,6 +126,26 @@ def prepare_data(cfg: Config):
         # without the cache, everything is still decoded once so a corrupt file is found now, not in epoch 7
         images[name] = decoded if cfg.data.cache_images else None
     return index, splits, images
+
+
+def checkpoint_to_resume(cfg: Config, out: Path) -> Path | None:
+    """`--resume auto`: the run folder's checkpoint, when the run it holds had this same config (the
+    runtime section aside: a rerun may use another device); otherwise None, and the run starts over.
+    Any other value is a checkpoint's path."""
+    if cfg.runtime.resume != "auto":
+        return Path(cfg.runtime.resume) if cfg.runtime.resume else None
+    checkpoint, recorded = out / CHECKPOINT, out / "config.yaml"
+    if not (checkpoint.is_file() and recorded.is_file()):
+        return None
+    if not same_recipe(config_lib.load(recorded), cfg):
+        log.info("%s holds a run of another config: starting over", out)
+        return None
+    return checkpoint
+
+
+def same_recipe(a: Config, b: Config) -> bool:
+    runtime = config_lib.RuntimeConfig()
+    return dataclasses.replace(a, runtime=runtime) == dataclasses.replace(b, runtime=runtime)
 
 
 def write_run_record(cfg: Config, index: data.CarsIndex, splits: dict, out: Path) -> None:
@@ -499,7 +521,12 @@ class Progress:
         return min(self.history, key=lambda r: r["val_loss"])
 
 
-def save_checkpoint(path: Path, model, opt: Optimization, progress: Progress) -> None:
+def save_checkpoint(
+    path: Path, model, opt: Optimization, progress: Progress, generator: torch.Generator | None = None
+) -> None:
+    """Everything the next epoch depends on, random state included (`generator`: the loader's shuffle), so
+    that a resumed run goes on as the uninterrupted one would have."""
+    random_state = {"torch": torch.get_rng_state()} | ({"loader": generator.get_state()} if generator else {})
     torch.save(
         {
             "model": model.state_dict(),
@@ -509,14 +536,20 @@ def save_checkpoint(path: Path, model, opt: Optimization, progress: Progress) ->
             "history": progress.history,
             "best_val_loss": progress.best_val_loss,
             "stale": progress.stale,
+            "random_state": random_state,
         },
         path,
     )
 
 
-def resume(path: str | Path, model, opt: Optimization, device) -> Progress:
-    """Load a checkpoint into `model` and `opt`; returns where the run had got to."""
+def resume(path: str | Path, model, opt: Optimization, device, generator: torch.Generator | None = None) -> Progress:
+    """Load a checkpoint into `model`, `opt` and the random state; returns where the run had got to."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
+    random_state = ckpt.get("random_state", {})  # older checkpoints have none: the shuffle restarts
+    if "torch" in random_state:
+        torch.set_rng_state(random_state["torch"])
+    if generator is not None and "loader" in random_state:
+        generator.set_state(random_state["loader"])
     model.load_state_dict(ckpt["model"])
     advance_schedule(opt.scheduler, ckpt["scheduler"]["last_epoch"])
     opt.optimizer.load_state_dict(ckpt["optimizer"])
@@ -561,16 +594,20 @@ def log_epoch(row: dict, best: bool) -> None:
     )
 
 
-def run_epochs(cfg: Config, model, loop: Loop, opt: Optimization, hw: Hardware, progress: Progress, out: Path, report):
+def run_epochs(
+    cfg: Config, model, loop: Loop, opt: Optimization, hw: Hardware, progress: Progress, out: Path, report, generator
+):
     """From where `progress` left off to cfg.optim.epochs, each epoch written down and checkpointed;
     stops early once val loss has not improved for `early_stopping_patience` epochs."""
+    if progress.should_stop(cfg.optim.early_stopping_patience):  # resumed after it had stopped early
+        return
     for epoch in range(progress.epoch + 1, cfg.optim.epochs + 1):
         row, val_loss = train_and_validate(epoch, cfg, loop, opt, hw)
         keep = progress.add(row, val_loss)
         if keep:
             torch.save(model.state_dict(), out / BEST_WEIGHTS)
         write_history(progress.history, out)
-        save_checkpoint(out / CHECKPOINT, model, opt, progress)
+        save_checkpoint(out / CHECKPOINT, model, opt, progress, generator)
         log_epoch(row, best=keep and val_loss is not None)
         report(row)
         if progress.should_stop(cfg.optim.early_stopping_patience):
@@ -600,10 +637,12 @@ def summarize(cfg: Config, progress: Progress, train_images: int, init: str, hw:
 def fit(cfg: Config, report=None) -> dict:
     """Train per `cfg`, tracked in MLflow. `report(metrics_row)` is called after every epoch (Ray Tune uses it)."""
     out = Path(cfg.runtime.output_dir)
-    if not cfg.runtime.resume:  # a new training in an old folder is a new MLflow run; --resume continues its run
+    checkpoint = checkpoint_to_resume(cfg, out)
+    if checkpoint is None:  # a new training in an old folder is a new MLflow run; a resumed one continues its run
         (out / tracking.RUN_FILE).unlink(missing_ok=True)
     with tracking.tracked(out, cfg.tracking.track, cfg.tracking.experiment, name=out.name) as tracker:
-        tracker.params(cfg.to_flat_dict())
+        if checkpoint is None:  # a resumed run's params are logged already (its runtime settings may differ)
+            tracker.params(cfg.to_flat_dict())
         tracker.tags({"stage": "train", "arch": cfg.model.arch, "fit_on": cfg.data.fit_on})
 
         def after_epoch(row: dict) -> None:
@@ -611,14 +650,15 @@ def fit(cfg: Config, report=None) -> dict:
             if report is not None:
                 report(row)
 
-        summary = train(cfg, out, after_epoch)
+        summary = train(cfg, out, after_epoch, checkpoint)
         tracker.metrics(summary)
         tracker.artifacts(*(out / name for name in RUN_ARTIFACTS))
     return summary
 
 
-def train(cfg: Config, out: Path, report=lambda row: None) -> dict:
-    """Train per `cfg` into `out`, calling `report(row)` after every epoch; returns the run's summary."""
+def train(cfg: Config, out: Path, report=lambda row: None, checkpoint: Path | None = None) -> dict:
+    """Train per `cfg` into `out` (from `checkpoint` when given), calling `report(row)` after every
+    epoch; returns the run's summary."""
     out.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.runtime.seed)
     hw = Hardware.resolve(cfg.runtime)
@@ -627,10 +667,12 @@ def train(cfg: Config, out: Path, report=lambda row: None) -> dict:
     model, frozen, init = setup_model(cfg, len(index.classes), hw)
     loop = make_loop(cfg, model, frozen, splits, images, hw, generator)
     opt = Optimization.create(cfg.optim, loop, hw, make_objective(cfg, index.classes))
-    progress = resume(cfg.runtime.resume, model, opt, hw.device) if cfg.runtime.resume else Progress()
-    run_epochs(cfg, model, loop, opt, hw, progress, out, report)
+    progress = resume(checkpoint, model, opt, hw.device, generator) if checkpoint else Progress()
+    run_epochs(cfg, model, loop, opt, hw, progress, out, report, generator)
     summary = summarize(cfg, progress, len(splits["train"]), init, hw)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    summary_file, text = out / "train_summary.json", json.dumps(summary, indent=1)
+    if not (summary_file.is_file() and summary_file.read_text() == text):  # make train: a finished run stays done
+        summary_file.write_text(text)
     return summary
 
 
