@@ -10,8 +10,9 @@ ships it); test is never looked at.
   `--single_temperature` fits T0 alone, `--no_quality` leaves the quality out.
 * car_threshold: the highest car score that flags at most `--max_no_car` of the val cars as "no car"
   in any view.
-* sure_threshold: the lowest top-1 probability at and above which the val crops' answers are right at
-  least `--sure_accuracy` of the time; make_threshold the same for the make and its summed probability.
+* sure_threshold: the lowest top-1 probability at and above which the val answers are right at least
+  `--sure_accuracy` of the time in every view (crops, whole photos, thumbnails); make_threshold the same for
+  the make and its summed probability.
 
 A model fitted on train+val has no val cars left to be calibrated on: it takes over (`--fitted_on`) the
 calibration of the same recipe fitted on train alone, whose val answers it was fitted on; the test
@@ -74,7 +75,7 @@ def fit_temperature(
     z = z.clamp(-6, 6)
     relative = torch.log(sides / reference_side)
     fitted = [log_t0] + [exponent] * size_dependent + [weights, square_weights] * bool(features)
-    optimizer = torch.optim.LBFGS(fitted, lr=0.5, max_iter=200)
+    optimizer = torch.optim.LBFGS(fitted, max_iter=200, line_search_fn="strong_wolfe")
 
     def nll():
         optimizer.zero_grad()
@@ -128,6 +129,7 @@ def car_threshold(scores_by_view: dict[str, np.ndarray], max_flagged: float) -> 
     return float(min(np.quantile(scores, max_flagged, method="lower") for scores in scores_by_view.values()))
 
 
+CALIBRATION_FROM = "calibration_from.json"  # in a run whose calibration was taken over: the run it came from
 CONDITIONS = "crops_in_photo_conditions"  # the val crops through training's photo conditions
 
 # At most 1 % of cars may be called "no car"; flagging 0.75 % of val's leaves room for val and test to differ.
@@ -180,7 +182,17 @@ def carry_over(run_dir: Path, fitted_on: Path) -> Calibration:
         calibration, fitted_on=f"{calibration.fitted_on}, of {fitted_on.name} (train alone)"
     )
     calibration.save(run_dir / CALIBRATION)
+    (run_dir / CALIBRATION_FROM).write_text(json.dumps(run_record(fitted_on), indent=1))
     return calibration
+
+
+def run_record(run_dir: Path) -> dict:
+    """Where a carried-over calibration came from, and what that run cost (the model card's training time)."""
+    record = {"run": str(run_dir)}
+    for key, name in (("training", "train_summary.json"), ("car_head", "car_head.json")):
+        if (run_dir / name).is_file():
+            record[key] = json.loads((run_dir / name).read_text())
+    return record
 
 
 def thresholded(
@@ -191,23 +203,22 @@ def thresholded(
     sure_accuracy: float,
     fitted_on: str,
 ) -> Calibration:
-    """`fitted`'s temperature with the thresholds it gives on the val `outputs`: "sure" and the make's
-    on the crops, the car's over the views people send (not the photo conditions')."""
-    crops = outputs["crops"]
+    """`fitted`'s temperature with the thresholds it gives on the val `outputs`: "sure" and the make's the
+    lowest that keep the sure answers right `sure_accuracy` of the time in every view people send (crops,
+    whole photos, thumbnails: the promise holds whatever the photo), the car's over those views too."""
     predictor.calibration = fitted
-    probabilities = fitted.probabilities(crops.logits, crops.sides, crops.quality)
-    top1, predicted = probabilities.max(1)
-    make = predictor.shares(probabilities, predictor.make_of, predictor.makes)
-    make_correct = np.array(
-        [m.name == predictor.vehicles[int(y)].make for m, y in zip(make, crops.labels, strict=True)]
-    )
-    thresholds = {
-        "sure_threshold": sure_threshold(top1.numpy(), (predicted == crops.labels).numpy(), sure_accuracy),
-        "make_threshold": sure_threshold(np.array([m.probability for m in make]), make_correct, sure_accuracy),
-    }
-    if crops.car_scores is not None:
-        scores = {view: o.car_scores.numpy() for view, o in outputs.items() if view != CONDITIONS}
-        thresholds["car_threshold"] = car_threshold(scores, max_no_car)
+    sent = {view: o for view, o in outputs.items() if view != CONDITIONS}
+    sure, make = [], []
+    for o in sent.values():
+        probabilities = fitted.probabilities(o.logits, o.sides, o.quality)
+        top1, predicted = probabilities.max(1)
+        sure.append(sure_threshold(top1.numpy(), (predicted == o.labels).numpy(), sure_accuracy))
+        shares = predictor.shares(probabilities, predictor.make_of, predictor.makes)
+        right = np.array([m.name == predictor.vehicles[int(y)].make for m, y in zip(shares, o.labels, strict=True)])
+        make.append(sure_threshold(np.array([m.probability for m in shares]), right, sure_accuracy))
+    thresholds = {"sure_threshold": max(sure), "make_threshold": max(make)}
+    if outputs["crops"].car_scores is not None:
+        thresholds["car_threshold"] = car_threshold({v: o.car_scores.numpy() for v, o in sent.items()}, max_no_car)
     return dataclasses.replace(fitted, **thresholds, fitted_on=fitted_on)
 
 

@@ -21,6 +21,7 @@ from carmodel.errors import exit_with
 from carmodel.export import METRICS, SPLIT, TRAINING_CONFIG, ExportDir
 from training import config as config_lib
 from training import data, model_card, tracking
+from training.calibrate import CALIBRATION_FROM
 from training.car_head import REPORT
 from training.evaluate import evaluate_run, load_run
 
@@ -34,6 +35,8 @@ def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test
     export = ExportDir(export_dir)
     export.save(model, classes, cfg.model)
     metrics = {**metrics, "training": training_summary(run_dir), "training_from": from_stage(cfg)}
+    if (run_dir / CALIBRATION_FROM).is_file():  # the train-only run whose val answers fitted the calibration
+        metrics["calibration_from"] = json.loads((run_dir / CALIBRATION_FROM).read_text())
     export.record(METRICS).write_text(json.dumps(metrics, indent=1))
     cfg.save(export.record(TRAINING_CONFIG))
     confusion = [png.name for png in sorted(run_dir.glob(f"confusion_{split}*.png"))]  # one per view

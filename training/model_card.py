@@ -94,7 +94,7 @@ def _corruptions(corrupted: dict) -> list[str]:
     return lines
 
 
-def _training(config: dict, metrics: dict) -> list[str]:
+def _training(config: dict, metrics: dict, car_head: dict | None) -> list[str]:
     training = metrics.get("training") or {}
     optim, augment = config.get("optim", {}), config.get("augment", {})
     lines = [
@@ -118,6 +118,20 @@ def _training(config: dict, metrics: dict) -> list[str]:
             f"{training.get('epochs_run')}, {training.get('train_seconds', 0) / 60:.0f} min on "
             f"{training.get('device')} ({training.get('amp')})."
         )
+    source = metrics.get("calibration_from") or {}
+    if source.get("training"):
+        alone = source["training"]
+        lines.append(
+            f"- The same stage on train alone, whose val answers fitted the calibration (`{source['run']}`): "
+            f"{alone.get('train_images')} images, {alone.get('train_seconds', 0) / 60:.0f} min."
+        )
+    seconds = [previous.get("train_seconds"), training.get("train_seconds")]
+    seconds += [(source.get("training") or {}).get("train_seconds"), (source.get("car_head") or {}).get("seconds")]
+    seconds.append((car_head or {}).get("seconds"))
+    lines.append(
+        f"- Training in all (`make train`'s stages and heads; evaluation, export and int8 besides): "
+        f"{sum(s for s in seconds if s) / 60:.0f} min."
+    )
     return lines
 
 
@@ -217,8 +231,12 @@ def render(export: ExportDir) -> str:
     if car_head and "val_auroc" in car_head:
         out.append(f"Car head: val AUROC {car_head.get('val_auroc')} ({car_head.get('seconds')} s to train).")
     elif car_head:
-        out.append(f"Car head: {car_head['train_pictures']} pictures ({car_head.get('seconds')} s to train).")
-    out += ["", "## Training", "", *_training(config, metrics)]
+        pictures = car_head["train_pictures"]
+        out.append(
+            f"Car head: trained on {pictures['cars']} pictures of cars and {pictures['no_car']} without "
+            f"({car_head.get('seconds')} s)."
+        )
+    out += ["", "## Training", "", *_training(config, metrics, car_head)]
     if int8:
         out += [
             "",
