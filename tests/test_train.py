@@ -324,5 +324,7 @@ def test_calibration_fitted_on_val_is_taken_over_by_the_train_plus_val_fit(cars_
         k: v for k, v in calibration.items() if k != "fitted_on"
     }
     assert "train alone" in taken["fitted_on"]
+    source = json.loads((final / "calibration_from.json").read_text())  # the card's training time counts it
+    assert source["run"] == str(heldout) and source["training"]["fit_on"] == "train" and "car_head" in source
     missing = python("-m", "training.calibrate", "--run", str(final), "--fitted_on", str(tmp_path))
     assert missing.returncode == 2 and "calibrate that run first" in missing.stderr
