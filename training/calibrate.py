@@ -75,11 +75,13 @@ def fit_temperature(
     z = z.clamp(-6, 6)
     relative = torch.log(sides / reference_side)
     fitted = [log_t0] + [exponent] * size_dependent + [weights, square_weights] * bool(features)
-    optimizer = torch.optim.LBFGS(fitted, max_iter=200, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(fitted, lr=0.5, max_iter=200)
 
     def nll():
         optimizer.zero_grad()
-        temperature = torch.exp(log_t0 + exponent * relative + z @ weights + z.square() @ square_weights)
+        # held to 1e-4..1e4: a model near chance would otherwise send T, and the line search's step, to infinity
+        log_temperature = log_t0 + exponent * relative + z @ weights + z.square() @ square_weights
+        temperature = torch.exp(log_temperature.clamp(-9.2, 9.2))
         loss = torch.nn.functional.cross_entropy(logits / temperature.unsqueeze(1), labels)
         loss.backward()
         return loss
