@@ -227,22 +227,23 @@ class Predictor:
         images = [p.image for p in prepared]
         if not self.localizes:
             inputs = [p.tensor for p in prepared]
-            sides = side_lengths([(0, 0, *i.size) for i in images])
-            return Forward(self.logits(inputs), inputs, None, sides, quality=self.quality(inputs))
+            sides, batch = side_lengths([(0, 0, *i.size) for i in images]), torch.stack(inputs)
+            return Forward(self.logits(batch), inputs, None, sides, quality=self.quality(batch))
         boxes, car_scores = self.locate(prepared)
         inputs = list(map(self.cut_car, images, boxes))
         regions = [self.region(image.size, box) for image, box in zip(images, boxes, strict=True)]
         uploaded = list(map(in_uploaded_pixels, boxes, images))
         sizes = [uploaded_size(image) for image in images]
+        batch = torch.stack(inputs)  # once, for the classifier and the quality alike
         return Forward(
-            self.logits(inputs), inputs, uploaded, side_lengths(regions), car_scores, sizes, self.quality(inputs)
+            self.logits(batch), inputs, uploaded, side_lengths(regions), car_scores, sizes, self.quality(batch)
         )
 
-    def quality(self, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+    def quality(self, batch: torch.Tensor) -> torch.Tensor | None:
         """What the calibration reads off the classified images besides their size (when it does)."""
         if not self.calibration.sees_quality:
             return None
-        return image_quality(torch.stack(inputs), self.config.mean, self.config.std)
+        return image_quality(batch, self.config.mean, self.config.std)
 
     def probabilities(self, forward: Forward) -> torch.Tensor:
         """Calibrated class probabilities, one row per image."""
