@@ -30,10 +30,18 @@ class ModelConfig:
     # With a box head: a car/no-car logit from the same first pass (training.car_head trains it), so a
     # photo without a car is answered "no car" rather than with a car's name.
     car_head: bool = False
+    # With a box head: a car detector (carmodel.detection; training.detector trains it) finds every car
+    # in the whole image letterboxed into this canvas (width, height); it replaces the box and car
+    # heads' answer. (0, 0): none.
+    detect_size: tuple[int, int] = (0, 0)
 
     @property
     def localizes(self) -> bool:
         return self.locate_size > 0
+
+    @property
+    def detects(self) -> bool:
+        return self.localizes and min(self.detect_size) > 0
 
     @property
     def model_name(self) -> str:

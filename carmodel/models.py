@@ -33,6 +33,9 @@ class ArchSpec:
     blocks: Callable[[nn.Module], list[nn.Module]]  # trunk blocks, input side first
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # images -> the trunk's last feature map
     classify: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # that feature map -> logits
+    # images -> the feature maps at strides 8, 16 and 32 that the car detector reads (None: no detector)
+    pyramid: Callable[[nn.Module, torch.Tensor], list[torch.Tensor]] | None = None
+    pyramid_channels: tuple[int, ...] = ()
 
 
 def _pooled_classifier(m, f):
@@ -73,6 +76,18 @@ def _lite0_blocks(m) -> list[nn.Module]:
     return [nn.ModuleList([m.conv_stem, m.bn1]), *m.blocks, nn.ModuleList([m.conv_head, m.bn2])]
 
 
+def _lite0_pyramid(m, x) -> list[torch.Tensor]:
+    """The outputs of blocks 2, 4 and 6 (40, 112, 320 channels at strides 8, 16, 32); the 1x1 head
+    convolution that only classification needs is skipped."""
+    x = m.bn1(m.conv_stem(x))
+    levels = []
+    for index, block in enumerate(m.blocks):
+        x = block(x)
+        if index in (2, 4, 6):
+            levels.append(x)
+    return levels
+
+
 ARCHS: dict[str, ArchSpec] = {
     "resnet50": _torchvision("resnet50", "fc", _resnet_blocks, _resnet_features, _resnet_classify),
     "efficientnet_b0": _torchvision(
@@ -87,6 +102,8 @@ ARCHS: dict[str, ArchSpec] = {
         _lite0_blocks,
         lambda m, x: m.forward_features(x),
         lambda m, f: m.forward_head(f),
+        _lite0_pyramid,
+        (40, 112, 320),
     ),
 }
 
@@ -143,17 +160,30 @@ class GridHead(nn.Module):
 class Localizer(nn.Module):
     """A classifier (`net`, unchanged) with a box head on its trunk: forward -> (logits, box), and
     with `car_head` -> (logits, box, car logit), the car logit saying whether there is a car at all.
+    With `detector`, `detect` finds every car (carmodel.detection) from the same trunk's pyramid.
 
-    One trunk pass gives them all; the predictor runs it twice, small on the whole photo for the box
-    and the car logit, and at eval size on the car cut from the upload for the class."""
+    One trunk pass gives them all; the predictor runs it twice, on the whole photo to find the cars
+    (the detector; without one, small for the box and the car logit), and at eval size on each car cut
+    from the upload for its class."""
 
-    def __init__(self, net: nn.Module, arch: str, car_head: bool = False):
+    def __init__(self, net: nn.Module, arch: str, car_head: bool = False, detector: bool = False):
         super().__init__()
         self.arch = arch
         self.net = net
         channels = head_module(net, arch).in_features
         self.box_head = GridHead(channels, 4)
         self.car_head = GridHead(channels, 1) if car_head else None
+        self.detector = None
+        if detector:
+            from carmodel.detection import CarDetector  # torchvision's detection modules, only where used
+
+            if spec(arch).pyramid is None:
+                raise ValueError(f"{arch} has no feature pyramid for a car detector (ArchSpec.pyramid)")
+            self.detector = CarDetector(spec(arch).pyramid_channels)
+
+    def detect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Canvases -> the detector's car logits, box regression and centre-ness (carmodel.detection)."""
+        return self.detector(spec(self.arch).pyramid(self.net, x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = spec(self.arch)
@@ -164,6 +194,17 @@ class Localizer(nn.Module):
         return *outputs, self.car_head(features).squeeze(1)
 
 
+class DetectPass(nn.Module):
+    """A Localizer's detector as a network of its own (what a runner compiles): canvases -> its outputs."""
+
+    def __init__(self, localizer: Localizer):
+        super().__init__()
+        self.localizer = localizer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.localizer.detect(x)
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -171,20 +212,21 @@ def build_model(
     dropout: float = 0.2,
     locate: bool = False,
     car_head: bool = False,
+    detector: bool = False,
 ) -> tuple[nn.Module, str]:
     """Returns (model, description of the init that was used). `locate`: a `Localizer` around the
-    classifier (with a car/no-car head: `car_head`); a weights file of a classifier initialises its
-    `net`, one of a Localizer all of it (but a car head it lacks)."""
+    classifier (with a car/no-car head: `car_head`; with a car detector: `detector`); a weights file
+    of a classifier initialises its `net`, one of a Localizer all of it (but the heads it lacks)."""
     s = spec(arch)
     model = s.build(num_classes, dropout)
     if locate:
-        model = Localizer(model, arch, car_head)
+        model = Localizer(model, arch, car_head, detector)
     if pretrained == "none":
         init = "random (pretrained=none)"
     else:
         state = load_weights_file(Path(pretrained))
         if locate and any(k.startswith("box_head.") for k in state):
-            _load_localizer(model, state)
+            load_localizer(model, state)
         else:
             load_trunk(base_net(model), state, s.head)
         init = f"file:{pretrained}"
@@ -195,14 +237,21 @@ def build_model(
 def build_for(config, num_classes: int, pretrained: str = "none") -> tuple[nn.Module, str]:
     """`build_model` for a carmodel.config.ModelConfig: its architecture and heads."""
     return build_model(
-        config.arch, num_classes, pretrained, config.dropout, locate=config.localizes, car_head=config.car_head
+        config.arch,
+        num_classes,
+        pretrained,
+        config.dropout,
+        locate=config.localizes,
+        car_head=config.car_head,
+        detector=config.detects,
     )
 
 
-def _load_localizer(model: Localizer, state: dict) -> None:
-    """A Localizer's weights; a car head that the file lacks stays as initialised (training.car_head trains it)."""
+def load_localizer(model: Localizer, state: dict) -> None:
+    """A Localizer's weights; a car head or detector that the file lacks stays as initialised
+    (training.car_head and training.detector train them)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("car_head.") for k in missing):
+    if unexpected or any(not k.startswith(("car_head.", "detector.")) for k in missing):
         raise PretrainedWeightsError(f"weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 

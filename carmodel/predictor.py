@@ -1,9 +1,14 @@
 """The inference chain, once: image -> [find the car, cut it out] -> eval preset -> runner -> answer.
 
-A model with a box head (ModelConfig.locate_size) localises, then classifies: the whole image,
-squashed small, gives the car's box (and, with a car head, whether there is a car at all); the car
-is cut from the full-resolution image (where a phone photo's detail is) at that box, widened by
-`crop_margin`, and classified. A model without one classifies the whole image.
+A model with a car detector (ModelConfig.detect_size, carmodel.detection) finds every car: the whole
+image, letterboxed into the detector's canvas, gives each car's box and score; each car scoring at
+least the calibrated car threshold (up to `max_cars`) is cut from the full-resolution image (where a
+phone photo's detail is) at its box, widened by `crop_margin`, and all the cars of a batch are
+classified in one pass. The most prominent car (area x score) is the answer's own; the others follow
+in `Answer.cars`. An image where no car reaches the threshold is "no car" (its best candidate, or the
+whole image, is still classified: evaluation and calibration read every image's logits).
+An older model with only a box head finds one car in the whole image squashed small (with a car head,
+whether there is a car at all). A model without either classifies the whole image.
 
 The answer (`Answer`) is calibrated (carmodel/calibration.py): probabilities a person can read as
 odds, the make and body type with their probabilities summed over their classes
@@ -28,13 +33,16 @@ from PIL import Image
 
 from carmodel.calibration import Calibration, image_quality
 from carmodel.config import ModelConfig
+from carmodel.detection import Decoder, Letterbox
 from carmodel.export import ExportDir
 from carmodel.images import uploaded_size
+from carmodel.models import DetectPass
 from carmodel.presets import cut_out, decode_side, eval_preset, locate_preset, widen
 from carmodel.runners import Runner, make_runner
 from carmodel.vehicles import Vehicle, describe, groups
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in the image's pixels (x2, y2 exclusive)
+MAX_CARS = 10  # cars answered per image, most prominent first (the handler's max_cars)
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,31 @@ class Share:
 
 
 @dataclass(frozen=True)
+class Car:
+    """One car found in an image, and what it is."""
+
+    box: Box  # in the upload's pixels
+    score: float  # the detector's score
+    make: Share | None  # None when even the make is not sure
+    body_type: Share
+    uncertain: bool
+    predictions: list[Prediction]
+
+    def to_dict(self) -> dict:
+        return {
+            "box": list(self.box),
+            "score": round(self.score, 6),
+            "make": self.make and self.make.to_dict(),
+            "body_type": self.body_type.to_dict(),
+            "uncertain": self.uncertain,
+            "predictions": [p.to_dict() for p in self.predictions],
+        }
+
+
+@dataclass(frozen=True)
 class Answer:
-    """What the model says of one image."""
+    """What the model says of one image: its fields describe the most prominent car; `cars` lists every
+    car a detector found, that one first ([] without a car)."""
 
     car_found: bool
     car_score: float | None  # the car/no-car score; None for a model without a car head
@@ -75,6 +106,7 @@ class Answer:
     body_type: Share | None  # None without a car
     uncertain: bool  # a car, but the top-1 probability is below the sure threshold
     predictions: list[Prediction]  # best first; [] without a car
+    cars: list[Car] | None = None  # every car found, this one first; None: the model has no detector
 
     def rows(self) -> list[dict]:
         """The plain answer: the top-k rows ([] for a photo without a car)."""
@@ -92,16 +124,18 @@ class Answer:
             "body_type": self.body_type and self.body_type.to_dict(),
             "uncertain": self.uncertain,
             "predictions": self.rows(),
-        }
+        } | ({} if self.cars is None else {"cars": [car.to_dict() for car in self.cars]})
 
 
 @dataclass(frozen=True)
 class Prepared:
     """One image, ready for the chain's first pass: `tensor` is what that pass runs on (the whole
-    image at locate size, or at eval size without a box head); `image` is kept to cut the car from."""
+    image on the detector's canvas, or at locate size, or at eval size without a box head); `image`
+    is kept to cut the cars from; `scale`: canvas pixels per image pixel (a detector's)."""
 
     image: Image.Image
     tensor: torch.Tensor
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,14 +158,27 @@ class Explanation:
 
 
 @dataclass
+class Others:
+    """The cars of a batch besides each image's own (a detector's), classified in the same pass."""
+
+    logits: torch.Tensor
+    sides: torch.Tensor
+    quality: torch.Tensor | None
+    boxes: list[Box]  # in the uploads' pixels
+    scores: list[float]
+    owners: list[int]  # the image each belongs to
+
+
+@dataclass
 class Forward:
-    logits: torch.Tensor  # one row per image
+    logits: torch.Tensor  # one row per image: its most prominent car (or its best guess, or the whole image)
     inputs: list[torch.Tensor]  # what was classified: the cars cut out, or the whole images
     boxes: list[Box] | None  # where the car was found, in each upload's pixels; None without a box head
     sides: torch.Tensor  # the classified region's size, sqrt(width x height) in decoded pixels: what T depends on
     car_scores: torch.Tensor | None = None  # the car/no-car score of each image; None without a car head
     uploaded_sizes: list[tuple[int, int]] | None = None  # each upload's (width, height), before decoding shrank it
     quality: torch.Tensor | None = None  # calibration.image_quality of what was classified: T depends on it too
+    others: Others | None = None  # a detector's other cars found
 
 
 class Predictor:
@@ -158,6 +205,9 @@ class Predictor:
         self.locator = locator if config.localizes else None
         self.preprocess = eval_preset(config)
         self.locate_preprocess = locate_preset(config) if config.localizes else None
+        self.max_cars = MAX_CARS
+        self.canvas = Letterbox(config) if config.detects else None
+        self.decoder = Decoder(model.detector, config) if config.detects else None
         self.margins = (config.crop_margin,) * 4  # left, top, right, bottom
         self.decode_side = decode_side(config)  # what images are decoded to (carmodel.images)
 
@@ -177,7 +227,10 @@ class Predictor:
         config = export.model_config
         runner = make_runner(model, config.eval_size, backend, precision, export.int8_xml, threads)
         locator = None
-        if config.localizes:
+        if config.detects:  # the classifier's int8 model does not hold the detector: it runs in float
+            detect = DetectPass(model)
+            locator = make_runner(detect, config.detect_size, backend, "auto" if precision == "int8" else precision)
+        elif config.localizes:
             locator = make_runner(model, config.locate_size, backend, precision, export.int8_xml, threads)
         return cls(model, config, export.classes(), runner, locator, export.calibration())
 
@@ -203,7 +256,29 @@ class Predictor:
 
     def prepare(self, image: Image.Image) -> Prepared:
         """Per image, safe to run in threads side by side: the first pass's input."""
+        if self.canvas is not None:
+            return Prepared(image, *self.canvas(image))
         return Prepared(image, (self.locate_preprocess or self.preprocess)(image))
+
+    def find(self, prepared: Sequence[Prepared]) -> list[tuple[list[Box], list[float]]]:
+        """Every candidate car of each image (the detector's, score >= its floor, best first): boxes in
+        the decoded image's pixels, and scores."""
+        outputs = self.locator.run(torch.stack([p.tensor for p in prepared]))
+        found = self.decoder.cars(outputs, [self.canvas.content(p.image.size) for p in prepared])
+        return [
+            ([to_pixels(box / p.scale, p.image.size, fractions=False) for box in f.boxes], f.scores.tolist())
+            for f, p in zip(found, prepared, strict=True)
+        ]
+
+    def cars_of(self, image: Image.Image, boxes: list[Box], scores: list[float]) -> list[tuple[Box, float]]:
+        """The cars answered for one image: those scoring at least the car threshold, most prominent
+        (area x score) first, at most max_cars; none found: the best candidate, or the whole image,
+        scored as found (a row to classify; the answer says no car)."""
+        cars = [(b, s) for b, s in zip(boxes, scores, strict=True) if s >= self.calibration.car_threshold]
+        cars = sorted(cars, key=lambda c: -(c[0][2] - c[0][0]) * (c[0][3] - c[0][1]) * c[1])[: self.max_cars]
+        if cars:
+            return cars
+        return [(boxes[0], scores[0])] if boxes else [((0, 0, *image.size), 0.0)]
 
     def locate(self, prepared: Sequence[Prepared]) -> tuple[list[Box], torch.Tensor | None]:
         """The car's box in each image, in the decoded image's pixels, and (with a car head) the
@@ -229,6 +304,8 @@ class Predictor:
             inputs = [p.tensor for p in prepared]
             sides, batch = side_lengths([(0, 0, *i.size) for i in images]), torch.stack(inputs)
             return Forward(self.logits(batch), inputs, None, sides, quality=self.quality(batch))
+        if self.decoder is not None:
+            return self.run_detected(prepared, map)
         boxes, car_scores = self.locate(prepared)
         inputs = list(map(self.cut_car, images, boxes))
         regions = [self.region(image.size, box) for image, box in zip(images, boxes, strict=True)]
@@ -237,6 +314,37 @@ class Predictor:
         batch = torch.stack(inputs)  # once, for the classifier and the quality alike
         return Forward(
             self.logits(batch), inputs, uploaded, side_lengths(regions), car_scores, sizes, self.quality(batch)
+        )
+
+    def run_detected(self, prepared: Sequence[Prepared], map: Callable) -> Forward:
+        """`run` with a detector: every image's cars cut out and classified in one batch, each image's
+        most prominent car first (the Forward's own rows), then the others (`Forward.others`)."""
+        images = [p.image for p in prepared]
+        cars = [self.cars_of(p.image, *found) for p, found in zip(prepared, self.find(prepared), strict=True)]
+        rows = [(i, *car[0]) for i, car in enumerate(cars)] + [(i, *c) for i, car in enumerate(cars) for c in car[1:]]
+        owners, boxes, scores = zip(*rows, strict=True)
+        inputs = list(map(self.cut_car, [images[i] for i in owners], boxes))
+        regions = [self.region(images[i].size, box) for i, box in zip(owners, boxes, strict=True)]
+        uploaded = list(map(in_uploaded_pixels, boxes, [images[i] for i in owners]))
+        batch = torch.stack(inputs)
+        logits, quality, sides, n = self.logits(batch), self.quality(batch), side_lengths(regions), len(images)
+        others = Others(
+            logits[n:],
+            sides[n:],
+            None if quality is None else quality[n:],
+            uploaded[n:],
+            list(scores[n:]),
+            list(owners[n:]),
+        )
+        return Forward(
+            logits[:n],
+            inputs[:n],
+            uploaded[:n],
+            sides[:n],
+            torch.tensor(scores[:n]),
+            [uploaded_size(image) for image in images],
+            None if quality is None else quality[:n],
+            others,
         )
 
     def quality(self, batch: torch.Tensor) -> torch.Tensor | None:
@@ -271,23 +379,43 @@ class Predictor:
         best, ids = self.summed(probabilities, of).max(1)
         return [Share(names[int(i)], float(p)) for p, i in zip(best, ids, strict=True)]
 
-    def answer(self, forward: Forward, k: int | Sequence[int]) -> list[Answer]:
-        """The answer for each image of `forward`: `k` predictions (one k, or one per image)."""
-        probabilities = self.probabilities(forward)
+    def describe(
+        self, probabilities: torch.Tensor, k: int | Sequence[int]
+    ) -> list[tuple[list[Prediction], Share | None, Share, bool]]:
+        """Each row's top-k, make (None when not even it is sure), body type and whether it is unsure."""
+        c = self.calibration
         rows = self.top_k(probabilities, k)
         makes = self.shares(probabilities, self.make_of, self.makes)
         bodies = self.shares(probabilities, self.body_of, self.body_types)
-        scores = forward.car_scores.tolist() if forward.car_scores is not None else [None] * len(rows)
-        boxes = forward.boxes or [None] * len(rows)
-        c = self.calibration
-        answers = []
-        for top, make, body, score, box in zip(rows, makes, bodies, scores, boxes, strict=True):
-            if score is not None and score < c.car_threshold:
-                answers.append(Answer(False, score, None, None, None, False, []))
-                continue
+        described = []
+        for top, make, body in zip(rows, makes, bodies, strict=True):
             uncertain = top[0].probability < c.sure_threshold
             named = make if not uncertain or make.probability >= c.make_threshold else None
-            answers.append(Answer(True, score, box, named, body, uncertain, top))
+            described.append((top, named, body, uncertain))
+        return described
+
+    def answer(self, forward: Forward, k: int | Sequence[int]) -> list[Answer]:
+        """The answer for each image of `forward`: `k` predictions (one k, or one per image)."""
+        ks = [k] * len(forward.logits) if isinstance(k, int) else list(k)
+        described = self.describe(self.probabilities(forward), ks)
+        scores = forward.car_scores.tolist() if forward.car_scores is not None else [None] * len(ks)
+        boxes = forward.boxes or [None] * len(ks)
+        others: list[list[Car]] = [[] for _ in ks]
+        if forward.others is not None and forward.others.owners:
+            o = forward.others
+            probabilities = self.calibration.probabilities(o.logits, o.sides, o.quality)
+            for owner, box, score, car in zip(
+                o.owners, o.boxes, o.scores, self.describe(probabilities, [ks[i] for i in o.owners]), strict=True
+            ):
+                others[owner].append(Car(box, score, car[1], car[2], car[3], car[0]))
+        answers = []
+        for (top, make, body, uncertain), score, box, rest in zip(described, scores, boxes, others, strict=True):
+            detects = self.decoder is not None
+            if score is not None and score < self.calibration.car_threshold:
+                answers.append(Answer(False, score, None, None, None, False, [], [] if detects else None))
+                continue
+            cars = [Car(box, score, make, body, uncertain, top), *rest] if detects else None
+            answers.append(Answer(True, score, box, make, body, uncertain, top, cars))
         return answers
 
     def explain(self, forward: Forward, targets: Sequence[int | None], steps: int) -> list[Explanation]:
@@ -333,11 +461,14 @@ def in_uploaded_pixels(box: Box, image: Image.Image) -> Box:
     return round(x1 * sx), round(y1 * sy), min(round(x2 * sx), up_width), min(round(y2 * sy), up_height)
 
 
-def to_pixels(box: torch.Tensor, size: tuple[int, int]) -> Box:
-    """The box head's (x1, y1, x2, y2) fractions -> whole pixels of a `size` (width, height) image,
-    ordered and inside it."""
+def to_pixels(box: torch.Tensor, size: tuple[int, int], fractions: bool = True) -> Box:
+    """A box's (x1, y1, x2, y2) - the box head's fractions, or pixels - as whole pixels of a `size`
+    (width, height) image, ordered and inside it."""
     width, height = size
-    x1, y1, x2, y2 = box.float().clamp(0, 1).tolist()
+    scale = torch.tensor([width, height, width, height]) if fractions else torch.ones(4)
+    x1, y1, x2, y2 = torch.minimum(
+        (box.float() * scale).clamp_min(0), torch.tensor([width, height, width, height], dtype=torch.float32)
+    ).tolist()
     x1, x2 = sorted((x1, x2))
     y1, y2 = sorted((y1, y2))
-    return round(x1 * width), round(y1 * height), round(x2 * width), round(y2 * height)
+    return round(x1), round(y1), round(x2), round(y2)

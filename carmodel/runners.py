@@ -27,13 +27,19 @@ BACKENDS = ("auto", "openvino", "torch")
 PRECISIONS = ("auto", "int8", "bf16", "fp32")
 
 
-def to_openvino(model: torch.nn.Module, image_size: int):
+def input_shape(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a runner's input: a square's side, or a (width, height) canvas."""
+    return (image_size, image_size) if isinstance(image_size, int) else (image_size[1], image_size[0])
+
+
+def to_openvino(model: torch.nn.Module, image_size: int | tuple[int, int]):
     """The torch network as an OpenVINO model taking any batch size."""
     import openvino as ov
 
+    height, width = input_shape(image_size)
     with torch.no_grad():
-        ov_model = ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, image_size, image_size))
-    ov_model.reshape([-1, 3, image_size, image_size])  # any batch size TorchServe hands us
+        ov_model = ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, height, width))
+    ov_model.reshape([-1, 3, height, width])  # any batch size TorchServe hands us
     return ov_model
 
 
@@ -61,7 +67,7 @@ def torch_runner(model: torch.nn.Module, threads: int = 0) -> Runner:
 
 def openvino_runner(
     model: torch.nn.Module,
-    image_size: int,
+    image_size: int | tuple[int, int],
     precision: str = "auto",
     int8_model: Path | None = None,
     threads: int = 0,
@@ -78,7 +84,7 @@ def openvino_runner(
     ov_model = core.read_model(int8_model) if precision == "int8" else to_openvino(model, image_size)
     # one network for both passes of a box-head model: the int8 file is stored at the eval size (or with
     # any size), so it is fixed here to this runner's size
-    ov_model.reshape([-1, 3, image_size, image_size])
+    ov_model.reshape([-1, 3, *input_shape(image_size)])
     # int8: quantized layers run in int8 (VNNI); the few left in float stay fp32 for accuracy.
     properties = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
@@ -96,13 +102,14 @@ def openvino_runner(
 
 def make_runner(
     model: torch.nn.Module,
-    image_size: int,
+    image_size: int | tuple[int, int],
     backend: str = "auto",
     precision: str = "auto",
     int8_model: Path | None = None,
     threads: int = 0,
 ) -> Runner:
     """The fastest available way to run `model` on this CPU, falling back to eager fp32.
+    `image_size`: a square's side, or a (width, height) canvas.
     `int8_model`: the calibrated int8 IR of this model, if there is one."""
     if backend not in BACKENDS or precision not in PRECISIONS:
         raise ValueError(f"backend must be one of {BACKENDS} and precision one of {PRECISIONS}")
@@ -115,5 +122,5 @@ def make_runner(
             raise
         logger.warning("openvino is not installed: serving with eager fp32 torch")
         return torch_runner(model, threads)
-    runner.run(torch.zeros(2, 3, image_size, image_size))  # compile kernels now, not on a user's request
+    runner.run(torch.zeros(2, 3, *input_shape(image_size)))  # compile kernels now, not on a user's request
     return runner

@@ -13,12 +13,13 @@ Two engines run the same chain (decode -> find the car -> cut it out -> classify
 Results stream to ``<out>/predictions_<YYYYmmdd-HHMMSS>.jsonl`` as they complete, one line per image,
 flushed as it goes: ``{"file": "<path relative to DIR>", "car_found", "car_score", "class_id",
 "class_name", "probability", "make", "model", "year", "body_type", "make_probability", "uncertain",
-"top_k"}``, or ``{"file", "error", "status"}``. The summary (model, engine, counts - ok, failed,
-without a car, uncertain - and the rate) goes to ``<stem>.summary.json`` at the end, and on Ctrl-C or
-SIGTERM with what was done by then. ``--resume FILE.jsonl`` carries on: files already answered are not
-sent again, failed ones are; the finished file holds one line per image, sorted by file, as a clean
-run's does. ``--csv``, ``--json`` (the summary with every prediction, one file) and ``--parquet`` are
-derived from the lines at the end.
+"top_k", "cars"}`` (the fields of the most prominent car; `cars`: every car found, each with its
+"box", "score" and those fields, that one first), or ``{"file", "error", "status"}``. The summary
+(model, engine, counts - ok, failed, without a car, uncertain, cars found - and the rate) goes to
+``<stem>.summary.json`` at the end, and on Ctrl-C or SIGTERM with what was done by then.
+``--resume FILE.jsonl`` carries on: files already answered are not sent again, failed ones are; the
+finished file holds one line per image, sorted by file, as a clean run's does. ``--csv``, ``--json``
+(the summary with every prediction, one file) and ``--parquet`` are derived from the lines at the end.
 
     predict-dir photos/ --model efficientnet_lite0_cars
     predict-dir photos/ --model efficientnet_lite0_cars --resume predictions/predictions_20261202-101500.jsonl
@@ -169,6 +170,7 @@ def counts(results: dict[str, dict]) -> dict[str, int]:
         "error": errors,
         "no_car": sum(r.get("car_found") is False for r in results.values()),
         "uncertain": sum(bool(r.get("uncertain")) for r in results.values()),
+        "cars": sum(len(r.get("cars") or []) for r in results.values()),  # every car found (a detector's)
     }
 
 
@@ -346,7 +348,10 @@ def write_derived(lines: Path, write_csv: bool, write_json: bool, write_parquet:
         import pyarrow.parquet as pq
 
         path = lines.with_suffix(".parquet")
-        rows = [{**r, "top_k": json.dumps(r.get("top_k", []))} for r in results.values()]
+        rows = [
+            {**r, "top_k": json.dumps(r.get("top_k", [])), "cars": json.dumps(r.get("cars", []))}
+            for r in results.values()
+        ]
         pq.write_table(pa.Table.from_pylist(rows), path)
         written.append(path)
     return written

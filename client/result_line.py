@@ -7,9 +7,11 @@ ROW_FIELDS = ("class_id", "class_name", "probability", "make", "model", "year", 
 
 
 def from_details(answer: dict) -> dict:
-    """The handler's detailed answer (carmodel.predictor.Answer.details) as one result line's fields."""
+    """The handler's detailed answer (carmodel.predictor.Answer.details) as one result line's fields:
+    the most prominent car's, and with a car detector every car found (`cars`, that one first)."""
+    cars = {"cars": [car_fields(car) for car in answer["cars"]]} if "cars" in answer else {}
     if not answer["car"]["found"]:
-        return {"car_found": False, "car_score": answer["car"]["score"], "top_k": []}
+        return {"car_found": False, "car_score": answer["car"]["score"], "top_k": [], **cars}
     best = answer["predictions"][0]
     return {
         "car_found": True,
@@ -18,6 +20,19 @@ def from_details(answer: dict) -> dict:
         "make_probability": answer["make"]["probability"] if answer["make"] else None,
         "uncertain": answer["uncertain"],
         "top_k": answer["predictions"],
+        **cars,
+    }
+
+
+def car_fields(car: dict) -> dict:
+    """One car of the detailed answer's `cars`: its box and score, and its top-1 with the make."""
+    best = car["predictions"][0]
+    return {
+        "box": car["box"],
+        "score": car["score"],
+        **{key: best[key] for key in ROW_FIELDS},
+        "make_probability": car["make"]["probability"] if car["make"] else None,
+        "uncertain": car["uncertain"],
     }
 
 

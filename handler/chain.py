@@ -80,6 +80,7 @@ class ServedChain:
         predictor.calibration = predictor.calibration.with_thresholds(
             car_threshold=settings.car_threshold, sure_threshold=settings.sure_threshold
         )
+        predictor.max_cars = settings.max_cars
         self.predictor = predictor
         self.max_topk = settings.largest_topk(len(predictor.classes))
         # PIL and the transforms release the GIL: a batch's images decode and are cut out side by side.

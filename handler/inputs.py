@@ -217,5 +217,6 @@ def shaped(answer, options: Options):
     if options.details:
         return answer.details()
     if options.box:
-        return {"predictions": answer.rows(), "box": answer.box and list(answer.box)}
+        boxes = {} if answer.cars is None else {"boxes": [list(car.box) for car in answer.cars]}
+        return {"predictions": answer.rows(), "box": answer.box and list(answer.box), **boxes}
     return answer.rows()

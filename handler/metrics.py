@@ -15,6 +15,8 @@ STAGE_SECONDS_HISTOGRAM = {"preprocess": "car_preprocess_seconds", "inference": 
 # one observation per photo answered with a car: its calibrated top-1 probability, 0-1 (the default
 # buckets up to 1 apply)
 TOP1_PROBABILITY = "car_top1_probability"
+# one observation per photo answered (models with a car detector): how many cars were found in it
+CARS_PER_IMAGE = "car_cars_per_image"
 
 # Counters: running totals per stage (label `stage`), from which rates give the seconds per image and
 # the batch size of each stage; predictions by top-1 class (`class_name`); refused photos by HTTP `status`;
@@ -43,7 +45,10 @@ def add_refusal(metrics, status: int) -> None:
 
 
 def add_answer(metrics, answer) -> None:
-    """One answer (carmodel.predictor.Answer): no car, or its top-1 class and probability, and whether unsure."""
+    """One answer (carmodel.predictor.Answer): no car, or its top-1 class and probability, and whether
+    unsure; and how many cars were found."""
+    if answer.cars is not None:
+        metrics.add_metric(CARS_PER_IMAGE, len(answer.cars), "count", None, [], MetricTypes.HISTOGRAM)
     if not answer.car_found:
         metrics.add_counter(NO_CAR, 1, None, [])
         return

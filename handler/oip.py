@@ -21,6 +21,15 @@ answer, carmodel.predictor.Answer.details):
     probabilities          FP32   [N, k]  calibrated; 0 without a car
     class_names            BYTES  [N, k]  "" without a car
     boxes                  FP32   [N, 4]  the car's box in the photo's pixels (models that localise); -1 without a car
+    -- every car found (models with a detector), most prominent first, M = the most cars of any photo --
+    car_count              INT64  [N]        how many cars were found (0: no car)
+    car_boxes              FP32   [N, M, 4]  each car's box in the photo's pixels; -1 past car_count
+    car_scores             FP32   [N, M]     each car's detector score; 0 past car_count
+    car_class_ids          INT64  [N, M]     each car's top-1 class; -1 past car_count
+    car_probabilities      FP32   [N, M]     its calibrated probability; 0 past car_count
+    car_class_names        BYTES  [N, M]     "" past car_count
+    car_makes              BYTES  [N, M]     "" where the answer names no make, and past car_count
+    car_uncertain          BOOL   [N, M]     false past car_count
 
 `outputs` in the request picks among them; the request parameter `topk` sets k (default: the
 handler's). A bad request or a bad photo fails the whole request with a 4xx and the protocol's
@@ -54,10 +63,27 @@ DATATYPES = {
     "probabilities": "FP32",
     "class_names": "BYTES",
     "boxes": "FP32",
+    "car_count": "INT64",
+    "car_boxes": "FP32",
+    "car_scores": "FP32",
+    "car_class_ids": "INT64",
+    "car_probabilities": "FP32",
+    "car_class_names": "BYTES",
+    "car_makes": "BYTES",
+    "car_uncertain": "BOOL",
+}
+NO_BOX = [-1, -1, -1, -1]
+CAR_OUTPUTS = {  # per car: how to read it off the car's answer, and what pads past the last car
+    "car_boxes": (lambda car: car["box"], NO_BOX),
+    "car_scores": (lambda car: car["score"], 0.0),
+    "car_class_ids": (lambda car: car["predictions"][0]["class_id"], -1),
+    "car_probabilities": (lambda car: car["predictions"][0]["probability"], 0.0),
+    "car_class_names": (lambda car: car["predictions"][0]["class_name"], ""),
+    "car_makes": (lambda car: car["make"]["name"] if car["make"] else "", ""),
+    "car_uncertain": (lambda car: car["uncertain"], False),
 }
 OUTPUTS = tuple(DATATYPES)
 PER_PREDICTION = ("class_ids", "probabilities", "class_names", "boxes")  # [N, k] or [N, 4]; the rest are [N]
-NO_BOX = [-1, -1, -1, -1]
 BINARY_HEADER = "inference-header-content-length"  # the binary tensor extension's JSON length
 
 
@@ -175,17 +201,35 @@ def output_tensors(answers: list[dict], wanted: list[str] | None) -> list[dict]:
         columns["car_score"] = [[a["car"]["score"]] for a in answers]
     if all(a["car"]["box"] is not None or not a["car"]["found"] for a in answers):
         columns["boxes"] = [a["car"]["box"] or NO_BOX for a in answers]
-    for name, reason in (("car_score", "has no car head"), ("boxes", "does not localise the car")):
+    if all("cars" in a for a in answers):
+        columns |= car_columns(answers)
+    for name, reason in (
+        ("car_score", "has no car head"),
+        ("boxes", "does not localise the car"),
+        ("car_count", "has no car detector"),
+    ):
         if wanted and name in wanted and name not in columns:
             raise ProtocolError(400, f"output {name!r}: this model {reason}")
     tensors = []
     for name in wanted or [name for name in OUTPUTS if name in columns]:
+        if name not in columns:
+            raise ProtocolError(400, f"output {name!r}: this model has no car detector")
         rows = columns[name]
-        shape = [len(rows), len(rows[0])] if name in PER_PREDICTION else [len(rows)]
-        tensors.append(
-            {"name": name, "datatype": DATATYPES[name], "shape": shape, "data": [v for row in rows for v in row]}
-        )
+        shape = [len(rows), len(rows[0])] if name in PER_PREDICTION or name in CAR_OUTPUTS else [len(rows)]
+        values = [v for row in rows for v in row]
+        if name == "car_boxes":
+            shape, values = [*shape, 4], [v for box in values for v in box]
+        tensors.append({"name": name, "datatype": DATATYPES[name], "shape": shape, "data": values})
     return tensors
+
+
+def car_columns(answers: list[dict]) -> dict[str, list]:
+    """Every car of every photo as [N, M] columns (car_boxes: [N, M] boxes), padded past each photo's last."""
+    most = max(1, max(len(a["cars"]) for a in answers))
+    columns = {"car_count": [[len(a["cars"])] for a in answers]}
+    for name, (read, pad) in CAR_OUTPUTS.items():
+        columns[name] = [[read(car) for car in a["cars"]] + [pad] * (most - len(a["cars"])) for a in answers]
+    return columns
 
 
 class CarsV2Envelope(kservev2.KServev2Envelope):

@@ -53,6 +53,7 @@ class HandlerSettings:
         100_000_000,
         "pixels a batch may decode; images past it are answered 503 + Retry-After (one always passes; 0 = no budget)",
     )
+    max_cars: int = setting(10, "cars answered per image, most prominent first (models with a car detector)")
     ig_steps: int = setting(16, "Integrated Gradients steps per explanation")
     car_threshold: float = setting(
         -1.0, "car score below which a photo is answered 'no car' (-1 = the model's own, fitted on val)"
@@ -60,6 +61,10 @@ class HandlerSettings:
     sure_threshold: float = setting(
         -1.0, "top-1 probability below which an answer is marked uncertain (-1 = the model's own, fitted on val)"
     )
+
+    def __post_init__(self):
+        if self.max_cars < 1:
+            raise typed.SettingsError(f"max_cars must be at least 1, got {self.max_cars}")
 
     @property
     def image_limits(self) -> ImageLimits:

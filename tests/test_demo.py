@@ -84,7 +84,8 @@ def test_the_page_shows_answers_boxes_and_errors(chromium, demo, whole_photos, t
         expect(card.locator(".top li").first).to_contain_text(label)  # training cars: the top-1
         expect(card.locator(".meta")).to_contain_text(f"{DEFAULT} v1.0")
         expect(card.locator(".top li")).to_have_count(5)
-        expect(card.locator(".box")).to_be_visible()  # the shipped model localises
+        expect(card.locator(".box").first).to_be_visible()  # the shipped model finds the car
+        expect(card.locator(".box .tag").first).to_contain_text(label)  # labelled with its top-1
     expect(cards.nth(3).locator(".error")).to_contain_text("415: not an image in a supported format")
     expect(cards.nth(4).locator(".error")).to_contain_text("413: image is")
 

@@ -51,10 +51,19 @@ def test_draws_onto_an_iphone_heic(server, car_image, cars_root, tmp_path):
 
 def test_drawing_needs_no_server_and_works_without_a_box():
     image = Image.new("RGB", (2000, 1500), (90, 90, 90))
-    with_box = draw(image, [500, 400, 1500, 1100], "Some Car 2012  88%")
+    with_box = draw(image, [([500, 400, 1500, 1100], "Some Car 2012  88%")])
     assert max(with_box.size) == 1024  # large photos are shown smaller
-    without = draw(image, None, "Some Car 2012  88%")
+    without = draw(image, [(None, "Some Car 2012  88%")])
     assert (np.asarray(without)[0:5, 0:5] == BOX_COLOUR).all()  # the label sits at the top left
+
+
+def test_every_car_gets_its_box():
+    image = Image.new("RGB", (1000, 500), (90, 90, 90))
+    boxes = [[100, 300, 400, 450], [600, 250, 900, 480]]
+    pixels = np.asarray(draw(image, [(box, f"Car {i}") for i, box in enumerate(boxes)]))
+    scale = pixels.shape[1] / image.width
+    for x1, y1, _, y2 in boxes:  # each box's left edge, half way down, is in the box colour
+        assert (pixels[round((y1 + y2) / 2 * scale), round(x1 * scale) : round(x1 * scale) + 2] == BOX_COLOUR).all()
 
 
 def test_missing_image_and_unreachable_server_exit_as_documented(car_image, tmp_path):

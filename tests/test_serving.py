@@ -170,8 +170,9 @@ def test_the_box_comes_only_when_asked_for(server, names, photo, car_rgb):
     for response in answers:
         assert response.status_code == 200, response.text
         answer = response.json()
-        assert set(answer) == {"predictions", "box"} and len(answer["predictions"]) == 2
+        assert set(answer) == {"predictions", "box", "boxes"} and len(answer["predictions"]) == 2
         assert answer["predictions"][0]["class_name"] in names[DEFAULT].values()
+        assert answer["boxes"][0] == answer["box"]  # every car's box, the answer's own first
         x1, y1, x2, y2 = answer["box"]
         assert 0 <= x1 < x2 <= car_rgb.width and 0 <= y1 < y2 <= car_rgb.height
     assert post_raw(server, photo, **{"X-Box": "false"}).json()[0]["class_name"] in names[DEFAULT].values()
@@ -200,8 +201,12 @@ def test_the_detailed_answer_by_header_or_field(server, names, photo, car_rgb):
     for response in answers:
         assert response.status_code == 200 and response.headers["Content-Type"] == "application/json", response.text
         answer = response.json()
-        assert set(answer) == {"car", "make", "body_type", "uncertain", "predictions"}
+        assert set(answer) == {"car", "make", "body_type", "uncertain", "predictions", "cars"}
         assert answer["car"]["found"] is True and 0 <= answer["car"]["score"] <= 1
+        first = answer["cars"][0]  # every car found, the most prominent first: the answer's own
+        assert [first["box"], first["score"], first["predictions"]] == [
+            answer["car"]["box"], answer["car"]["score"], answer["predictions"]
+        ]  # fmt: skip
         x1, y1, x2, y2 = answer["car"]["box"]
         assert 0 <= x1 < x2 <= car_rgb.width and 0 <= y1 < y2 <= car_rgb.height
         assert len(answer["predictions"]) == 3 and answer["predictions"][0]["class_name"] in names[DEFAULT].values()
@@ -446,13 +451,17 @@ def test_only_model_store_archives_can_be_registered(server, model_store, tmp_pa
 
 
 def test_answers_without_a_car_reach_the_metrics_endpoint(server, no_car_pictures):
-    """The handler's counters travel through the worker's log to the front end's Prometheus endpoint."""
+    """The handler's counters travel through the worker's log to the front end's Prometheus endpoint; the
+    histogram of cars per picture counts this one at 0."""
     assert post_raw(server, no_car_pictures["skimage:cat"].read_bytes()).json() == []
     deadline = time.monotonic() + 30
     while not (samples := _samples(_families(_metrics_text(server)).get("car_no_car"), DEFAULT)):
         assert time.monotonic() < deadline, "car_no_car not counted"
         time.sleep(0.5)
     assert samples[0].value >= 1
+    cars = _samples(_families(_metrics_text(server)).get("car_cars_per_image"), DEFAULT)
+    buckets = {s.labels["le"]: s.value for s in cars if s.name.endswith("_bucket")}
+    assert _families(_metrics_text(server))["car_cars_per_image"].type == "histogram" and buckets["0.005"] >= 1
 
 
 def test_archive_in_another_folder_named_model_store_is_refused(server, tmp_path):

@@ -38,6 +38,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from carmodel.calibration import CALIBRATION, QUALITY, Calibration
+from carmodel.detection import PROVISIONAL_THRESHOLD
 from carmodel.errors import exit_with
 from carmodel.presets import photo_conditions
 from training import config as config_lib
@@ -146,7 +147,10 @@ def calibrate_run(
     quality: bool = True,
 ) -> tuple[Calibration, dict]:
     cfg, classes, model = load_trained(run_dir, {"progress": False})
-    predictor = reference_predictor(model, cfg, classes)
+    # a detector's answer is its most prominent car among those above the car threshold: until that is
+    # fitted (on the cars' best scores, which do not depend on it), a provisional one picks them
+    provisional = Calibration(car_threshold=PROVISIONAL_THRESHOLD) if cfg.model.detects else None
+    predictor = reference_predictor(model, cfg, classes, provisional)
     if cfg.data.fit_on == "train+val":
         raise ValueError(
             f"{run_dir} was fitted on train+val: no val cars are left to calibrate on; take over the calibration "
@@ -191,7 +195,7 @@ def carry_over(run_dir: Path, fitted_on: Path) -> Calibration:
 def run_record(run_dir: Path) -> dict:
     """Where a carried-over calibration came from, and what that run cost (the model card's training time)."""
     record = {"run": str(run_dir)}
-    for key, name in (("training", "train_summary.json"), ("car_head", "car_head.json")):
+    for key, name in (("training", "train_summary.json"), ("detector", "detector.json")):
         if (run_dir / name).is_file():
             record[key] = json.loads((run_dir / name).read_text())
     return record

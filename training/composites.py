@@ -139,7 +139,12 @@ def place(car: tuple[int, int], size: tuple[int, int], placed: list, rng: np.ran
 def scenes(cfg, split: str, count: int, seed: int = 0) -> Iterator[Scene]:
     """`count` scenes of `split`'s cars on `split`'s backgrounds (0 to MAX_CARS cars each), from `seed`."""
     samples = data.make_splits(data.scan(cfg.data.data_root, cfg.data.layout), cfg.data)[split]
-    backgrounds = Backgrounds(cfg, "test" if split == "test" else "train", samples, seed)
+    return scenes_of(cfg, samples, "test" if split == "test" else "train", count, seed)
+
+
+def scenes_of(cfg, samples: list[data.Sample], side: str, count: int, seed: int = 0) -> Iterator[Scene]:
+    """`count` scenes of these cars on the `side` ("train" or "test") backgrounds, from `seed`."""
+    backgrounds = Backgrounds(cfg, side, samples, seed)
     rng = np.random.default_rng(seed + 1)
     for _ in range(count):
         yield compose(samples, backgrounds, rng, cfg.data.crop_to_bbox, int(rng.integers(0, MAX_CARS + 1)))

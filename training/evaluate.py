@@ -17,8 +17,10 @@ level of the metrics JSON; every view's are under `views`.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
+import io
 import json
 import logging
 import sys
@@ -37,7 +39,8 @@ from carmodel import models as model_lib
 from carmodel.calibration import CALIBRATION, Calibration, image_quality
 from carmodel.errors import exit_with
 from carmodel.export import MODEL_CONFIG, TRAINING_CONFIG, ExportDir, ExportError
-from carmodel.predictor import Forward, Predictor
+from carmodel.images import ImageLimits, decode_image
+from carmodel.predictor import MAX_CARS, Forward, Predictor
 from carmodel.presets import decode_side
 from carmodel.runners import torch_runner
 from training import config as config_lib
@@ -84,10 +87,16 @@ def held_out_samples(cfg, run_dir: Path, split: str) -> list[data.Sample]:
 
 
 def reference_predictor(model, cfg, classes: list[str], calibration: Calibration | None = None) -> Predictor:
-    """The fp32 eager model behind carmodel's inference chain: what every fast path is held to."""
+    """The fp32 eager model behind carmodel's inference chain: what every fast path is held to. It
+    classifies each image's most prominent car alone (max_cars 1): what the views measure."""
     model = model.eval().to(pick_device(cfg.runtime.device))
     runner = torch_runner(model)  # eager torch takes any image size: the locator too
-    return Predictor(model, cfg.model, classes, runner, runner if cfg.model.localizes else None, calibration)
+    locator = runner if cfg.model.localizes else None
+    if cfg.model.detects:
+        locator = torch_runner(model_lib.DetectPass(model))
+    predictor = Predictor(model, cfg.model, classes, runner, locator, calibration)
+    predictor.max_cars = 1
+    return predictor
 
 
 def image_batches(
@@ -293,6 +302,66 @@ def no_car_metrics(predictor: Predictor) -> dict:
     }
 
 
+def as_uploaded(picture: Image.Image, predictor: Predictor) -> Image.Image:
+    """`picture` as the server has it: sent as a JPEG (quality 90) and decoded no larger than the model needs."""
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90)
+    return decode_image(buffer.getvalue(), ImageLimits(), predictor.decode_side)
+
+
+DETECTION_SCENES = 300  # test composites (training/composites.py): about 900 cars
+
+
+def detection_test_metrics(predictor: Predictor, cfg, samples, count: int = DETECTION_SCENES) -> dict:
+    """The detector on composites of the held-out cars on the held-out backgrounds: AP50, precision and
+    recall at the car threshold, recall per car width; and top-1 of the cars it found against top-1 of the
+    same cars cut at their true box (the crops at the same size), per width."""
+    from torchvision.ops import box_iou
+
+    from carmodel.detection import Found
+    from training import composites, detector
+
+    predictor = copy.copy(predictor)
+    predictor.max_cars = MAX_CARS  # every car, as served
+    found, truths, widths, found_right, box_right = [], [], [], [], []
+    scenes = composites.scenes_of(cfg, samples, "test", count, seed=0)
+    for scene in tqdm(scenes, total=count, desc="test composites", disable=not cfg.runtime.progress, leave=False):
+        image = as_uploaded(scene.image, predictor)
+        prepared = [predictor.prepare(image)]
+        boxes, scores = predictor.find(prepared)[0]
+        to_scene = scene.image.width / image.width
+        found.append(Found(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * to_scene, torch.tensor(scores)))
+        cars = torch.tensor(scene.boxes, dtype=torch.float32).reshape(-1, 4)
+        truths.append(cars)
+        if not len(cars):
+            continue
+        labels = torch.tensor(scene.labels)
+        widths.append(cars[:, 2] - cars[:, 0])
+        true_cuts = torch.stack(
+            [predictor.cut_car(image, tuple(round(v / to_scene) for v in box)) for box in scene.boxes]
+        )
+        box_right.append(predictor.logits(true_cuts).argmax(1) == labels)
+        forward = predictor.run(prepared)
+        answered = [forward.boxes[0]] + (forward.others.boxes if forward.others else [])
+        classes = torch.cat([forward.logits, forward.others.logits if forward.others else forward.logits[:0]]).argmax(1)
+        answered = answered if float(forward.car_scores[0]) >= predictor.calibration.car_threshold else []
+        right = torch.zeros(len(cars), dtype=torch.bool)
+        if answered:
+            overlaps = box_iou(torch.tensor(answered, dtype=torch.float32), cars)
+            best = overlaps.max(0)
+            right = (best.values >= 0.5) & (classes[best.indices] == labels)
+        found_right.append(right)
+    report = detector.detection_metrics(found, truths, predictor.calibration.car_threshold)
+    widths, found_right, box_right = torch.cat(widths), torch.cat(found_right), torch.cat(box_right)
+    for low, high in detector.WIDTH_BINS:
+        inside = (widths >= low) & (widths < high)
+        name = f"{low}_{high}" if high < 100_000 else f"{low}_up"
+        if inside.any():
+            report[f"found_top1_{name}"] = round(float(found_right[inside].float().mean()), 4)
+            report[f"true_box_top1_{name}"] = round(float(box_right[inside].float().mean()), 4)
+    return report
+
+
 def risk_coverage(confidence: Confidence) -> list[dict]:
     """Accuracy of the answers kept at each coverage, most confident first (every 5 %)."""
     order = np.argsort(-confidence.calibrated)
@@ -390,13 +459,16 @@ def evaluate_run(
         "split": split,
         "eval_size": cfg.model.eval_size,
         "locate_size": cfg.model.locate_size,
+        "detect_size": list(cfg.model.detect_size),
         "arch": cfg.model.arch,
         "data_root": cfg.data.data_root,
         "calibration": dataclasses.asdict(calibration),
         "risk_coverage_crops": risk_coverage(confidence["crops"]),
     }
-    if cfg.model.car_head:
+    if cfg.model.car_head or cfg.model.detects:
         run["no_car_test_set"] = no_car_metrics(predictor)
+    if cfg.model.detects:
+        run["detection"] = detection_test_metrics(predictor, cfg, samples)
     if with_corruptions:
         run["corruptions"] = corruption_metrics(predictor, samples, cfg, results["crops"]["top1"])
     metrics = {**run, **results["crops"], "views": results}

@@ -22,7 +22,7 @@ from carmodel.export import METRICS, SPLIT, TRAINING_CONFIG, ExportDir
 from training import config as config_lib
 from training import data, model_card, tracking
 from training.calibrate import CALIBRATION_FROM
-from training.car_head import REPORT
+from training.detector import REPORT
 from training.evaluate import evaluate_run, load_run
 
 

@@ -1,7 +1,7 @@
 """The model card beside the weights (`<export>/README.md`), written from the export's own records.
 
 Every figure on it is read from the files that ship with the weights (metrics.json, config.yaml,
-calibration.json, car_head.json, quantization.json), so the card cannot drift from what it
+calibration.json, detector.json, quantization.json), so the card cannot drift from what it
 describes: training.export writes it, training.quantize rewrites it with the int8 figures.
 
     python -m training.model_card --export models/efficientnet_lite0_cars
@@ -94,7 +94,7 @@ def _corruptions(corrupted: dict) -> list[str]:
     return lines
 
 
-def _training(config: dict, metrics: dict, car_head: dict | None) -> list[str]:
+def _training(config: dict, metrics: dict, detector: dict | None) -> list[str]:
     training = metrics.get("training") or {}
     optim, augment = config.get("optim", {}), config.get("augment", {})
     lines = [
@@ -126,8 +126,8 @@ def _training(config: dict, metrics: dict, car_head: dict | None) -> list[str]:
             f"{alone.get('train_images')} images, {alone.get('train_seconds', 0) / 60:.0f} min."
         )
     seconds = [previous.get("train_seconds"), training.get("train_seconds")]
-    seconds += [(source.get("training") or {}).get("train_seconds"), (source.get("car_head") or {}).get("seconds")]
-    seconds.append((car_head or {}).get("seconds"))
+    seconds += [(source.get("training") or {}).get("train_seconds"), (source.get("detector") or {}).get("seconds")]
+    seconds.append((detector or {}).get("seconds"))
     lines.append(
         f"- Training in all (`make train`'s stages and heads; evaluation, export and int8 besides): "
         f"{sum(s for s in seconds if s) / 60:.0f} min."
@@ -160,8 +160,8 @@ def _held_out(fit_on: str | None) -> str:
 
 def render(export: ExportDir) -> str:
     metrics, config = _read(export, METRICS) or {}, _read(export, TRAINING_CONFIG) or {}
-    calibration, car_head, int8 = (
-        _read(export, name) for name in ("calibration.json", "car_head.json", "quantization.json")
+    calibration, detector, int8 = (
+        _read(export, name) for name in ("calibration.json", "detector.json", "quantization.json")
     )
     data = config.get("data", {})
     name = export.path.name
@@ -228,15 +228,13 @@ def render(export: ExportDir) -> str:
             f"{calibration['car_threshold']:.3f}, sure {calibration['sure_threshold']:.3f}, make "
             f"{calibration['make_threshold']:.3f} (handler settings `car_threshold`, `sure_threshold` override them).",
         ]
-    if car_head and "val_auroc" in car_head:
-        out.append(f"Car head: val AUROC {car_head.get('val_auroc')} ({car_head.get('seconds')} s to train).")
-    elif car_head:
-        pictures = car_head["train_pictures"]
+    if detector:
         out.append(
-            f"Car head: trained on {pictures['cars']} pictures of cars and {pictures['no_car']} without "
-            f"({car_head.get('seconds')} s)."
+            f"Car detector: trained on {detector['train_pictures']} pictures holding {detector['train_cars']} cars "
+            f"({detector.get('seconds')} s), the canvas {detector['detect_size'][0]}x{detector['detect_size'][1]}"
+            + (f"; val composites AP50 {detector['val_composites']['ap50']}." if "val_composites" in detector else ".")
         )
-    out += ["", "## Training", "", *_training(config, metrics, car_head)]
+    out += ["", "## Training", "", *_training(config, metrics, detector)]
     if int8:
         out += [
             "",

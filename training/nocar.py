@@ -4,9 +4,10 @@
   scikit-learn, matplotlib): a cat, an astronaut, a coffee cup, a rocket, a horse, a motorcycle,
   faces, text, a landscape, microscopy, charts and maps. Evaluation and the tests measure how many
   of them are answered "no car"; nothing is trained or chosen on them.
-* the **training** negatives of the car head (training.car_head): `backgrounds` (road, buildings and
-  sky cut from the training photos outside each car's box), `synthetic` pictures (noise, gradients,
-  shapes, stripes, text) and `shuffled` training cars (a car's pieces, but not a car's shape).
+* the **training** pictures without a car of the car detector (training.detector; `training_pictures`):
+  `backgrounds` (road, buildings and sky cut from the training photos outside each car's box),
+  `synthetic` pictures (noise, gradients, shapes, stripes, text) and `shuffled` training cars (a car's
+  pieces, but not a car's shape).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from training import data
 
 # ----------------------------------------------------------------------------- the test set
 
@@ -205,3 +208,19 @@ def synthetic(count: int, seed: int) -> Iterator[Image.Image]:
             grain = rng.normal(0, rng.uniform(3, 30), (size[1], size[0], 3))
             image = Image.fromarray((np.asarray(image, dtype=np.float64) + grain).clip(0, 255).astype(np.uint8))
         yield image
+
+
+def training_pictures(cfg, samples: list[data.Sample], rng: np.random.Generator, seed: int) -> list[Image.Image]:
+    """Pictures without a car from these training cars (data.Sample): a background of each one's photo
+    (where its box is trusted), as many synthetic pictures again, and a third as many of the cars shuffled."""
+    photos = data.uncropped(samples, cfg.data.data_root)
+    pictures = []
+    for photo, known in zip(photos, data.photo_boxes(photos, cfg.data.data_root), strict=True):
+        if known is not None and known.match >= cfg.data.min_box_match:
+            parts = backgrounds(data.load_image(photo), known.box)
+            if parts:
+                pictures.append(parts[int(rng.integers(len(parts)))])
+    pictures += list(synthetic(len(pictures), seed))
+    for sample in samples[: len(samples) // 3]:
+        pictures.append(shuffled(data.load_image(sample, cfg.data.crop_to_bbox), rng, int(rng.integers(3, 5))))
+    return pictures

@@ -144,8 +144,13 @@ def checkpoint_to_resume(cfg: Config, out: Path) -> Path | None:
 
 
 def same_recipe(a: Config, b: Config) -> bool:
-    runtime = config_lib.RuntimeConfig()
-    return dataclasses.replace(a, runtime=runtime) == dataclasses.replace(b, runtime=runtime)
+    """The same training, whatever the runtime, and whatever heads later steps added (the detector)."""
+
+    def recipe(cfg: Config) -> Config:
+        model = dataclasses.replace(cfg.model, car_head=False, detect_size=(0, 0))
+        return dataclasses.replace(cfg, runtime=config_lib.RuntimeConfig(), model=model)
+
+    return recipe(a) == recipe(b)
 
 
 def write_run_record(cfg: Config, index: data.CarsIndex, splits: dict, out: Path) -> None:

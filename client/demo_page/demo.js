@@ -113,7 +113,38 @@ function showAnswer(card, answer, size) {
     $(".bar div", li).style.width = `${100 * p.probability}%`;
     return li;
   }));
-  if (answer.car.box && size) place($(".box", card), answer.car.box, size, $("img", card));
+  // every car found, the answer's own first; a model without a detector: its one box
+  const cars = answer.cars || (answer.car.box ? [{...answer, box: answer.car.box}] : []);
+  if (size) {
+    $(".boxes", card).replaceChildren(...cars.map((car, i) => carBox(car, i, size, $("img", card))));
+  }
+  if (cars.length > 1) {
+    const list = $(".cars", card);
+    list.replaceChildren(...cars.map((car) => {
+      const li = document.createElement("li");
+      li.textContent = carLabel(car);
+      return li;
+    }));
+    list.hidden = false;
+    $(".meta", card).textContent += ` · ${cars.length} cars`;
+  }
+}
+
+function carLabel(car) {
+  const top = car.predictions[0];
+  return `${top.class_name} ${percent(top.probability)}${car.uncertain ? " (not sure)" : ""}`;
+}
+
+function carBox(car, index, size, img) {
+  // the car's box on the photo, labelled with its number and top-1 class
+  const box = document.createElement("div");
+  box.className = "box";
+  const tag = document.createElement("span");
+  tag.className = "tag";
+  tag.textContent = `${index + 1}. ${carLabel(car)}`;
+  box.append(tag);
+  place(box, car.box, size, img);
+  return box;
 }
 
 async function explain(card, file, size, version) {
