@@ -4,6 +4,7 @@
     index_to_name.json     {"0": "AM General Hummer SUV 2000", ...}: official names
     model.yaml             ModelConfig: architecture and preprocessing, all that inference needs
     <name>_int8.xml/.bin   optional: the calibrated int8 OpenVINO model (training.quantize)
+    <name>_detector_int8.xml/.bin  optional: the same for the car detector's pass (a model with a detector)
     calibration.json       optional: temperature and thresholds fitted on val (carmodel/calibration.py)
     -- training's record, kept beside them, never shipped to a server --
     config.yaml, metrics.json, split.json, quantization.json, curves.png, ...
@@ -86,6 +87,18 @@ class ExportDir:
     def has_int8(self) -> bool:
         return all(p.is_file() for p in self.int8_files)
 
+    @property
+    def detector_int8_xml(self) -> Path:
+        return self.path / f"{self.model_name}_detector_int8.xml"
+
+    @property
+    def detector_int8_files(self) -> list[Path]:
+        return [self.detector_int8_xml, self.detector_int8_xml.with_suffix(".bin")]
+
+    @property
+    def has_detector_int8(self) -> bool:
+        return all(p.is_file() for p in self.detector_int8_files)
+
     def record(self, name: str) -> Path:
         """One of training's record files (METRICS, SPLIT, TRAINING_CONFIG, ...)."""
         return self.path / name
@@ -94,7 +107,8 @@ class ExportDir:
         """What a server needs from this export: the archive packs exactly these."""
         files = [self.path / MODEL_CONFIG, self.classes_file, self.weights]
         files += [self.calibration_file] if self.calibration_file.is_file() else []
-        return files + (self.int8_files if with_int8 and self.has_int8 else [])
+        files += self.int8_files if with_int8 and self.has_int8 else []
+        return files + (self.detector_int8_files if with_int8 and self.has_detector_int8 else [])
 
     # ------------------------------------------------------------------ read
 

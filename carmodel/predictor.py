@@ -227,9 +227,12 @@ class Predictor:
         config = export.model_config
         runner = make_runner(model, config.eval_size, backend, precision, export.int8_xml, threads)
         locator = None
-        if config.detects:  # the classifier's int8 model does not hold the detector: it runs in float
-            detect = DetectPass(model)
-            locator = make_runner(detect, config.detect_size, backend, "auto" if precision == "int8" else precision)
+        if config.detects:  # the detector's pass is a network of its own, with an int8 model of its own
+            detect_int8 = export.detector_int8_xml if export.has_detector_int8 else None
+            detect_precision = "auto" if precision == "int8" and detect_int8 is None else precision
+            locator = make_runner(
+                DetectPass(model), config.detect_size, backend, detect_precision, detect_int8, threads
+            )
         elif config.localizes:
             locator = make_runner(model, config.locate_size, backend, precision, export.int8_xml, threads)
         return cls(model, config, export.classes(), runner, locator, export.calibration())

@@ -447,7 +447,8 @@ def main(argv=None) -> int:
         print(f"saved {path}", file=sys.stderr)
     n = summary["counts"]
     print(
-        f"{n['ok']} ok ({n['no_car']} without a car, {n['uncertain']} uncertain), {n['error']} failed, "
+        f"{n['ok']} ok ({n['cars']} cars found, {n['no_car']} without a car, {n['uncertain']} uncertain), "
+        f"{n['error']} failed, "
         f"{summary['images_per_second']} images/s",
         file=sys.stderr,
     )

@@ -158,3 +158,23 @@ def no_car_pictures(tmp_path_factory) -> dict[str, Path]:
             paths[name] = folder / f"{name.split(':')[1].removesuffix('.jpg')}.jpg"
             picture.save(paths[name], quality=92)
     return paths
+
+
+@pytest.fixture(scope="session")
+def street(car_images, tmp_path_factory) -> tuple[Path, list[list[int]]]:
+    """A 1280x800 JPEG of three cars side by side (crops of three classes, 300-400 px wide) on a picture a
+    Python package ships (never trained on), and their boxes: what people send of a car park."""
+    from training.nocar import test_pictures
+
+    background = dict(test_pictures())["sklearn:china.jpg"].convert("RGB").resize((1280, 800))
+    boxes = []
+    for index, path in enumerate(list(car_images.values())[1:4]):
+        with Image.open(path) as crop:
+            width = 400 - 50 * index
+            car = crop.convert("RGB").resize((width, round(width * crop.height / crop.width)), Image.Resampling.LANCZOS)
+        x, y = 20 + 420 * index, 760 - car.height - 60 * (index % 2)
+        background.paste(car, (x, y))
+        boxes.append([x, y, x + car.width, y + car.height])
+    path = tmp_path_factory.mktemp("street") / "street.jpg"
+    background.save(path, quality=90)
+    return path, boxes

@@ -172,3 +172,11 @@ def worker_pids(server, model: str) -> list[int]:
     pids = [w["pid"] for version in response.json() for w in version["workers"] if w["status"] == "READY"]
     assert pids, response.text
     return pids
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two [x1, y1, x2, y2] boxes (torchvision's box_iou)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    return float(box_iou(torch.tensor([a], dtype=torch.float32), torch.tensor([b], dtype=torch.float32))[0, 0])

@@ -3,6 +3,7 @@ per-photo grouping of the table, and the in-process pipeline doing the handler's
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from helpers import DEFAULT_EXPORT
 from PIL import Image
@@ -21,6 +22,10 @@ def test_real_world_photos_are_the_sizes_and_weights_phones_send(car_image, tmp_
     with Image.open(made["phone"]) as phone, Image.open(made["phone_png"]) as png, Image.open(made["web"]) as web:
         assert (phone.size, phone.format) == ((4032, 3024), "JPEG") and png.format == "PNG"
         assert web.size == (1600, 1200)
+    with Image.open(made["four_cars"]) as street:  # four copies of the car, in a row on a grey street
+        assert street.size == (1280, 800)
+        pixels = np.asarray(street.convert("L"), dtype=np.float32)
+        assert pixels[:200].std() < 10 and pixels[-300:].std() > 20  # the sky plain, the cars' row not
     assert 1.5e6 < made["phone"].stat().st_size < 5e6  # a 12-megapixel phone JPEG, noise and all
     assert made["phone_png"].stat().st_size > 12e6
     assert photos.real_world_photo(car_image, "phone", tmp_path) == made["phone"]  # made once

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import DEFAULT_EXPORT, encode
+from helpers import DEFAULT_EXPORT, encode, iou
 from PIL import Image
 
 from carmodel.export import ExportDir
@@ -44,8 +44,8 @@ def held_out(cars_root) -> list[tuple[str, str]]:
 
 
 # Floors under which an export must not ship, on the 1,039 held-out cars (the model card has the measured
-# figures: 85.9 % and 78.2 %).
-SHIPPED_TOP1_FLOOR = {"crops": 0.85, "photos": 0.77}
+# figures: 85.9 % and 79.9 %; the detector's AP50 on 300 test composites 0.83, 93 % of cars >= 192 px found).
+SHIPPED_TOP1_FLOOR = {"crops": 0.85, "photos": 0.78}
 
 
 def test_recorded_held_out_accuracy_is_that_of_a_real_model():
@@ -54,6 +54,7 @@ def test_recorded_held_out_accuracy_is_that_of_a_real_model():
     for view, floor in SHIPPED_TOP1_FLOOR.items():
         assert metrics["views"][view]["top1"] >= floor, (view, metrics["views"][view]["top1"])
     assert metrics["views"]["photos"]["box_iou_at_least_0.5"] >= 0.9
+    assert metrics["detection"]["ap50"] >= 0.8 and metrics["detection"]["recall_192_up"] >= 0.9
 
 
 def whole_photo(cars_root, rel: str):
@@ -74,7 +75,7 @@ def test_served_default_model_gets_whole_photos_right_and_finds_the_car(server, 
         )
         assert response.status_code == 200, response.text
         answer = response.json()
-        assert set(answer) == {"predictions", "box"}
+        assert set(answer) == {"predictions", "box", "boxes"}
         correct += answer["predictions"][0]["class_name"] == true_name
         x1, y1, x2, y2 = answer["box"]
         width, height = Image.open(path).size
@@ -103,13 +104,6 @@ def test_a_phone_sized_photo_gets_its_box_in_its_own_pixels(server, cars_root, h
         assert response.status_code == 200, response.text
         boxes.append(response.json()["box"])
     assert boxes[1] == pytest.approx([8 * v for v in boxes[0]], abs=0.04 * large.width)
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def test_served_default_model_gets_held_out_photos_right(server, cars_root, held_out):

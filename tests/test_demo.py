@@ -65,7 +65,7 @@ def upload(page: Page, files: list[Path]) -> None:
     expect(page.locator(".card.done")).to_have_count(len(files), timeout=WAIT_MS)
 
 
-def test_the_page_shows_answers_boxes_and_errors(chromium, demo, whole_photos, tmp_path):
+def test_the_page_shows_answers_boxes_and_errors(chromium, demo, whole_photos, street, tmp_path):
     heic = tmp_path / "phone.heic"  # a format the browser cannot show: the page server previews it
     heic_label, photo = list(whole_photos.items())[1]
     pillow_heif.from_pillow(Image.open(photo).convert("RGB")).save(heic, quality=90)
@@ -76,7 +76,7 @@ def test_the_page_shows_answers_boxes_and_errors(chromium, demo, whole_photos, t
     page = chromium.new_page(viewport={"width": 1200, "height": 1000})
     page.goto(demo)
     expect(page.locator("#version option")).to_contain_text(["default", "1.0 (default)"])
-    upload(page, [*whole_photos.values(), heic, pdf, huge])
+    upload(page, [*whole_photos.values(), heic, street[0], pdf, huge])
 
     cards = page.locator(".card")
     for index, label in enumerate([*whole_photos, heic_label]):
@@ -86,8 +86,14 @@ def test_the_page_shows_answers_boxes_and_errors(chromium, demo, whole_photos, t
         expect(card.locator(".top li")).to_have_count(5)
         expect(card.locator(".box").first).to_be_visible()  # the shipped model finds the car
         expect(card.locator(".box .tag").first).to_contain_text(label)  # labelled with its top-1
-    expect(cards.nth(3).locator(".error")).to_contain_text("415: not an image in a supported format")
-    expect(cards.nth(4).locator(".error")).to_contain_text("413: image is")
+    several = cards.nth(3)  # a street of three cars: every car boxed and listed with its label
+    expect(several.locator(".meta")).to_contain_text("cars")
+    assert (
+        several.locator(".box").count() >= 3 and several.locator(".cars li").count() == several.locator(".box").count()
+    )
+    expect(several.locator(".box .tag").first).to_contain_text("1. ")
+    expect(cards.nth(4).locator(".error")).to_contain_text("415: not an image in a supported format")
+    expect(cards.nth(5).locator(".error")).to_contain_text("413: image is")
 
     cards.first.locator(".explain").click()
     expect(cards.first.locator(".explain")).to_contain_text("Heat map of", timeout=WAIT_MS)

@@ -140,7 +140,9 @@ def test_a_batch_answers_each_request_in_the_shape_it_asked(worker, photo, photo
     for refused, status in ((pdf, 415), (truncated, 422)):  # StatusError.to_json: the project's one error body
         assert set(refused) == {"code", "type", "message"} and refused["code"] == status
         assert refused["type"] == "InputError" and refused["message"]
-    assert set(detailed) == {"car", "make", "body_type", "uncertain", "predictions"} and detailed["car"]["found"]
+    assert (
+        set(detailed) == {"car", "make", "body_type", "uncertain", "predictions", "cars"} and detailed["car"]["found"]
+    )
     assert len(boxed["predictions"]) == 2 and len(boxed["box"]) == 4
     assert plain == worker.ask(raw(photo))[0][2]  # its neighbours' failures change nothing of an answer
 

@@ -203,6 +203,25 @@ def test_v2_says_car_found_make_and_uncertain_as_typed_tensors(v2_server, car_im
     assert result.as_numpy("class_ids")[2].tolist() == [-1] * 5 and result.as_numpy("boxes")[2].tolist() == [-1] * 4
 
 
+def test_v2_lists_every_car_as_typed_tensors(v2_server, street, car_images, no_car_pictures):
+    """A street of three cars, one car and no car in one request: [N, M] car outputs, padded past each photo's cars."""
+    client = triton.InferenceServerClient(v2_server.url("inference").split("//")[1])
+    paths = [street[0], next(iter(car_images.values())), no_car_pictures["skimage:cat"]]
+    result = client.infer(MODEL, [photos_input(paths, True)])
+    count = result.as_numpy("car_count")
+    assert count.dtype == np.int64 and count[0] >= 3 and count[1] >= 1 and count[2] == 0
+    most = int(count.max())
+    boxes, scores = result.as_numpy("car_boxes"), result.as_numpy("car_scores")
+    assert boxes.shape == (3, most, 4) and scores.shape == (3, most) and boxes.dtype == scores.dtype == np.float32
+    assert (boxes[0, : count[0], 2:] > boxes[0, : count[0], :2]).all() and (boxes[2] == -1).all()
+    assert boxes[0, 0].tolist() == result.as_numpy("boxes")[0].tolist()  # the answer's own car comes first
+    names, ids = result.as_numpy("car_class_names"), result.as_numpy("car_class_ids")
+    assert names.shape == ids.shape == (3, most) and ids.dtype == np.int64
+    assert text(names[0, 0]) == text(result.as_numpy("class_names")[0, 0]) and (ids[2] == -1).all()
+    assert all(text(n) for n in names[0, : count[0]]) and (result.as_numpy("car_probabilities")[2] == 0).all()
+    assert result.as_numpy("car_uncertain").dtype == np.bool_ and result.as_numpy("car_makes").shape == (3, most)
+
+
 def test_v2_several_inputs_requested_outputs_and_topk(v2_server, car_images):
     client = triton.InferenceServerClient(v2_server.url("inference").split("//")[1])
     labels, paths = list(car_images)[:3], list(car_images.values())[:3]

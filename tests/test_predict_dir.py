@@ -68,8 +68,13 @@ def test_directory_is_classified_and_saved(server, image_tree, tmp_path, capsys)
     expected = {"car_a.jpg", "car_b.jpeg", "CAR_D.JPG", "IMG_0001.HEIC", "lot/row 2/car_c.jpg", "broken.jpg"}
     assert [r["file"] for r in results] == sorted(expected)  # one line per image, sorted by file
     summary = json.loads(lines.with_suffix(".summary.json").read_text())
-    assert summary["counts"] == {"ok": 5, "error": 1, "no_car": 0, "uncertain": summary["counts"]["uncertain"]}
-    assert summary["counts"]["uncertain"] == sum(bool(r.get("uncertain")) for r in results)
+    counts = summary["counts"]
+    assert counts == {"ok": 5, "error": 1, "no_car": 0, "uncertain": counts["uncertain"], "cars": counts["cars"]}
+    assert counts["uncertain"] == sum(bool(r.get("uncertain")) for r in results)
+    assert counts["cars"] == sum(len(r.get("cars", [])) for r in results) >= 5  # every car of each photo
+    for result in results:
+        if "cars" in result:  # the most prominent car's fields, and every car with its box
+            assert result["cars"][0]["class_id"] == result["class_id"] and len(result["cars"][0]["box"]) == 4
     assert summary["model"] == MODEL and summary["url"] == server.url("inference") and summary["complete"]
     assert summary["engine"] == "server" and summary["images_per_second"] > 0
     for path in (lines, lines.with_suffix(".summary.json"), lines.with_suffix(".csv"), lines.with_suffix(".json")):

@@ -27,6 +27,7 @@ from helpers import (
     check_error,
     check_predictions,
     encode,
+    iou,
     management,
     png_declaring,
     post_raw,
@@ -212,6 +213,27 @@ def test_the_detailed_answer_by_header_or_field(server, names, photo, car_rgb):
         assert len(answer["predictions"]) == 3 and answer["predictions"][0]["class_name"] in names[DEFAULT].values()
         assert answer["body_type"]["name"] in BODY_TYPES and isinstance(answer["uncertain"], bool)
     assert answers[0].json() == answers[1].json() == answers[2].json()  # one answer, whichever way it was asked
+
+
+def test_every_car_of_a_street_is_found_boxed_and_classified(server, names, street):
+    """Three cars side by side: each found with its own box and answer, the most prominent first; the plain
+    answer and the top-level fields are that car's; X-Box gives every box."""
+    path, truths = street
+    answer = post_raw(server, path.read_bytes(), **{"X-Details": "true", "X-Top-K": "3"}).json()
+    cars = answer["cars"]
+    assert answer["car"]["found"] and 3 <= len(cars) <= 10
+    for truth in truths:  # each car, and only once
+        assert sum(iou(car["box"], truth) >= 0.5 for car in cars) == 1, (truth, [c["box"] for c in cars])
+    prominence = [(c["box"][2] - c["box"][0]) * (c["box"][3] - c["box"][1]) * c["score"] for c in cars]
+    assert prominence == sorted(prominence, reverse=True)
+    assert [answer["car"]["box"], answer["predictions"]] == [cars[0]["box"], cars[0]["predictions"]]
+    for car in cars:
+        assert len(car["predictions"]) == 3 and car["predictions"][0]["class_name"] in names[DEFAULT].values()
+        assert car["body_type"]["name"] in BODY_TYPES and 0 <= car["score"] <= 1
+    plain = post_raw(server, path.read_bytes(), **{"X-Top-K": "3"}).json()
+    assert plain == cars[0]["predictions"]  # today's clients: the most prominent car's rows
+    boxed = post_raw(server, path.read_bytes(), **{"X-Box": "true"}).json()
+    assert boxed["boxes"] == [car["box"] for car in cars] and boxed["box"] == cars[0]["box"]
 
 
 def test_a_model_without_box_or_car_head_answers_the_same_shape(server, names, photo):

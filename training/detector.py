@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from carmodel import models as model_lib
-from carmodel.detection import Decoder, Found, Letterbox, anchor_points, fcos
+from carmodel.detection import PROVISIONAL_THRESHOLD, Decoder, Found, Letterbox, anchor_points, fcos
 from carmodel.errors import exit_with
 from training import composites, data, nocar, tracking
 from training import config as config_lib
@@ -222,14 +222,14 @@ def train_detector(
     log.info("%d pictures, %d cars: features in %.0f s", len(targets), cars, time.perf_counter() - started)
     losses = fit(model, cfg, features, targets, epochs, lr, seed)
     report = {"train_pictures": len(targets), "train_cars": cars, "losses": losses}
-    if cfg.data.fit_on != "train+val":  # measured on val cars (the threshold is calibrate's: 0.3 here)
+    if cfg.data.fit_on != "train+val":  # measured on val cars, at the threshold used until calibrate fits one
         val = composites.scenes_of(cfg, splits["val"], "train", composites_count // 6, seed + 1)
         for name, pictures in (("val_composites", val), ("val_photos", photo_scenes(cfg, splits["val"]))):
             val_features, val_targets, scales, contents = pyramid_features(model, canvas, pictures, progress)
             found = detect_cached(model, cfg, val_features, contents)
             boxes = [t["boxes"] * s for t, s in zip(val_targets, scales, strict=True)]
             found = [Found(f.boxes * s, f.scores) for f, s in zip(found, scales, strict=True)]
-            report[name] = detection_metrics(found, boxes, 0.3)
+            report[name] = detection_metrics(found, boxes, PROVISIONAL_THRESHOLD)
     report |= {"epochs": epochs, "detect_size": list(DETECT_SIZE), "seconds": round(time.perf_counter() - started, 1)}
     torch.save(model.state_dict(), run_dir / "best.pth")
     cfg.save(run_dir / "config.yaml")

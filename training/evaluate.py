@@ -312,7 +312,9 @@ def as_uploaded(picture: Image.Image, predictor: Predictor) -> Image.Image:
 DETECTION_SCENES = 300  # test composites (training/composites.py): about 900 cars
 
 
-def detection_test_metrics(predictor: Predictor, cfg, samples, count: int = DETECTION_SCENES) -> dict:
+def detection_test_metrics(
+    predictor: Predictor, cfg, samples, count: int = DETECTION_SCENES, classify: bool = True
+) -> dict:
     """The detector on composites of the held-out cars on the held-out backgrounds: AP50, precision and
     recall at the car threshold, recall per car width; and top-1 of the cars it found against top-1 of the
     same cars cut at their true box (the crops at the same size), per width."""
@@ -333,7 +335,7 @@ def detection_test_metrics(predictor: Predictor, cfg, samples, count: int = DETE
         found.append(Found(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * to_scene, torch.tensor(scores)))
         cars = torch.tensor(scene.boxes, dtype=torch.float32).reshape(-1, 4)
         truths.append(cars)
-        if not len(cars):
+        if not len(cars) or not classify:
             continue
         labels = torch.tensor(scene.labels)
         widths.append(cars[:, 2] - cars[:, 0])
@@ -352,6 +354,8 @@ def detection_test_metrics(predictor: Predictor, cfg, samples, count: int = DETE
             right = (best.values >= 0.5) & (classes[best.indices] == labels)
         found_right.append(right)
     report = detector.detection_metrics(found, truths, predictor.calibration.car_threshold)
+    if not classify:
+        return report
     widths, found_right, box_right = torch.cat(widths), torch.cat(found_right), torch.cat(box_right)
     for low, high in detector.WIDTH_BINS:
         inside = (widths >= low) & (widths < high)
