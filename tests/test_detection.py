@@ -13,7 +13,7 @@ from carmodel.config import ModelConfig
 from carmodel.detection import Decoder, Found, Letterbox, level_shapes
 from carmodel.models import DetectPass, build_model
 from carmodel.runners import make_runner
-from training.detector import average_precision, detection_metrics, matched
+from training.evaluate import average_precision, detection_metrics, matched
 
 CONFIG = ModelConfig(locate_size=128, detect_size=(256, 192))
 

@@ -10,10 +10,11 @@ from helpers import DEFAULT_EXPORT
 from PIL import Image
 
 from carmodel.config import ModelConfig
+from carmodel.detection import Decoder, Letterbox
 from carmodel.export import ExportDir, ExportError
-from carmodel.models import build_model
+from carmodel.models import DetectPass, build_model
 from carmodel.predictor import Predictor, to_pixels
-from carmodel.presets import eval_preset, locate_preset
+from carmodel.presets import cut_out, eval_preset
 
 MODEL = "efficientnet_lite0_cars"
 
@@ -45,6 +46,7 @@ def test_the_shipped_export_follows_the_contract():
     export.validate(MODEL)
     assert export.model_name == MODEL and export.weights.name == f"{MODEL}.pth"
     assert export.has_int8 and [p.name for p in export.int8_files] == [f"{MODEL}_int8.xml", f"{MODEL}_int8.bin"]
+    assert export.has_detector_int8
     assert {p.name for p in export.serving_files()} == {
         "model.yaml",
         "index_to_name.json",
@@ -52,6 +54,8 @@ def test_the_shipped_export_follows_the_contract():
         f"{MODEL}.pth",
         f"{MODEL}_int8.xml",
         f"{MODEL}_int8.bin",
+        f"{MODEL}_detector_int8.xml",
+        f"{MODEL}_detector_int8.bin",
     }
     assert len(export.classes()) == 196 and export.classes()[0] == "AM General Hummer SUV 2000"
 
@@ -104,32 +108,30 @@ def test_a_model_with_a_box_head_saves_and_loads_with_its_box_head(tmp_path):
 
 
 def test_predictor_finds_the_car_then_classifies_it_cut_from_the_full_image(reference, whole_photos):
-    """The chain by hand: the whole photo squashed to the locate size gives the box; the car cut
-    from the full image at that box (widened by the margin), squashed to the eval size, gives the
-    softmax the predictor answers with."""
+    """The chain by hand: the whole photo letterboxed into the detector's canvas gives the boxes (FCOS's
+    decoding); the most prominent car above the car threshold, cut from the full image at its box in whole
+    pixels (widened by the margin), squashed to the eval size, gives the softmax the predictor answers with."""
     export = ExportDir(DEFAULT_EXPORT)
     config, model = export.model_config, export.load_model()
-    assert config.localizes
+    assert config.detects
+    canvas, decoder = Letterbox(config), Decoder(model.detector, config)
     with torch.no_grad():
-        _, found, _ = model(torch.stack([locate_preset(config)(p) for p in whole_photos]))
-        cars = []
-        for image, box in zip(whole_photos, found, strict=True):
-            x1, y1, x2, y2 = (box.clamp(0, 1) * torch.tensor([image.width, image.height] * 2)).tolist()
-            dx, dy = (x2 - x1) * config.crop_margin, (y2 - y1) * config.crop_margin
-            cars.append(
-                image.crop((max(x1 - dx, 0), max(y1 - dy, 0), min(x2 + dx, image.width), min(y2 + dy, image.height)))
-            )
+        tensors, scales = zip(*(canvas(p) for p in whole_photos), strict=True)
+        found = decoder.cars(DetectPass(model)(torch.stack(tensors)), [canvas.content(p.size) for p in whole_photos])
+        boxes, cars = [], []
+        for image, cars_found, scale in zip(whole_photos, found, scales, strict=True):
+            kept = cars_found.scores >= reference.calibration.car_threshold
+            areas = (cars_found.boxes[:, 2:] - cars_found.boxes[:, :2]).prod(1) * cars_found.scores
+            box = [round(v) for v in (cars_found.boxes[kept][areas[kept].argmax()] / scale).tolist()]
+            boxes.append(box)
+            cars.append(cut_out(image, box, (config.crop_margin,) * 4))
         probabilities = model(torch.stack([eval_preset(config)(car) for car in cars]))[0].softmax(1)
     forward = reference.run([reference.prepare(p) for p in whole_photos])
     answers = reference.top_k(forward.logits.softmax(1), 1)
-    for image, box, by_hand, row, answer in zip(
-        whole_photos, found, forward.boxes, probabilities, answers, strict=True
-    ):
-        expected = (box.clamp(0, 1) * torch.tensor([image.width, image.height] * 2)).tolist()
-        assert by_hand == pytest.approx(expected, abs=1)  # whole pixels of the uploaded image
+    for expected, by_chain, row, answer in zip(boxes, forward.boxes, probabilities, answers, strict=True):
+        assert by_chain == pytest.approx(expected, abs=1)  # whole pixels of the uploaded image
         assert answer[0].class_id == int(row.argmax())
-        # the chain cuts whole pixels (carmodel.presets.widen), this float ones: a pixel apart at most
-        assert answer[0].probability == pytest.approx(float(row.max()), abs=0.1)
+        assert answer[0].probability == pytest.approx(float(row.max()), abs=0.02)
 
 
 def test_a_crop_like_input_is_found_to_fill_the_frame(reference, photos):

@@ -50,7 +50,7 @@ def whole_photos(shipped, cars_root) -> torch.Tensor:
 
 def test_torch_backend_is_the_eager_model(shipped, photos, reference):
     with torch.no_grad():
-        logits, boxes, _ = shipped[1](photos)  # the classes, the box, the car score
+        logits, boxes = shipped[1](photos)  # the classes, the box
     assert torch.allclose(logits, reference, atol=1e-5)
     assert torch.allclose(torch_runner(shipped[1]).run(photos)[1], boxes, atol=1e-5)
 
@@ -77,8 +77,8 @@ def test_default_fast_path_agrees_on_the_top1_class(shipped, photos, reference):
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_any_batch_size_is_served(shipped, photos, reference, batch):
     runner = make_runner(shipped[1], shipped[0].eval_size)
-    logits, boxes, car = runner.run(photos[:batch])
-    assert logits.shape == (batch, 196) and boxes.shape == (batch, 4) and car.shape == (batch,)
+    logits, boxes = runner.run(photos[:batch])
+    assert logits.shape == (batch, 196) and boxes.shape == (batch, 4)
 
 
 def test_unknown_settings_are_refused(shipped):

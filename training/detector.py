@@ -37,12 +37,11 @@ from carmodel.detection import PROVISIONAL_THRESHOLD, Decoder, Found, Letterbox,
 from carmodel.errors import exit_with
 from training import composites, data, nocar, tracking
 from training import config as config_lib
-from training.evaluate import load_run
+from training.evaluate import detection_metrics, load_run
 
 log = logging.getLogger(__name__)
 REPORT = "detector.json"
 DETECT_SIZE = (256, 192)  # width, height: a 4:3 photo fills it; cost and recall measured in docs/training.md
-WIDTH_BINS = ((48, 96), (96, 192), (192, 100_000))  # car widths (pixels of the picture) reported apart
 
 
 def photo_scenes(cfg, samples: list[data.Sample]) -> list[composites.Scene]:
@@ -129,74 +128,6 @@ def detect_cached(model, cfg, features: list[torch.Tensor], contents: list[tuple
         outputs = model.detector([f[start : start + 64].float() for f in features])
         found += decoder.cars(outputs, contents[start : start + 64])
     return found
-
-
-def average_precision(found: list[Found], truths: list[torch.Tensor], iou: float = 0.5) -> float:
-    """AP at `iou` (all-point interpolation, as PASCAL VOC from 2010): detections of every picture ranked
-    by score, each matched to the best-overlapping car not matched yet."""
-    from torchvision.ops import box_iou
-
-    scores, hits = [], []
-    for picture, cars in zip(found, truths, strict=True):
-        taken = torch.zeros(len(cars), dtype=torch.bool)
-        overlaps = box_iou(picture.boxes, cars) if len(cars) and len(picture.boxes) else None
-        for i, score in enumerate(picture.scores.tolist()):
-            hit = False
-            if overlaps is not None:
-                best = overlaps[i].masked_fill(taken, 0).max(0)
-                if float(best.values) >= iou:
-                    taken[best.indices] = hit = True
-            scores.append(score)
-            hits.append(hit)
-    total = sum(len(cars) for cars in truths)
-    if not total:
-        return float("nan")
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    tp = np.cumsum(np.asarray(hits, dtype=float)[order])
-    recall, precision = tp / total, tp / np.arange(1, len(tp) + 1)
-    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the interpolated envelope
-    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision)) if len(tp) else 0.0
-
-
-def matched(found: Found, cars: torch.Tensor, threshold: float, iou: float = 0.5) -> tuple[torch.Tensor, int]:
-    """For each car, the index of the detection (score >= threshold) that found it (-1: missed), greedily
-    by score; and how many such detections found no car (false positives)."""
-    from torchvision.ops import box_iou
-
-    keep = found.scores >= threshold
-    boxes = found.boxes[keep]
-    owner = torch.full((len(cars),), -1, dtype=torch.int64)
-    if not len(cars) or not len(boxes):
-        return owner, len(boxes)
-    overlaps = box_iou(boxes, cars)
-    for i in range(len(boxes)):
-        best = overlaps[i].masked_fill(owner >= 0, 0).max(0)
-        if float(best.values) >= iou:
-            owner[best.indices] = i
-    return owner, len(boxes) - int((owner >= 0).sum())
-
-
-def detection_metrics(found: list[Found], truths: list[torch.Tensor], threshold: float) -> dict:
-    """AP50, and at `threshold` precision and recall, overall and per car width (boxes in the pictures' pixels)."""
-    owners, false = zip(*(matched(f, t, threshold) for f, t in zip(found, truths, strict=True)), strict=True)
-    found_cars, cars = sum(int((o >= 0).sum()) for o in owners), sum(len(t) for t in truths)
-    kept = found_cars + sum(false)
-    report = {
-        "pictures": len(found),
-        "cars": cars,
-        "ap50": round(average_precision(found, truths), 4),
-        "threshold": round(threshold, 4),
-        "precision": round(found_cars / kept, 4) if kept else None,
-        "recall": round(found_cars / cars, 4) if cars else None,
-    }
-    if not cars:
-        return report
-    widths, hit = torch.cat([t[:, 2] - t[:, 0] for t in truths]), torch.cat(owners) >= 0
-    for low, high in WIDTH_BINS:
-        inside = (widths >= low) & (widths < high)
-        name = f"recall_{low}_{high}" if high < 100_000 else f"recall_{low}_up"
-        report[name] = round(float(hit[inside].float().mean()), 4) if inside.any() else None
-    return report
 
 
 def train_detector(

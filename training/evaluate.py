@@ -33,18 +33,20 @@ import numpy as np
 import torch
 from PIL import Image
 from sklearn.metrics import top_k_accuracy_score
+from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from carmodel import models as model_lib
 from carmodel.calibration import CALIBRATION, Calibration, image_quality
+from carmodel.detection import Found
 from carmodel.errors import exit_with
 from carmodel.export import MODEL_CONFIG, TRAINING_CONFIG, ExportDir, ExportError
 from carmodel.images import ImageLimits, decode_image
 from carmodel.predictor import MAX_CARS, Forward, Predictor
 from carmodel.presets import decode_side
 from carmodel.runners import torch_runner
+from training import composites, corruptions, data, plots, tracking
 from training import config as config_lib
-from training import corruptions, data, plots, tracking
 from training.train import pick_device
 
 log = logging.getLogger(__name__)
@@ -309,6 +311,73 @@ def as_uploaded(picture: Image.Image, predictor: Predictor) -> Image.Image:
     return decode_image(buffer.getvalue(), ImageLimits(), predictor.decode_side)
 
 
+WIDTH_BINS = ((48, 96), (96, 192), (192, 100_000))  # car widths (pixels of the picture) reported apart
+
+
+def average_precision(found: list[Found], truths: list[torch.Tensor], iou: float = 0.5) -> float:
+    """AP at `iou` (all-point interpolation, as PASCAL VOC from 2010): detections of every picture ranked
+    by score, each matched to the best-overlapping car not matched yet."""
+    scores, hits = [], []
+    for picture, cars in zip(found, truths, strict=True):
+        taken = torch.zeros(len(cars), dtype=torch.bool)
+        overlaps = box_iou(picture.boxes, cars) if len(cars) and len(picture.boxes) else None
+        for i, score in enumerate(picture.scores.tolist()):
+            hit = False
+            if overlaps is not None:
+                best = overlaps[i].masked_fill(taken, 0).max(0)
+                if float(best.values) >= iou:
+                    taken[best.indices] = hit = True
+            scores.append(score)
+            hits.append(hit)
+    total = sum(len(cars) for cars in truths)
+    if not total:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    tp = np.cumsum(np.asarray(hits, dtype=float)[order])
+    recall, precision = tp / total, tp / np.arange(1, len(tp) + 1)
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the interpolated envelope
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision)) if len(tp) else 0.0
+
+
+def matched(found: Found, cars: torch.Tensor, threshold: float, iou: float = 0.5) -> tuple[torch.Tensor, int]:
+    """For each car, the index of the detection (score >= threshold) that found it (-1: missed), greedily
+    by score; and how many such detections found no car (false positives)."""
+    keep = found.scores >= threshold
+    boxes = found.boxes[keep]
+    owner = torch.full((len(cars),), -1, dtype=torch.int64)
+    if not len(cars) or not len(boxes):
+        return owner, len(boxes)
+    overlaps = box_iou(boxes, cars)
+    for i in range(len(boxes)):
+        best = overlaps[i].masked_fill(owner >= 0, 0).max(0)
+        if float(best.values) >= iou:
+            owner[best.indices] = i
+    return owner, len(boxes) - int((owner >= 0).sum())
+
+
+def detection_metrics(found: list[Found], truths: list[torch.Tensor], threshold: float) -> dict:
+    """AP50, and at `threshold` precision and recall, overall and per car width (boxes in the pictures' pixels)."""
+    owners, false = zip(*(matched(f, t, threshold) for f, t in zip(found, truths, strict=True)), strict=True)
+    found_cars, cars = sum(int((o >= 0).sum()) for o in owners), sum(len(t) for t in truths)
+    kept = found_cars + sum(false)
+    report = {
+        "pictures": len(found),
+        "cars": cars,
+        "ap50": round(average_precision(found, truths), 4),
+        "threshold": round(threshold, 4),
+        "precision": round(found_cars / kept, 4) if kept else None,
+        "recall": round(found_cars / cars, 4) if cars else None,
+    }
+    if not cars:
+        return report
+    widths, hit = torch.cat([t[:, 2] - t[:, 0] for t in truths]), torch.cat(owners) >= 0
+    for low, high in WIDTH_BINS:
+        inside = (widths >= low) & (widths < high)
+        name = f"recall_{low}_{high}" if high < 100_000 else f"recall_{low}_up"
+        report[name] = round(float(hit[inside].float().mean()), 4) if inside.any() else None
+    return report
+
+
 DETECTION_SCENES = 300  # test composites (training/composites.py): about 900 cars
 
 
@@ -318,10 +387,6 @@ def detection_test_metrics(
     """The detector on composites of the held-out cars on the held-out backgrounds: AP50, precision and
     recall at the car threshold, recall per car width; and top-1 of the cars it found against top-1 of the
     same cars cut at their true box (the crops at the same size), per width."""
-    from torchvision.ops import box_iou
-
-    from carmodel.detection import Found
-    from training import composites, detector
 
     predictor = copy.copy(predictor)
     predictor.max_cars = MAX_CARS  # every car, as served
@@ -353,11 +418,11 @@ def detection_test_metrics(
             best = overlaps.max(0)
             right = (best.values >= 0.5) & (classes[best.indices] == labels)
         found_right.append(right)
-    report = detector.detection_metrics(found, truths, predictor.calibration.car_threshold)
+    report = detection_metrics(found, truths, predictor.calibration.car_threshold)
     if not classify:
         return report
     widths, found_right, box_right = torch.cat(widths), torch.cat(found_right), torch.cat(box_right)
-    for low, high in detector.WIDTH_BINS:
+    for low, high in WIDTH_BINS:
         inside = (widths >= low) & (widths < high)
         name = f"{low}_{high}" if high < 100_000 else f"{low}_up"
         if inside.any():
