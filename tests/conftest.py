@@ -151,7 +151,7 @@ def no_car_pictures(tmp_path_factory) -> dict[str, Path]:
     from training.nocar import test_pictures
 
     folder = tmp_path_factory.mktemp("no_car")
-    wanted = ("skimage:cat", "skimage:astronaut", "skimage:horse", "skimage:rocket", "sklearn:flower.jpg")
+    wanted = ("skimage:cat", "skimage:clock", "skimage:horse", "skimage:rocket", "sklearn:flower.jpg")
     paths = {}
     for name, picture in test_pictures():
         if name in wanted:
@@ -166,7 +166,7 @@ def street(car_images, tmp_path_factory) -> tuple[Path, list[list[int]]]:
     Python package ships (never trained on), and their boxes: what people send of a car park."""
     from training.nocar import test_pictures
 
-    background = dict(test_pictures())["sklearn:china.jpg"].convert("RGB").resize((1280, 800))
+    background = dict(test_pictures())["skimage:gravel"].convert("RGB").resize((1280, 800))
     boxes = []
     for index, path in enumerate(list(car_images.values())[1:4]):
         with Image.open(path) as crop:

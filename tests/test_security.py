@@ -49,7 +49,17 @@ def poisoned_export(tmp_path) -> tuple[Path, Path]:
 HANDLER_MODULES = {
     *(
         f"carmodel/{name}.py"
-        for name in ("__init__", "calibration", "config", "errors", "export", "images", "models", "predictor")
+        for name in (
+            "__init__",
+            "calibration",
+            "config",
+            "detection",
+            "errors",
+            "export",
+            "images",
+            "models",
+            "predictor",
+        )
     ),
     *(f"carmodel/{name}.py" for name in ("presets", "runners", "typed", "vehicles")),
     *(f"handler/{name}.py" for name in ("__init__", "chain", "grpc_calls", "inputs", "metrics", "oip", "settings")),
@@ -68,6 +78,7 @@ def test_mar_holds_exactly_what_the_build_put_there(model_store):
         "calibration.json",  # the temperature and thresholds fitted on val
         *HANDLER_MODULES,
         *(p.name for p in DEFAULT_EXPORT.glob(f"{DEFAULT}_int8.*")),  # the calibrated int8 model, if exported
+        *(p.name for p in DEFAULT_EXPORT.glob(f"{DEFAULT}_detector_int8.*")),  # the detector's, if exported
     }
     with zipfile.ZipFile(model_store / f"{DEFAULT}_v1.0.mar") as mar:
         names = set(mar.namelist())
