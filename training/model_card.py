@@ -260,6 +260,7 @@ def render(export: ExportDir) -> str:
             f"{calibration['make_threshold']:.3f} (handler settings `car_threshold`, `sure_threshold` override them).",
         ]
     if detector:
+        out += [""]
         out.append(
             f"Car detector: trained on {detector['train_pictures']} pictures holding {detector['train_cars']} cars "
             f"({detector.get('seconds')} s), the canvas {detector['detect_size'][0]}x{detector['detect_size'][1]}"
