@@ -77,7 +77,7 @@ class ExportDir:
 
     @property
     def int8_files(self) -> list[Path]:
-        return [self.int8_xml, self.int8_xml.with_suffix(".bin")]
+        return openvino_files(self.int8_xml)
 
     @property
     def calibration_file(self) -> Path:
@@ -93,7 +93,7 @@ class ExportDir:
 
     @property
     def detector_int8_files(self) -> list[Path]:
-        return [self.detector_int8_xml, self.detector_int8_xml.with_suffix(".bin")]
+        return openvino_files(self.detector_int8_xml)
 
     @property
     def has_detector_int8(self) -> bool:
@@ -153,6 +153,11 @@ class ExportDir:
         self.__dict__.pop("model_config", None)  # re-read from the file just written
         torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, self.weights)
         self.classes_file.write_text(json.dumps({str(i): n for i, n in enumerate(classes)}, indent=1))
+
+
+def openvino_files(xml: Path) -> list[Path]:
+    """An OpenVINO model's two files: the graph (.xml) and its weights (.bin)."""
+    return [xml, xml.with_suffix(".bin")]
 
 
 def check_weights(weights: Path) -> None:

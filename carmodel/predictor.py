@@ -411,9 +411,8 @@ class Predictor:
                 o.owners, o.boxes, o.scores, self.describe(probabilities, [ks[i] for i in o.owners]), strict=True
             ):
                 others[owner].append(Car(box, score, car[1], car[2], car[3], car[0]))
-        answers = []
+        answers, detects = [], self.decoder is not None
         for (top, make, body, uncertain), score, box, rest in zip(described, scores, boxes, others, strict=True):
-            detects = self.decoder is not None
             if score is not None and score < self.calibration.car_threshold:
                 answers.append(Answer(False, score, None, None, None, False, [], [] if detects else None))
                 continue

@@ -73,6 +73,7 @@ DATATYPES = {
     "car_uncertain": "BOOL",
 }
 NO_BOX = [-1, -1, -1, -1]
+LACKS = {"car_score": "has no car head", "boxes": "does not localise the car"}  # the car_* outputs: a detector
 CAR_OUTPUTS = {  # per car: how to read it off the car's answer, and what pads past the last car
     "car_boxes": (lambda car: car["box"], NO_BOX),
     "car_scores": (lambda car: car["score"], 0.0),
@@ -203,17 +204,10 @@ def output_tensors(answers: list[dict], wanted: list[str] | None) -> list[dict]:
         columns["boxes"] = [a["car"]["box"] or NO_BOX for a in answers]
     if all("cars" in a for a in answers):
         columns |= car_columns(answers)
-    for name, reason in (
-        ("car_score", "has no car head"),
-        ("boxes", "does not localise the car"),
-        ("car_count", "has no car detector"),
-    ):
-        if wanted and name in wanted and name not in columns:
-            raise ProtocolError(400, f"output {name!r}: this model {reason}")
     tensors = []
     for name in wanted or [name for name in OUTPUTS if name in columns]:
         if name not in columns:
-            raise ProtocolError(400, f"output {name!r}: this model has no car detector")
+            raise ProtocolError(400, f"output {name!r}: this model {LACKS.get(name, 'has no car detector')}")
         rows = columns[name]
         shape = [len(rows), len(rows[0])] if name in PER_PREDICTION or name in CAR_OUTPUTS else [len(rows)]
         values = [v for row in rows for v in row]
