@@ -68,6 +68,30 @@ def test_nothing_is_found_where_every_place_says_no_car(model):
     assert len(decoder.cars((logits, regression, centreness), [(192, 256)])[0].boxes) == 0
 
 
+def test_a_batch_is_decoded_as_each_picture_alone_and_as_fcos_decodes_it(model):
+    """The decoder's batched decoding gives each picture what torchvision's FCOS (per picture, per level)
+    gives it: the same boxes, scores and order, however many cars the others hold."""
+    torch.manual_seed(1)
+    decoder = Decoder(model.detector, CONFIG)
+    with torch.no_grad():
+        outputs = DetectPass(model)(torch.randn(3, 3, 192, 256))
+    outputs = (outputs[0] + 4.0, outputs[1], outputs[2] + 2.0)  # an untrained head scores ~0: many candidates
+    contents = [(192, 256), (96, 256), (192, 128)]
+    together = decoder.cars(outputs, contents)
+    levels = [h * w for h, w in level_shapes(CONFIG.detect_size)]
+    for i, content in enumerate(contents):
+        alone = decoder.cars([o[i : i + 1] for o in outputs], [content])[0]
+        split = {
+            key: list(o[i : i + 1].split(levels, dim=1))
+            for key, o in zip(("cls_logits", "bbox_regression", "bbox_ctrness"), outputs, strict=True)
+        }
+        theirs = decoder.model.postprocess_detections(split, [decoder.anchors], [content])[0]
+        assert len(together[i].boxes) > 10
+        for found in (alone, Found(theirs["boxes"], theirs["scores"])):
+            assert torch.allclose(together[i].boxes, found.boxes, atol=1e-4)
+            assert torch.allclose(together[i].scores, found.scores, atol=1e-6)
+
+
 def test_the_compiled_detector_answers_as_the_eager_one(model):
     batch = torch.randn(2, 3, 192, 256)
     with torch.no_grad():
