@@ -21,7 +21,7 @@ help:
 	@echo "make test    - lint + the test suite, about 10 minutes (CI runs it with PYTEST_ARGS=--slow: all of it)"
 	@echo "make check   - lint + the tests that start no server, about 2 minutes: the everyday loop"
 	@echo "make train   - train the default model on ../shared/stanford_cars (two stages: crops, then whole photos"
-	@echo "               and the box head; then the car detector and the calibration), evaluate, export, int8 into $(EXPORT)"
+	@echo "               and the box head; then the car detector, the car check and the calibration), evaluate, export, int8 into $(EXPORT)"
 	@echo "make gate | register | promote | release-archive | kserve | image - the release pipeline (README)"
 	@echo "make eda | tune | archive | lint | format | clean"
 
@@ -136,7 +136,8 @@ check: lint
 
 # --- training (see README, docs/training.md) ------------------------------------------------
 # Stage 1 learns the classes on the crops; stage 2 starts from its weights and learns the whole photos (the box
-# head, the cars cut from the photos); then the car detector on the frozen trunk. Stage 2 runs twice: on
+# head, the cars cut from the photos); then, on the frozen trunk, the car detector and the car check (the car
+# head that looks again at each car the detector finds, in the classifier's pass). Stage 2 runs twice: on
 # train alone (HELDOUT), whose val answers fit the calibration and thresholds, and on train+val (FINAL, what
 # ships), which takes that calibration over; test is only evaluated. Each step is a file: a rerun of
 # `make train` skips the finished ones and continues an interrupted training at its last epoch
@@ -156,7 +157,10 @@ $(HELDOUT)/train_summary.json: training/configs/efficientnet_lite0_photos.yaml $
 $(HELDOUT)/detector.json: $(HELDOUT)/train_summary.json
 	$(PY) -m training.detector --run $(HELDOUT)
 
-$(HELDOUT)/calibration.json: $(HELDOUT)/detector.json
+$(HELDOUT)/verifier.json: $(HELDOUT)/detector.json
+	$(PY) -m training.verifier --run $(HELDOUT)
+
+$(HELDOUT)/calibration.json: $(HELDOUT)/verifier.json
 	$(PY) -m training.calibrate --run $(HELDOUT)
 
 $(FINAL)/train_summary.json: training/configs/efficientnet_lite0_photos.yaml $(STAGE1)/train_summary.json
@@ -165,7 +169,10 @@ $(FINAL)/train_summary.json: training/configs/efficientnet_lite0_photos.yaml $(S
 $(FINAL)/detector.json: $(FINAL)/train_summary.json
 	$(PY) -m training.detector --run $(FINAL)
 
-$(FINAL)/calibration.json: $(FINAL)/detector.json $(HELDOUT)/calibration.json
+$(FINAL)/verifier.json: $(FINAL)/detector.json
+	$(PY) -m training.verifier --run $(FINAL)
+
+$(FINAL)/calibration.json: $(FINAL)/verifier.json $(HELDOUT)/calibration.json
 	$(PY) -m training.calibrate --run $(FINAL) --fitted_on $(HELDOUT)
 
 $(FINAL)/eval_test.json: $(FINAL)/calibration.json

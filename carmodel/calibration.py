@@ -10,8 +10,10 @@ and shipped beside the weights as `calibration.json`.
   A dark, blurred or grainy photo deserves less confidence than its softmax shows: T also rises with how
   far the classified image's quality (`image_quality`: brightness, contrast, sharpness, colour) is from
   the clean val crops', log T gaining sum(w * z + v * z**2) over its standardised features z.
-* **No car.** The car/no-car score (the car head's sigmoid, from the first pass) below
-  `car_threshold`: the answer says there is no car.
+* **No car.** The car score below `car_threshold`: the answer says there is no car. With a detector,
+  a candidate it scores below `detect_threshold` is not even classified, and the car score of one that
+  is combines the detector's and the car check's (carmodel.predictor.car_score); with only a box head,
+  the car head's sigmoid from the first pass.
 * **Not sure.** A top-1 probability below `sure_threshold`: the answer says it is uncertain, and
   still names the make when the make's probability (summed over its classes) reaches `make_threshold`.
 
@@ -54,6 +56,7 @@ class Calibration:
     min_side: float = 1.0  # the sizes it was fitted on: outside them T(s) is held at the edge
     max_side: float = 1e6
     car_threshold: float = 0.0  # car score below this: no car (0: a car is always found)
+    detect_threshold: float = 0.0  # a detector's candidate scoring below this is not classified (0: car_threshold)
     sure_threshold: float = 0.0  # top-1 probability below this: uncertain (0: always sure)
     make_threshold: float = 0.0  # uncertain, but the make is given at this make probability or above
     # image quality's part of log T (empty: none): the clean val crops' mean and spread of each QUALITY
@@ -63,6 +66,11 @@ class Calibration:
     quality_weights: tuple[float, ...] = ()
     quality_square_weights: tuple[float, ...] = ()
     fitted_on: str = "none"  # what it was fitted on, for people reading the file
+
+    @property
+    def candidate_threshold(self) -> float:
+        """The detector's score a candidate needs to be classified (and checked)."""
+        return self.detect_threshold or self.car_threshold
 
     @property
     def sees_quality(self) -> bool:

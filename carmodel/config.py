@@ -27,12 +27,13 @@ class ModelConfig:
     # the whole image is classified as it is.
     locate_size: int = 0
     crop_margin: float = 0.05  # widen the found box by this fraction of its size on each side
-    # With a box head: a car/no-car logit from the same first pass (training.car_head trains it), so a
-    # photo without a car is answered "no car" rather than with a car's name.
+    # A car/no-car logit on the trunk's last features, so that what is not a car is answered "no car".
+    # With a detector, the car check: read in the classifier's pass over each car the detector finds
+    # (training.verifier trains it); in an older export without one, read in the box head's first pass.
     car_head: bool = False
     # With a box head: a car detector (carmodel.detection; training.detector trains it) finds every car
-    # in the whole image letterboxed into this canvas (width, height); it replaces the box and car
-    # heads' answer. (0, 0): none.
+    # in the whole image letterboxed into this canvas (width, height); it replaces the box head's
+    # answer. (0, 0): none.
     detect_size: tuple[int, int] = (0, 0)
 
     @property

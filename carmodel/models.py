@@ -159,12 +159,12 @@ class GridHead(nn.Module):
 
 class Localizer(nn.Module):
     """A classifier (`net`, unchanged) with a box head on its trunk: forward -> (logits, box), and
-    with `car_head` -> (logits, box, car logit), the car logit saying whether there is a car at all.
+    with `car_head` -> (logits, box, car logit), the car logit saying whether what it sees is a car.
     With `detector`, `detect` finds every car (carmodel.detection) from the same trunk's pyramid.
 
-    One trunk pass gives them all; the predictor runs it twice, on the whole photo to find the cars
-    (the detector; without one, small for the box and the car logit), and at eval size on each car cut
-    from the upload for its class."""
+    The predictor runs the trunk twice: on the whole photo to find the cars (the detector; without one,
+    small for the box and the car logit), and at eval size on each car cut from the upload for its class
+    (and, with a detector, the car logit: the car check)."""
 
     def __init__(self, net: nn.Module, arch: str, car_head: bool = False, detector: bool = False):
         super().__init__()
@@ -249,7 +249,7 @@ def build_for(config, num_classes: int, pretrained: str = "none") -> tuple[nn.Mo
 
 def load_localizer(model: Localizer, state: dict) -> None:
     """A Localizer's weights; a car head or detector that the file lacks stays as initialised
-    (training.car_head and training.detector train them)."""
+    (training.detector and training.verifier train them)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(("car_head.", "detector.")) for k in missing):
         raise PretrainedWeightsError(f"weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")

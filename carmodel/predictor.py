@@ -1,12 +1,15 @@
 """The inference chain, once: image -> [find the car, cut it out] -> eval preset -> runner -> answer.
 
 A model with a car detector (ModelConfig.detect_size, carmodel.detection) finds every car: the whole
-image, letterboxed into the detector's canvas, gives each car's box and score; each car scoring at
-least the calibrated car threshold (up to `max_cars`) is cut from the full-resolution image (where a
-phone photo's detail is) at its box, widened by `crop_margin`, and all the cars of a batch are
-classified in one pass. The most prominent car (area x score) is the answer's own; the others follow
-in `Answer.cars`. An image where no car reaches the threshold is "no car" (its best candidate, or the
-whole image, is still classified: evaluation and calibration read every image's logits).
+image, letterboxed into the detector's canvas, gives each candidate's box and score; each candidate
+scoring at least the calibrated detect threshold (up to `max_cars`) is cut from the full-resolution
+image (where a phone photo's detail is) at its box, widened by `crop_margin`, and all the candidates of
+a batch are classified in one pass. With a car head (the car check) that pass also says whether each
+cut is a car, and a candidate's car score is the geometric mean of the two (`car_score`); without one,
+the detector's score. The cars are the candidates whose car score reaches the car threshold; the most
+prominent (area x score) is the answer's own, the others follow in `Answer.cars`. An image without one
+is "no car" (its best candidate, or the whole image, is still classified: evaluation and calibration
+read every image's logits).
 An older model with only a box head finds one car in the whole image squashed small (with a car head,
 whether there is a car at all). A model without either classifies the whole image.
 
@@ -77,7 +80,7 @@ class Car:
     """One car found in an image, and what it is."""
 
     box: Box  # in the upload's pixels
-    score: float  # the detector's score
+    score: float  # the car score: the detector's, with the car check's (car_score)
     make: Share | None  # None when even the make is not sure
     body_type: Share
     uncertain: bool
@@ -165,7 +168,7 @@ class Others:
     sides: torch.Tensor
     quality: torch.Tensor | None
     boxes: list[Box]  # in the uploads' pixels
-    scores: list[float]
+    scores: list[float]  # car scores: below the car threshold, a candidate the car check turned down
     owners: list[int]  # the image each belongs to
 
 
@@ -179,6 +182,7 @@ class Forward:
     uploaded_sizes: list[tuple[int, int]] | None = None  # each upload's (width, height), before decoding shrank it
     quality: torch.Tensor | None = None  # calibration.image_quality of what was classified: T depends on it too
     others: Others | None = None  # a detector's other cars found
+    detect_scores: torch.Tensor | None = None  # a detector's own score of each row's car (car_scores: checked)
 
 
 class Predictor:
@@ -252,8 +256,18 @@ class Predictor:
 
     def logits(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Images at eval size, preprocessed (a list, or a stacked batch) -> float logits, one row per image."""
+        return self.classify(tensors)[0]
+
+    def classify(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`logits`, and with a car head on this pass (a detector's car check) its car logits."""
         batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
-        return self.runner.run(batch)[0]
+        outputs = self.runner.run(batch)
+        return outputs[0], outputs[2].float() if self.checks_cars else None
+
+    @property
+    def checks_cars(self) -> bool:
+        """Whether each candidate the detector finds is looked at again by the car head, in the classifier's pass."""
+        return self.decoder is not None and self.config.car_head
 
     # ------------------------------------------------------------------ the chain
 
@@ -269,15 +283,16 @@ class Predictor:
         outputs = self.locator.run(torch.stack([p.tensor for p in prepared]))
         found = self.decoder.cars(outputs, [self.canvas.content(p.image.size) for p in prepared])
         return [
-            ([to_pixels(box / p.scale, p.image.size, fractions=False) for box in f.boxes], f.scores.tolist())
+            (pixel_boxes(f.boxes / p.scale, p.image.size, fractions=False), f.scores.tolist())
             for f, p in zip(found, prepared, strict=True)
         ]
 
     def cars_of(self, image: Image.Image, boxes: list[Box], scores: list[float]) -> list[tuple[Box, float]]:
-        """The cars answered for one image: those scoring at least the car threshold, most prominent
-        (area x score) first, at most max_cars; none found: the best candidate, or the whole image,
-        scored as found (a row to classify; the answer says no car)."""
-        cars = [(b, s) for b, s in zip(boxes, scores, strict=True) if s >= self.calibration.car_threshold]
+        """The candidates classified for one image: those the detector scores at least the detect threshold,
+        most prominent (area x score) first, at most max_cars; none: the best candidate, or the whole
+        image (a row to classify; the answer says no car)."""
+        threshold = self.calibration.candidate_threshold
+        cars = [(b, s) for b, s in zip(boxes, scores, strict=True) if s >= threshold]
         cars = sorted(cars, key=lambda c: -(c[0][2] - c[0][0]) * (c[0][3] - c[0][1]) * c[1])[: self.max_cars]
         if cars:
             return cars
@@ -320,34 +335,42 @@ class Predictor:
         )
 
     def run_detected(self, prepared: Sequence[Prepared], map: Callable) -> Forward:
-        """`run` with a detector: every image's cars cut out and classified in one batch, each image's
-        most prominent car first (the Forward's own rows), then the others (`Forward.others`)."""
+        """`run` with a detector: every image's candidates cut out and classified in one batch; each image's
+        most prominent car (a candidate whose car score reaches the threshold, else its best candidate)
+        gives the Forward's own row, the rest are `Forward.others`."""
         images = [p.image for p in prepared]
-        cars = [self.cars_of(p.image, *found) for p, found in zip(prepared, self.find(prepared), strict=True)]
-        rows = [(i, *car[0]) for i, car in enumerate(cars)] + [(i, *c) for i, car in enumerate(cars) for c in car[1:]]
-        owners, boxes, scores = zip(*rows, strict=True)
+        found = [self.cars_of(p.image, *f) for p, f in zip(prepared, self.find(prepared), strict=True)]
+        owners, boxes, detected = zip(*[(i, *c) for i, cars in enumerate(found) for c in cars], strict=True)
         inputs = list(map(self.cut_car, [images[i] for i in owners], boxes))
         regions = [self.region(images[i].size, box) for i, box in zip(owners, boxes, strict=True)]
         uploaded = list(map(in_uploaded_pixels, boxes, [images[i] for i in owners]))
         batch = torch.stack(inputs)
-        logits, quality, sides, n = self.logits(batch), self.quality(batch), side_lengths(regions), len(images)
+        logits, car_logits = self.classify(batch)
+        detected = torch.tensor(detected)
+        scores = detected if car_logits is None else car_score(detected, car_logits)
+        order = prominence(owners, uploaded, scores.tolist(), self.calibration.car_threshold)
+        own = [rows[0] for rows in order]
+        rest = [r for rows in order for r in rows[1:]]
+        quality, sides = self.quality(batch), side_lengths(regions)
+
         others = Others(
-            logits[n:],
-            sides[n:],
-            None if quality is None else quality[n:],
-            uploaded[n:],
-            list(scores[n:]),
-            list(owners[n:]),
+            logits[rest],
+            sides[rest],
+            None if quality is None else quality[rest],
+            [uploaded[r] for r in rest],
+            scores[rest].tolist(),
+            [owners[r] for r in rest],
         )
         return Forward(
-            logits[:n],
-            inputs[:n],
-            uploaded[:n],
-            sides[:n],
-            torch.tensor(scores[:n]),
+            logits[own],
+            [inputs[r] for r in own],
+            [uploaded[r] for r in own],
+            sides[own],
+            scores[own],
             [uploaded_size(image) for image in images],
-            None if quality is None else quality[:n],
+            None if quality is None else quality[own],
             others,
+            detect_scores=detected[own],
         )
 
     def quality(self, batch: torch.Tensor) -> torch.Tensor | None:
@@ -410,7 +433,8 @@ class Predictor:
             for owner, box, score, car in zip(
                 o.owners, o.boxes, o.scores, self.describe(probabilities, [ks[i] for i in o.owners]), strict=True
             ):
-                others[owner].append(Car(box, score, car[1], car[2], car[3], car[0]))
+                if score >= self.calibration.car_threshold:  # not a candidate the car check turned down
+                    others[owner].append(Car(box, score, car[1], car[2], car[3], car[0]))
         answers, detects = [], self.decoder is not None
         for (top, make, body, uncertain), score, box, rest in zip(described, scores, boxes, others, strict=True):
             if score is not None and score < self.calibration.car_threshold:
@@ -448,6 +472,28 @@ class Predictor:
         return self.answer(self.forward(images), k)
 
 
+def prominence(
+    owners: Sequence[int], boxes: Sequence[Box], scores: Sequence[float], threshold: float
+) -> list[list[int]]:
+    """The rows of each image (`owners`: the image of each row), the cars (a score of at least
+    `threshold`) first, most prominent (area x score) first; then the candidates turned down."""
+    rows: list[list[int]] = [[] for _ in range(max(owners) + 1)]
+    for row, owner in enumerate(owners):
+        rows[owner].append(row)
+
+    def key(row: int) -> tuple[bool, float]:
+        x1, y1, x2, y2 = boxes[row]
+        return scores[row] < threshold, -(x2 - x1) * (y2 - y1) * scores[row]
+
+    return [sorted(r, key=key) for r in rows]
+
+
+def car_score(detected: torch.Tensor, car_logits: torch.Tensor) -> torch.Tensor:
+    """A candidate's car score: the geometric mean of the detector's score and the car check's
+    probability, so that either can turn it down."""
+    return (detected.float() * torch.sigmoid(car_logits.float())).sqrt()
+
+
 def side_lengths(regions: Sequence[Box]) -> torch.Tensor:
     """sqrt(width x height) of each region: one number for how many pixels a car had."""
     return torch.tensor([float(((x2 - x1) * (y2 - y1)) ** 0.5) for x1, y1, x2, y2 in regions])
@@ -466,11 +512,13 @@ def in_uploaded_pixels(box: Box, image: Image.Image) -> Box:
 def to_pixels(box: torch.Tensor, size: tuple[int, int], fractions: bool = True) -> Box:
     """A box's (x1, y1, x2, y2) - the box head's fractions, or pixels - as whole pixels of a `size`
     (width, height) image, ordered and inside it."""
+    return pixel_boxes(box[None], size, fractions)[0]
+
+
+def pixel_boxes(boxes: torch.Tensor, size: tuple[int, int], fractions: bool = True) -> list[Box]:
+    """`to_pixels` for every row of a [K, 4] tensor at once."""
     width, height = size
-    scale = torch.tensor([width, height, width, height]) if fractions else torch.ones(4)
-    x1, y1, x2, y2 = torch.minimum(
-        (box.float() * scale).clamp_min(0), torch.tensor([width, height, width, height], dtype=torch.float32)
-    ).tolist()
-    x1, x2 = sorted((x1, x2))
-    y1, y2 = sorted((y1, y2))
-    return round(x1), round(y1), round(x2), round(y2)
+    limits = torch.tensor([width, height, width, height], dtype=torch.float32)
+    boxes = torch.minimum((boxes.float() * (limits if fractions else 1)).clamp_min(0), limits)
+    xs, ys = boxes[:, 0::2].sort(1).values, boxes[:, 1::2].sort(1).values
+    return [tuple(row) for row in torch.stack((xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]), 1).round().int().tolist()]

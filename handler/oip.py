@@ -24,7 +24,7 @@ answer, carmodel.predictor.Answer.details):
     -- every car found (models with a detector), most prominent first, M = the most cars of any photo --
     car_count              INT64  [N]        how many cars were found (0: no car)
     car_boxes              FP32   [N, M, 4]  each car's box in the photo's pixels; -1 past car_count
-    car_scores             FP32   [N, M]     each car's detector score; 0 past car_count
+    car_scores             FP32   [N, M]     each car's car score; 0 past car_count
     car_class_ids          INT64  [N, M]     each car's top-1 class; -1 past car_count
     car_probabilities      FP32   [N, M]     its calibrated probability; 0 past car_count
     car_class_names        BYTES  [N, M]     "" past car_count

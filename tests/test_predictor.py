@@ -13,7 +13,7 @@ from carmodel.config import ModelConfig
 from carmodel.detection import Decoder, Letterbox
 from carmodel.export import ExportDir, ExportError
 from carmodel.models import DetectPass, build_model
-from carmodel.predictor import Predictor, to_pixels
+from carmodel.predictor import Predictor, prominence, to_pixels
 from carmodel.presets import cut_out, eval_preset
 
 MODEL = "efficientnet_lite0_cars"
@@ -108,28 +108,36 @@ def test_a_model_with_a_box_head_saves_and_loads_with_its_box_head(tmp_path):
 
 
 def test_predictor_finds_the_car_then_classifies_it_cut_from_the_full_image(reference, whole_photos):
-    """The chain by hand: the whole photo letterboxed into the detector's canvas gives the boxes (FCOS's
-    decoding); the most prominent car above the car threshold, cut from the full image at its box in whole
-    pixels (widened by the margin), squashed to the eval size, gives the softmax the predictor answers with."""
+    """The chain by hand: the whole photo letterboxed into the detector's canvas gives the candidates (FCOS's
+    decoding); each one scoring at least the detect threshold is cut from the full image at its box in whole
+    pixels (widened by the margin) and squashed to the eval size; the classifier's pass gives its classes and,
+    with the car check, the car logit: the car score sqrt(detector x car check). The most prominent candidate
+    (area x car score) reaching the car threshold gives the softmax the predictor answers with."""
     export = ExportDir(DEFAULT_EXPORT)
     config, model = export.model_config, export.load_model()
+    calibration = reference.calibration
     assert config.detects
     canvas, decoder = Letterbox(config), Decoder(model.detector, config)
     with torch.no_grad():
         tensors, scales = zip(*(canvas(p) for p in whole_photos), strict=True)
         found = decoder.cars(DetectPass(model)(torch.stack(tensors)), [canvas.content(p.size) for p in whole_photos])
-        boxes, cars = [], []
-        for image, cars_found, scale in zip(whole_photos, found, scales, strict=True):
-            kept = cars_found.scores >= reference.calibration.car_threshold
-            areas = (cars_found.boxes[:, 2:] - cars_found.boxes[:, :2]).prod(1) * cars_found.scores
-            box = [round(v) for v in (cars_found.boxes[kept][areas[kept].argmax()] / scale).tolist()]
-            boxes.append(box)
-            cars.append(cut_out(image, box, (config.crop_margin,) * 4))
-        probabilities = model(torch.stack([eval_preset(config)(car) for car in cars]))[0].softmax(1)
+        answers = []
+        for image, candidates, scale in zip(whole_photos, found, scales, strict=True):
+            kept = candidates.scores >= calibration.candidate_threshold
+            boxes = [[round(v) for v in (box / scale).tolist()] for box in candidates.boxes[kept]]
+            cuts = [eval_preset(config)(cut_out(image, box, (config.crop_margin,) * 4)) for box in boxes]
+            outputs = model(torch.stack(cuts))
+            scores = candidates.scores[kept]
+            if config.car_head:
+                scores = (scores * torch.sigmoid(outputs[2])).sqrt()
+            areas = torch.tensor([(x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in boxes]) * scores
+            best = int(torch.where(scores >= calibration.car_threshold, areas, -1.0).argmax())
+            answers.append((boxes[best], outputs[0][best].softmax(0)))
     forward = reference.run([reference.prepare(p) for p in whole_photos])
-    answers = reference.top_k(forward.logits.softmax(1), 1)
-    for expected, by_chain, row, answer in zip(boxes, forward.boxes, probabilities, answers, strict=True):
-        assert by_chain == pytest.approx(expected, abs=1)  # whole pixels of the uploaded image
+    by_chain = reference.top_k(forward.logits.softmax(1), 1)
+    assert (forward.car_scores >= calibration.car_threshold).all()  # a car in every one of these photos
+    for (expected, row), box, answer in zip(answers, forward.boxes, by_chain, strict=True):
+        assert box == pytest.approx(expected, abs=1)  # whole pixels of the uploaded image
         assert answer[0].class_id == int(row.argmax())
         assert answer[0].probability == pytest.approx(float(row.max()), abs=0.02)
 
@@ -139,6 +147,13 @@ def test_a_crop_like_input_is_found_to_fill_the_frame(reference, photos):
     forward = reference.run([reference.prepare(p) for p in photos])
     for image, (x1, y1, x2, y2) in zip(photos, forward.boxes, strict=True):
         assert (x2 - x1) * (y2 - y1) >= 0.7 * image.width * image.height, ((x1, y1, x2, y2), image.size)
+
+
+def test_the_cars_come_first_most_prominent_first_then_the_candidates_turned_down():
+    boxes = [(0, 0, 10, 10), (0, 0, 20, 20), (0, 0, 100, 100), (0, 0, 5, 5), (0, 0, 50, 50)]
+    scores = [0.9, 0.6, 0.3, 0.8, 0.2]  # the large boxes of rows 2 and 4 are turned down at 0.5
+    assert prominence([0, 0, 0, 1, 1], boxes, scores, threshold=0.5) == [[1, 0, 2], [3, 4]]
+    assert prominence([0, 0, 0], boxes[:3], scores[:3], threshold=0.0) == [[2, 1, 0]]  # area x score only
 
 
 @pytest.mark.parametrize(

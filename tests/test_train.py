@@ -293,9 +293,9 @@ def test_resume_auto_continues_the_same_recipe_and_starts_another_over(lite0, tm
 
 @pytest.mark.slow
 def test_calibration_fitted_on_val_is_taken_over_by_the_train_plus_val_fit(cars_root, tmp_path):
-    """make train's order: the car detector and the calibration (size and image quality) on the train-only
-    run's val answers, then the train+val run's own detector (val cars among its pictures) and that
-    calibration carried over."""
+    """make train's order: the car detector, the car check and the calibration (size and image quality) on
+    the train-only run's val answers, then the train+val run's own detector and car check (val cars among
+    their pictures) and that calibration carried over."""
     smoke = {"locate_size": 32, "unfreeze": 0, "cache_features": "false", "photo_conditions_prob": 0.5}
     smoke_train(tmp_path / "heldout", cars_root, "efficientnet_lite0", **smoke)
     smoke_train(tmp_path / "final", cars_root, "efficientnet_lite0", fit_on="train+val", **smoke)
@@ -307,6 +307,14 @@ def test_calibration_fitted_on_val_is_taken_over_by_the_train_plus_val_fit(cars_
     assert "val_composites" in heldout_head and "val_composites" not in final_head  # val is no longer held out there
     assert 0 <= heldout_head["val_photos"]["ap50"] <= 1 and heldout_head["val_photos"]["cars"] > 0
     assert final_head["train_cars"] > heldout_head["train_cars"]
+    for run in (heldout, final):
+        result = python("-m", "training.verifier", "--run", str(run), "--composites", "12", "--epochs", "1")
+        assert result.returncode == 0, result.stderr[-3000:]
+    heldout_check, final_check = (json.loads((run / "verifier.json").read_text()) for run in (heldout, final))
+    assert "val" in heldout_check and "val" not in final_check
+    assert heldout_check["val"]["cars"] > 0 and heldout_check["val"]["not_cars"] > 0
+    assert 0 <= heldout_check["val"]["auroc_car_score"] <= 1
+    assert final_check["train_candidates"]["cars"] > heldout_check["train_candidates"]["cars"]
 
     refused = python("-m", "training.calibrate", "--run", str(final))
     assert refused.returncode == 2 and "no val cars are left" in refused.stderr
@@ -326,6 +334,8 @@ def test_calibration_fitted_on_val_is_taken_over_by_the_train_plus_val_fit(cars_
     }
     assert "train alone" in taken["fitted_on"]
     source = json.loads((final / "calibration_from.json").read_text())  # the card's training time counts it
-    assert source["run"] == str(heldout) and source["training"]["fit_on"] == "train" and "detector" in source
+    assert source["run"] == str(heldout) and source["training"]["fit_on"] == "train"
+    assert {"detector", "car_check"} <= set(source)
+    assert calibration["detect_threshold"] >= 0.05  # the detector's floor: never 0, which would mean "unset"
     missing = python("-m", "training.calibrate", "--run", str(final), "--fitted_on", str(tmp_path))
     assert missing.returncode == 2 and "calibrate that run first" in missing.stderr

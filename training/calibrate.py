@@ -9,7 +9,9 @@ ships it); test is never looked at.
   thumbnail's car, a dark photo's and a sharp crop's do not deserve the same confidence.
   `--single_temperature` fits T0 alone, `--no_quality` leaves the quality out.
 * car_threshold: the highest car score that flags at most `--max_no_car` of the val cars as "no car"
-  in any view.
+  in any view. With a detector whose cars the car head checks, detect_threshold first: the highest
+  detector score that leaves a quarter of that share of the val cars unclassified; then the car
+  threshold over the car scores of the rest.
 * sure_threshold: the lowest top-1 probability at and above which the val answers are right at least
   `--sure_accuracy` of the time in every view (crops, whole photos, thumbnails); make_threshold the same for
   the make and its summed probability.
@@ -38,7 +40,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from carmodel.calibration import CALIBRATION, QUALITY, Calibration
-from carmodel.detection import PROVISIONAL_THRESHOLD
+from carmodel.detection import PROVISIONAL_THRESHOLD, SCORE_FLOOR
 from carmodel.errors import exit_with
 from carmodel.presets import photo_conditions
 from training import config as config_lib
@@ -195,7 +197,8 @@ def carry_over(run_dir: Path, fitted_on: Path) -> Calibration:
 def run_record(run_dir: Path) -> dict:
     """Where a carried-over calibration came from, and what that run cost (the model card's training time)."""
     record = {"run": str(run_dir)}
-    for key, name in (("training", "train_summary.json"), ("detector", "detector.json")):
+    reports = {"training": "train_summary.json", "detector": "detector.json", "car_check": "verifier.json"}
+    for key, name in reports.items():
         if (run_dir / name).is_file():
             record[key] = json.loads((run_dir / name).read_text())
     return record
@@ -223,7 +226,14 @@ def thresholded(
         right = np.array([m.name == predictor.vehicles[int(y)].make for m, y in zip(shares, o.labels, strict=True)])
         make.append(sure_threshold(np.array([m.probability for m in shares]), right, sure_accuracy))
     thresholds = {"sure_threshold": max(sure), "make_threshold": max(make)}
-    if outputs["crops"].car_scores is not None:
+    if outputs["crops"].detect_scores is not None and predictor.checks_cars:
+        detected = {v: o.detect_scores.numpy() for v, o in sent.items()}
+        # never below the detector's floor (no candidate is under it); 0 would mean "none fitted"
+        thresholds["detect_threshold"] = max(car_threshold(detected, max_no_car / 4), SCORE_FLOOR)
+        classified = {v: d >= thresholds["detect_threshold"] for v, d in detected.items()}
+        scores = {v: np.where(classified[v], o.car_scores.numpy(), 0.0) for v, o in sent.items()}
+        thresholds["car_threshold"] = car_threshold(scores, max_no_car)
+    elif outputs["crops"].car_scores is not None:
         thresholds["car_threshold"] = car_threshold({v: o.car_scores.numpy() for v, o in sent.items()}, max_no_car)
     return dataclasses.replace(fitted, **thresholds, fitted_on=fitted_on)
 

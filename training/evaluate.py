@@ -134,6 +134,7 @@ class Outputs:
     boxes: list | None  # None without a box head
     car_scores: torch.Tensor | None  # None without a car head
     quality: torch.Tensor  # carmodel.calibration.image_quality of each classified image
+    detect_scores: torch.Tensor | None = None  # a detector's own scores (car_scores: also checked); None without
 
 
 def predict(
@@ -150,12 +151,14 @@ def predict(
         forwards.append(predictor.forward(images))
         labels.append(targets)
     scores = [f.car_scores for f in forwards if f.car_scores is not None]
+    detected = [f.detect_scores for f in forwards if f.detect_scores is not None]
     return Outputs(
         logits=torch.cat([f.logits for f in forwards]),
         labels=torch.cat(labels),
         sides=torch.cat([f.sides for f in forwards]),
         boxes=[box for f in forwards for box in f.boxes] if predictor.localizes else None,
         car_scores=torch.cat(scores) if scores else None,
+        detect_scores=torch.cat(detected) if detected else None,
         quality=torch.cat([image_quality(torch.stack(f.inputs), cfg.model.mean, cfg.model.std) for f in forwards]),
     )
 
@@ -381,12 +384,19 @@ def detection_metrics(found: list[Found], truths: list[torch.Tensor], threshold:
 DETECTION_SCENES = 300  # test composites (training/composites.py): about 900 cars
 
 
+def detector_candidates(predictor: Predictor, prepared: list, to_scene: float) -> Found:
+    """The detector's candidates in one prepared picture, in the scene's pixels (`to_scene` per decoded pixel)."""
+    boxes, scores = predictor.find(prepared)[0]
+    return Found(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * to_scene, torch.tensor(scores))
+
+
 def detection_test_metrics(
     predictor: Predictor, cfg, samples, count: int = DETECTION_SCENES, classify: bool = True
 ) -> dict:
     """The detector on composites of the held-out cars on the held-out backgrounds: AP50, precision and
     recall at the car threshold, recall per car width; and top-1 of the cars it found against top-1 of the
-    same cars cut at their true box (the crops at the same size), per width."""
+    same cars cut at their true box (the crops at the same size), per width. With the car check, the
+    cars are those it scores (the candidates classified); `classify=False`: the detector's candidates alone."""
 
     predictor = copy.copy(predictor)
     predictor.max_cars = MAX_CARS  # every car, as served
@@ -395,28 +405,31 @@ def detection_test_metrics(
     for scene in tqdm(scenes, total=count, desc="test composites", disable=not cfg.runtime.progress, leave=False):
         image = as_uploaded(scene.image, predictor)
         prepared = [predictor.prepare(image)]
-        boxes, scores = predictor.find(prepared)[0]
-        to_scene = scene.image.width / image.width
-        found.append(Found(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * to_scene, torch.tensor(scores)))
         cars = torch.tensor(scene.boxes, dtype=torch.float32).reshape(-1, 4)
         truths.append(cars)
-        if not len(cars) or not classify:
+        if not classify:
+            found.append(detector_candidates(predictor, prepared, scene.image.width / image.width))
+            continue
+        forward = predictor.run(prepared)  # its boxes are in the upload's pixels: the scene's
+        rows = Found(
+            torch.tensor(forward.boxes + forward.others.boxes, dtype=torch.float32),
+            torch.cat([forward.car_scores.float(), torch.tensor(forward.others.scores)]),
+        )
+        classes = torch.cat([forward.logits, forward.others.logits]).argmax(1)
+        checked = predictor.checks_cars  # else the detector's own candidates, as it ranks them
+        found.append(rows if checked else detector_candidates(predictor, prepared, scene.image.width / image.width))
+        if not len(cars):
             continue
         labels = torch.tensor(scene.labels)
         widths.append(cars[:, 2] - cars[:, 0])
-        true_cuts = torch.stack(
-            [predictor.cut_car(image, tuple(round(v / to_scene) for v in box)) for box in scene.boxes]
-        )
+        to_image = image.width / scene.image.width
+        true_cuts = torch.stack([predictor.cut_car(image, tuple(round(v * to_image) for v in b)) for b in scene.boxes])
         box_right.append(predictor.logits(true_cuts).argmax(1) == labels)
-        forward = predictor.run(prepared)
-        answered = [forward.boxes[0]] + (forward.others.boxes if forward.others else [])
-        classes = torch.cat([forward.logits, forward.others.logits if forward.others else forward.logits[:0]]).argmax(1)
-        answered = answered if float(forward.car_scores[0]) >= predictor.calibration.car_threshold else []
+        answered = rows.scores >= predictor.calibration.car_threshold
         right = torch.zeros(len(cars), dtype=torch.bool)
-        if answered:
-            overlaps = box_iou(torch.tensor(answered, dtype=torch.float32), cars)
-            best = overlaps.max(0)
-            right = (best.values >= 0.5) & (classes[best.indices] == labels)
+        if answered.any():
+            best = box_iou(rows.boxes[answered], cars).max(0)
+            right = (best.values >= 0.5) & (classes[answered][best.indices] == labels)
         found_right.append(right)
     report = detection_metrics(found, truths, predictor.calibration.car_threshold)
     if not classify:

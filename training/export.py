@@ -20,9 +20,8 @@ from carmodel.calibration import CALIBRATION
 from carmodel.errors import exit_with
 from carmodel.export import METRICS, SPLIT, TRAINING_CONFIG, ExportDir
 from training import config as config_lib
-from training import data, model_card, tracking
+from training import data, detector, model_card, tracking, verifier
 from training.calibrate import CALIBRATION_FROM
-from training.detector import REPORT
 from training.evaluate import evaluate_run, load_run
 
 
@@ -41,7 +40,8 @@ def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test
     cfg.save(export.record(TRAINING_CONFIG))
     confusion = [png.name for png in sorted(run_dir.glob(f"confusion_{split}*.png"))]  # one per view
     reliability = [png.name for png in sorted(run_dir.glob(f"reliability_{split}.png"))]
-    for extra in (CALIBRATION, SPLIT, "curves.png", *confusion, *reliability, "metrics.csv", REPORT, tracking.RUN_FILE):
+    reports = (detector.REPORT, verifier.REPORT, tracking.RUN_FILE)
+    for extra in (CALIBRATION, SPLIT, "curves.png", *confusion, *reliability, "metrics.csv", *reports):
         if (run_dir / extra).is_file():
             shutil.copy(run_dir / extra, export_dir / extra)
     # logged to the training's run

@@ -1,7 +1,7 @@
 """The model card beside the weights (`<export>/README.md`), written from the export's own records.
 
 Every figure on it is read from the files that ship with the weights (metrics.json, config.yaml,
-calibration.json, detector.json, quantization.json), so the card cannot drift from what it
+calibration.json, detector.json, verifier.json, quantization.json), so the card cannot drift from what it
 describes: training.export writes it, training.quantize rewrites it with the int8 figures.
 
     python -m training.model_card --export models/efficientnet_lite0_cars
@@ -94,7 +94,23 @@ def _corruptions(corrupted: dict) -> list[str]:
     return lines
 
 
-def _training(config: dict, metrics: dict, detector: dict | None) -> list[str]:
+def _car_check(report: dict, calibration: dict, held_out: dict | None) -> str:
+    """The car head that looks again at each candidate the detector finds (training/verifier.py); its val
+    figures are its own or (a model fitted on train+val) those of `held_out`, the same on train alone."""
+    train = report["train_candidates"]
+    line = (
+        f"The car check (the car head on the classifier's pass over each candidate): trained on {train['cars']} "
+        f"candidates on a car and {train['not_cars']} on none ({report.get('seconds')} s); a candidate is "
+        f"classified from a detector score of {calibration.get('detect_threshold', 0):.3f}, and is a car when "
+        "sqrt(detector score x car check) reaches the car threshold"
+    )
+    source = report.get("val") or (held_out or {}).get("val") or {}
+    if source:
+        line += f"; on val candidates AUROC {source['auroc_car_score']} (the detector alone {source['auroc_detector']})"
+    return line + "."
+
+
+def _training(config: dict, metrics: dict, detector: dict | None, car_check: dict | None = None) -> list[str]:
     training = metrics.get("training") or {}
     optim, augment = config.get("optim", {}), config.get("augment", {})
     lines = [
@@ -127,7 +143,8 @@ def _training(config: dict, metrics: dict, detector: dict | None) -> list[str]:
         )
     seconds = [previous.get("train_seconds"), training.get("train_seconds")]
     seconds += [(source.get("training") or {}).get("train_seconds"), (source.get("detector") or {}).get("seconds")]
-    seconds.append((detector or {}).get("seconds"))
+    seconds += [(source.get("car_check") or {}).get("seconds"), (detector or {}).get("seconds")]
+    seconds.append((car_check or {}).get("seconds"))
     lines.append(
         f"- Training in all (`make train`'s stages and heads; evaluation, export and int8 besides): "
         f"{sum(s for s in seconds if s) / 60:.0f} min."
@@ -189,8 +206,8 @@ def _held_out(fit_on: str | None) -> str:
 
 def render(export: ExportDir) -> str:
     metrics, config = _read(export, METRICS) or {}, _read(export, TRAINING_CONFIG) or {}
-    calibration, detector, int8 = (
-        _read(export, name) for name in ("calibration.json", "detector.json", "quantization.json")
+    calibration, detector, car_check, int8 = (
+        _read(export, name) for name in ("calibration.json", "detector.json", "verifier.json", "quantization.json")
     )
     data = config.get("data", {})
     name = export.path.name
@@ -266,7 +283,10 @@ def render(export: ExportDir) -> str:
             f"({detector.get('seconds')} s), the canvas {detector['detect_size'][0]}x{detector['detect_size'][1]}"
             + (f"; val composites AP50 {detector['val_composites']['ap50']}." if "val_composites" in detector else ".")
         )
-    out += ["", "## Training", "", *_training(config, metrics, detector)]
+    if car_check:
+        held_out = (metrics.get("calibration_from") or {}).get("car_check")
+        out[-1] += " " + _car_check(car_check, calibration or {}, held_out)
+    out += ["", "## Training", "", *_training(config, metrics, detector, car_check)]
     if int8:
         out += [
             "",

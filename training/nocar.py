@@ -7,7 +7,8 @@
 * the **training** pictures without a car of the car detector (training.detector; `training_pictures`):
   `backgrounds` (road, buildings and sky cut from the training photos outside each car's box),
   `synthetic` pictures (noise, gradients, shapes, stripes, text) and `shuffled` training cars (a car's
-  pieces, but not a car's shape).
+  pieces, but not a car's shape); the car check (training.verifier) also sees the package pictures
+  kept out of the test set (`training_package_pictures`: the LFW subset's other faces and non-faces).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SKIMAGE_PICTURES = (
 )  # fmt: skip
 MATPLOTLIB_PICTURES = ("grace_hopper.jpg", "logo2.png", "Minduka_Present_Blue_Pack.png")
 SKLEARN_PICTURES = ("china.jpg", "flower.jpg")
-FACES = 10  # of scikit-image's 200 small LFW faces
+FACES = 10  # of scikit-image's small LFW faces (its subset: 100 faces, then 100 patches without one)
 
 
 def _rgb(array: np.ndarray) -> Image.Image:
@@ -94,6 +95,14 @@ def test_pictures() -> list[tuple[str, Image.Image]]:
 
 
 # ----------------------------------------------------------------------------- training negatives
+
+
+def training_package_pictures() -> list[Image.Image]:
+    """The package pictures the test set leaves out: scikit-image's LFW subset past its first faces (90 more
+    faces, then 100 patches of the same photos without one)."""
+    import skimage.data
+
+    return [_rgb(face) for face in skimage.data.lfw_subset()[FACES:]]
 
 
 def backgrounds(photo: Image.Image, box, margin: float = 0.1, min_side: int = 24) -> list[Image.Image]:
