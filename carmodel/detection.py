@@ -134,13 +134,18 @@ class Decoder:
         self.all_anchors = torch.cat(self.anchors)
 
     @torch.no_grad()
-    def cars(self, outputs: Sequence[torch.Tensor], contents: Sequence[tuple[int, int]]) -> list[Found]:
+    def cars(
+        self, outputs: Sequence[torch.Tensor], contents: Sequence[tuple[int, int]], at_least: float = 0.0
+    ) -> list[Found]:
         """FCOS's decoding for a batch: every place scoring above the floor (a level never has more than
         FCOS's 1,000 candidates on a canvas this size), boxes clipped to each picture's content, NMS per
-        picture, the `max_cars` best of each."""
+        picture, the `max_cars` best of each. With `at_least`, only the candidates scoring that much and
+        each picture's best: the same ones as without (only a better box suppresses one), in less time."""
         logits, regression, centreness = (o.float() for o in outputs)
         scores = torch.sqrt(torch.sigmoid(logits[..., 0]) * torch.sigmoid(centreness[..., 0]))  # [N, A]
-        images, places = torch.nonzero(scores > self.score_floor, as_tuple=True)
+        wanted = scores >= at_least
+        wanted[torch.arange(len(scores)), scores.argmax(1)] = True
+        images, places = torch.nonzero(wanted & (scores > self.score_floor), as_tuple=True)
         boxes = self.model.box_coder.decode(regression[images, places], self.all_anchors[places])
         limits = torch.tensor([[w, h, w, h] for h, w in contents], dtype=boxes.dtype)[images]
         boxes = torch.minimum(boxes.clamp_min(0), limits)

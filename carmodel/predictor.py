@@ -277,11 +277,11 @@ class Predictor:
             return Prepared(image, *self.canvas(image))
         return Prepared(image, (self.locate_preprocess or self.preprocess)(image))
 
-    def find(self, prepared: Sequence[Prepared]) -> list[tuple[list[Box], list[float]]]:
-        """Every candidate car of each image (the detector's, score >= its floor, best first): boxes in
-        the decoded image's pixels, and scores."""
+    def find(self, prepared: Sequence[Prepared], at_least: float = 0.0) -> list[tuple[list[Box], list[float]]]:
+        """Every candidate car of each image (the detector's, score >= its floor, best first; with
+        `at_least`, only those scoring that much and the best): boxes in the decoded image's pixels, and scores."""
         outputs = self.locator.run(torch.stack([p.tensor for p in prepared]))
-        found = self.decoder.cars(outputs, [self.canvas.content(p.image.size) for p in prepared])
+        found = self.decoder.cars(outputs, [self.canvas.content(p.image.size) for p in prepared], at_least)
         return [
             (pixel_boxes(f.boxes / p.scale, p.image.size, fractions=False), f.scores.tolist())
             for f, p in zip(found, prepared, strict=True)
@@ -339,7 +339,8 @@ class Predictor:
         most prominent car (a candidate whose car score reaches the threshold, else its best candidate)
         gives the Forward's own row, the rest are `Forward.others`."""
         images = [p.image for p in prepared]
-        found = [self.cars_of(p.image, *f) for p, f in zip(prepared, self.find(prepared), strict=True)]
+        candidates = self.find(prepared, self.calibration.candidate_threshold)
+        found = [self.cars_of(p.image, *f) for p, f in zip(prepared, candidates, strict=True)]
         owners, boxes, detected = zip(*[(i, *c) for i, cars in enumerate(found) for c in cars], strict=True)
         inputs = list(map(self.cut_car, [images[i] for i in owners], boxes))
         regions = [self.region(images[i].size, box) for i, box in zip(owners, boxes, strict=True)]

@@ -90,6 +90,12 @@ def test_a_batch_is_decoded_as_each_picture_alone_and_as_fcos_decodes_it(model):
         for found in (alone, Found(theirs["boxes"], theirs["scores"])):
             assert torch.allclose(together[i].boxes, found.boxes, atol=1e-4)
             assert torch.allclose(together[i].scores, found.scores, atol=1e-6)
+        # asked only for the candidates from a score up: those same ones (and the best, whatever its score)
+        for at_least in (float(together[i].scores[len(together[i].scores) // 2]), 1.0):
+            high = decoder.cars(outputs, contents, at_least)[i]
+            expected = max(1, int((together[i].scores >= at_least).sum()))
+            assert torch.equal(high.boxes, together[i].boxes[:expected])
+            assert torch.equal(high.scores, together[i].scores[:expected])
 
 
 def test_the_compiled_detector_answers_as_the_eager_one(model):
