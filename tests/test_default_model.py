@@ -114,7 +114,7 @@ def test_served_default_model_gets_held_out_photos_right(server, cars_root, held
         path = cars_root / rel
         response = requests.put(server.url("inference") + f"/predictions/{MODEL}", data=path.read_bytes(), timeout=60)
         assert response.status_code == 200, response.text
-        top = response.json()  # [] for the rare held-out car taken for no car (0.2 % of the crops): wrong
+        top = response.json()  # [] for the rare held-out car taken for no car (0.5 % of the crops): wrong
         expected = [p.class_id for p in local.predict([Image.open(path).convert("RGB")], k=1)[0].predictions]
         assert [row["class_id"] for row in top[:1]] == expected, rel  # the server runs the model training exported
         correct += bool(top) and top[0]["class_name"] == true_name
@@ -181,9 +181,9 @@ def test_served_probabilities_say_how_often_the_answer_is_right(server, cars_roo
 
 def test_pictures_without_a_car_are_answered_no_car(server):
     """The no-car test set (training/nocar.py: the sample pictures that packages ship, never trained on) through
-    the server: the plain answer is [] for most (the model card: 65 % through the float model; the aim is 90 %:
-    the detector takes faces and some objects for cars), and the detailed one of each of those says no car, with
-    its score."""
+    the server: the plain answer is [] for at least 90 % of them (the model card: 93 % through the float model,
+    the car check turning down the faces and objects the detector takes for cars), and the detailed one of each
+    of those says no car, with its score."""
     url = server.url("inference") + f"/predictions/{MODEL}"
     called_cars, pictures = [], 0
     for name, picture in test_pictures():
@@ -197,4 +197,4 @@ def test_pictures_without_a_car_are_answered_no_car(server):
         answer = details(server, body)
         assert answer["car"]["found"] is False and 0 <= answer["car"]["score"] < 1, (name, answer)
         assert answer["car"]["box"] is None and answer["make"] is None and answer["predictions"] == []
-    assert pictures >= 40 and len(called_cars) <= 0.4 * pictures, called_cars
+    assert pictures >= 40 and len(called_cars) <= 0.1 * pictures, called_cars
