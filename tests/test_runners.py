@@ -1,5 +1,6 @@
 """carmodel/runners.py: the compiled CPU path computes what the fp32 torch model computes: the
-logits at the eval size, and the box of the shipped model (it has a box head) at its locate size.
+logits at the eval size with the car check's logit, and the box of the shipped model (it has a box
+head) at its locate size.
 
 Agreement is checked on real car photos with the shipped model; the held-out accuracy of both
 paths is measured by bench/parity.py (too slow for the suite on 2 cores).
@@ -50,15 +51,18 @@ def whole_photos(shipped, cars_root) -> torch.Tensor:
 
 def test_torch_backend_is_the_eager_model(shipped, photos, reference):
     with torch.no_grad():
-        logits, boxes = shipped[1](photos)  # the classes, the box
+        logits, boxes, cars = shipped[1](photos)  # the classes, the box, the car check
     assert torch.allclose(logits, reference, atol=1e-5)
-    assert torch.allclose(torch_runner(shipped[1]).run(photos)[1], boxes, atol=1e-5)
+    run = torch_runner(shipped[1]).run(photos)
+    assert torch.allclose(run[1], boxes, atol=1e-5) and torch.allclose(run[2], cars, atol=1e-5)
 
 
 def test_openvino_fp32_matches_torch(shipped, photos, reference, whole_photos):
     runner = make_runner(shipped[1], shipped[0].eval_size, "openvino", "fp32")
     assert (runner.backend, runner.precision) == ("openvino", "fp32")
-    assert torch.allclose(runner.run(photos)[0], reference, atol=1e-3, rtol=1e-3)
+    compiled = runner.run(photos)
+    assert torch.allclose(compiled[0], reference, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(compiled[2], torch_runner(shipped[1]).run(photos)[2], atol=1e-3, rtol=1e-3)
     locator = make_runner(shipped[1], shipped[0].locate_size, "openvino", "fp32")
     boxes = torch_runner(shipped[1]).run(whole_photos)[1]
     assert torch.allclose(locator.run(whole_photos)[1], boxes, atol=1e-3)
@@ -77,8 +81,8 @@ def test_default_fast_path_agrees_on_the_top1_class(shipped, photos, reference):
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_any_batch_size_is_served(shipped, photos, reference, batch):
     runner = make_runner(shipped[1], shipped[0].eval_size)
-    logits, boxes = runner.run(photos[:batch])
-    assert logits.shape == (batch, 196) and boxes.shape == (batch, 4)
+    logits, boxes, cars = runner.run(photos[:batch])
+    assert logits.shape == (batch, 196) and boxes.shape == (batch, 4) and cars.shape == (batch,)
 
 
 def test_unknown_settings_are_refused(shipped):
@@ -97,9 +101,10 @@ def test_shipped_int8_model_agrees_with_fp32(shipped, photos, reference):
     assert INT8.is_file() and INT8.with_suffix(".bin").is_file(), "the export ships its calibrated int8 model"
     runner = make_runner(model, cfg.eval_size, int8_model=INT8)
     assert (runner.backend, runner.precision) == ("openvino", "int8")  # auto picks int8 when it is there
-    logits = runner.run(photos)[0]
+    logits, _, cars = runner.run(photos)
     agree = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
     assert agree >= 0.9, agree
+    assert (torch.sigmoid(cars) > 0.5).float().mean() >= 0.95  # the car check, in int8, still sees these cars
     quantization = json.loads((DEFAULT_EXPORT / "quantization.json").read_text())
     assert quantization["calibration_split"] == "train"
     for view in ("", "_photos"):  # the crops, and the whole photos through the whole chain
