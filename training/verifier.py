@@ -88,8 +88,8 @@ class TrunkFeatures(nn.Module):
 
 def fast_predictor(model, cfg, classes: list[str]) -> Predictor:
     """The run's model as served, compiled by OpenVINO (bf16: ~10x eager torch on this CPU), its
-    classifier's runner giving the trunk's features; every candidate is looked at until the detect
-    threshold is fitted."""
+    classifier's runner giving the trunk's features (only `find` and `cut_car` are used: the
+    calibration is a placeholder)."""
     model = model.eval()
     features = make_runner(TrunkFeatures(model, cfg.model.arch), cfg.model.eval_size, "openvino", "bf16")
     locator = make_runner(model_lib.DetectPass(model), cfg.model.detect_size, "openvino", "bf16")
@@ -108,6 +108,8 @@ def candidates(predictor: Predictor, scenes: Iterable[composites.Scene], progres
         for scene, (boxes, scores) in zip(group, predictor.find(prepared), strict=True):
             kept = [(b, s) for b, s in zip(boxes, scores, strict=True) if s >= CANDIDATE_FLOOR][:CANDIDATES]
             kept = kept or list(zip(boxes, scores, strict=True))[:1]
+            if not kept:  # not even a candidate above the detector's floor
+                continue
             truths = torch.tensor(scene.boxes, dtype=torch.float32).reshape(-1, 4)
             found = torch.tensor([b for b, _ in kept], dtype=torch.float32)
             overlap = box_iou(found, truths).max(1).values if len(truths) else torch.zeros(len(kept))
