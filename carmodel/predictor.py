@@ -353,7 +353,6 @@ class Predictor:
         own = [rows[0] for rows in order]
         rest = [r for rows in order for r in rows[1:]]
         quality, sides = self.quality(batch), side_lengths(regions)
-
         others = Others(
             logits[rest],
             sides[rest],

@@ -162,14 +162,21 @@ def train_detector(
             found = [Found(f.boxes * s, f.scores) for f, s in zip(found, scales, strict=True)]
             report[name] = detection_metrics(found, boxes, PROVISIONAL_THRESHOLD)
     report |= {"epochs": epochs, "detect_size": list(DETECT_SIZE), "seconds": round(time.perf_counter() - started, 1)}
+    val_ap50 = {"detector_val_ap50": report["val_composites"]["ap50"]} if "val_composites" in report else {}
+    save_heads(run_dir, model, cfg, REPORT, report, val_ap50)
+    return report
+
+
+def save_heads(run_dir: Path, model, cfg, name: str, report: dict, metrics: dict) -> None:
+    """A stage that adds heads to a finished run: the weights and config written back into it, its report
+    `name` beside them, and both tracked (with `metrics`) in the run's MLflow run."""
     torch.save(model.state_dict(), run_dir / "best.pth")
     cfg.save(run_dir / "config.yaml")
-    (run_dir / REPORT).write_text(json.dumps(report, indent=1))
+    (run_dir / name).write_text(json.dumps(report, indent=1))
     with tracking.tracked(run_dir, cfg.tracking.track, cfg.tracking.experiment, name=run_dir.name) as tracker:
-        if "val_composites" in report:
-            tracker.metrics({"detector_val_ap50": report["val_composites"]["ap50"]})
-        tracker.artifacts(run_dir / REPORT)
-    return report
+        if metrics:
+            tracker.metrics(metrics)
+        tracker.artifacts(run_dir / name)
 
 
 def main(argv=None) -> int:

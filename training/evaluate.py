@@ -407,8 +407,9 @@ def detection_test_metrics(
         prepared = [predictor.prepare(image)]
         cars = torch.tensor(scene.boxes, dtype=torch.float32).reshape(-1, 4)
         truths.append(cars)
-        if not classify:
+        if not (classify and predictor.checks_cars):  # the detector's own candidates, as it ranks them
             found.append(detector_candidates(predictor, prepared, scene.image.width / image.width))
+        if not classify:
             continue
         forward = predictor.run(prepared)  # its boxes are in the upload's pixels: the scene's
         rows = Found(
@@ -416,8 +417,8 @@ def detection_test_metrics(
             torch.cat([forward.car_scores.float(), torch.tensor(forward.others.scores)]),
         )
         classes = torch.cat([forward.logits, forward.others.logits]).argmax(1)
-        checked = predictor.checks_cars  # else the detector's own candidates, as it ranks them
-        found.append(rows if checked else detector_candidates(predictor, prepared, scene.image.width / image.width))
+        if predictor.checks_cars:  # the candidates classified, ranked by their car scores
+            found.append(rows)
         if not len(cars):
             continue
         labels = torch.tensor(scene.labels)

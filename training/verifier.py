@@ -47,7 +47,7 @@ from carmodel.predictor import Predictor, car_score
 from carmodel.runners import make_runner
 from training import composites, data, nocar, tracking
 from training import config as config_lib
-from training.detector import photo_scenes
+from training.detector import photo_scenes, save_heads
 from training.evaluate import load_run
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,8 @@ def train_verifier(run_dir: Path, composites_count: int = 800, epochs: int = 20,
         )
         report["val"] = val_report(model.car_head, *candidates(predictor, scenes, progress))
     report |= {"epochs": epochs, "seconds": round(time.perf_counter() - started, 1)}
-    torch.save(model.state_dict(), run_dir / "best.pth")
-    cfg.save(run_dir / "config.yaml")
-    (run_dir / REPORT).write_text(json.dumps(report, indent=1))
-    with tracking.tracked(run_dir, cfg.tracking.track, cfg.tracking.experiment, name=run_dir.name) as tracker:
-        if "val" in report:
-            tracker.metrics({"car_check_val_auroc": report["val"]["auroc_car_score"]})
-        tracker.artifacts(run_dir / REPORT)
+    auroc = report.get("val", {}).get("auroc_car_score")
+    save_heads(run_dir, model, cfg, REPORT, report, {} if auroc is None else {"car_check_val_auroc": auroc})
     return report
 
 
