@@ -133,6 +133,52 @@ def test_resumed_lr_schedule_matches_an_uninterrupted_run_even_with_more_epochs(
         assert lr_trace(resumed, (epochs - 2) * 5) == expected
 
 
+def averaging_optimization(net: nn.Module, decay: float) -> train.Optimization:
+    hw = train.Hardware(torch.device("cpu"), None, False)
+    loop = train.Loop(net, [], train_loader=[None] * 5, val_loader=None, channels_last=False)
+    optim = config_lib.OptimConfig(epochs=2, warmup_epochs=0, lr=0.1, ema_decay=decay)
+    return train.Optimization.create(optim, loop, hw, train.Objective(optim))
+
+
+def squared_loss_steps(net: nn.Module, opt: train.Optimization, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """`steps` optimiser steps on random data; each step's weights afterwards."""
+    generator, weights = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        opt.step(net(torch.randn(8, 4, generator=generator)).pow(2).mean())
+        weights.append(net.weight.detach().clone())
+    return weights
+
+
+def test_the_weights_moving_average_is_what_validates_and_is_kept(tmp_path):
+    decay, net = 0.8, nn.Linear(4, 3)
+    opt = averaging_optimization(net, decay)
+    steps = squared_loss_steps(net, opt, 6)
+    expected = steps[0]  # the first update takes the weights as they are, then each step moves it (1 - decay)
+    for weights in steps[1:]:
+        expected = decay * expected + (1 - decay) * weights
+    with opt.kept_weights():
+        assert torch.allclose(net.weight, expected, atol=1e-6)
+    assert torch.equal(net.weight, steps[-1])  # training goes on from its own weights
+    # a resumed run goes on with the same average
+    train.save_checkpoint(tmp_path / "checkpoint.pt", net, opt, train.Progress([{"epoch": 1}], 1.0, 0))
+    more = squared_loss_steps(net, opt, 3, seed=1)
+    resumed_net = nn.Linear(4, 3)
+    resumed = averaging_optimization(resumed_net, decay)
+    train.resume(tmp_path / "checkpoint.pt", resumed_net, resumed, "cpu")
+    assert torch.equal(squared_loss_steps(resumed_net, resumed, 3, seed=1)[-1], more[-1])
+    with opt.kept_weights(), resumed.kept_weights():
+        assert torch.allclose(resumed_net.weight, net.weight)
+    assert not torch.equal(net.weight, expected)  # and the last step's weights are not the average's
+
+
+def test_without_a_moving_average_the_last_steps_weights_are_kept():
+    net = nn.Linear(4, 3)
+    opt = averaging_optimization(net, 0.0)
+    last = squared_loss_steps(net, opt, 3)[-1]
+    with opt.kept_weights():
+        assert opt.average is None and torch.equal(net.weight, last)
+
+
 @pytest.mark.slow
 def test_frozen_trunk_trains_the_head_on_cached_features(cars_root, tmp_path):
     export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", unfreeze=0, **SMOKE)

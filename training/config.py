@@ -97,6 +97,9 @@ class OptimConfig:
     whole_image_loss_weight: float = 0.5
     # + make_loss_weight * -log(the probability summed over the true make's classes): the answer's make
     make_loss_weight: float = 0.0
+    # > 0: an exponential moving average of the weights, updated every step with this decay, is what
+    # validates and what is kept (best.pth); 0 keeps the last step's weights
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)

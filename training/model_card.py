@@ -119,7 +119,8 @@ def _training(config: dict, metrics: dict, detector: dict | None, car_check: dic
         f"- Initialised from `{config.get('finetune', {}).get('pretrained')}`; "
         f"{config.get('finetune', {}).get('unfreeze')} last blocks trained, at {augment.get('train_size')} px; "
         f"{optim.get('epochs')} epochs of {optim.get('optimizer')} (lr {optim.get('lr')}, {optim.get('lr_schedule')}), "
-        f"label smoothing {optim.get('label_smoothing')}, make-aware loss weight {optim.get('make_loss_weight')}.",
+        f"label smoothing {optim.get('label_smoothing')}, make-aware loss weight {optim.get('make_loss_weight')}"
+        + (f", the weights' moving average kept (decay {optim['ema_decay']})." if optim.get("ema_decay") else "."),
     ]
     previous = metrics.get("training_from") or {}
     if previous:

@@ -1,7 +1,7 @@
 """Train a Stanford Cars classifier.
 
 Writes to ``--output_dir``: ``best.pth`` (state_dict with the lowest val loss; with
-``--fit_on train+val``, the last epoch's),
+``--fit_on train+val``, the last epoch's; with ``--ema_decay``, the weights' moving average),
 ``checkpoint.pt`` (every epoch: ``--resume auto`` continues an interrupted run of the same config where it
 stopped, and does nothing for a finished one), ``metrics.csv``/``metrics.json``
 (one row per epoch), ``curves.png``, ``config.yaml``, ``classes.json``, ``split.json``.
@@ -24,7 +24,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from carmodel import models as model_lib
@@ -402,14 +403,38 @@ def make_scheduler(optim: OptimConfig, optimizer, steps_per_epoch: int) -> lr_sc
     return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
+class WeightAverage:
+    """An exponential moving average of a network's weights and batch-norm statistics, updated after
+    every step: less of the last batches' noise than the last step's weights (Polyak averaging)."""
+
+    def __init__(self, net: nn.Module, decay: float):
+        self.net = net
+        self.average = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def update(self) -> None:
+        self.average.update_parameters(self.net)
+
+    @contextmanager
+    def applied(self):
+        """The network holds the averaged weights inside the block, its own again after it."""
+        own = {name: tensor.clone() for name, tensor in self.net.state_dict().items()}
+        self.net.load_state_dict(self.average.module.state_dict())
+        try:
+            yield
+        finally:
+            self.net.load_state_dict(own)
+
+
 @dataclass
 class Optimization:
-    """What updates the weights: the loss, the optimiser, its per-step LR schedule, fp16 loss scaling."""
+    """What updates the weights: the loss, the optimiser, its per-step LR schedule, fp16 loss scaling,
+    and the weights' moving average when the recipe keeps one."""
 
     objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
+    average: WeightAverage | None = None
 
     @classmethod
     def create(cls, optim: OptimConfig, loop: Loop, hw: Hardware, objective: Objective) -> Optimization:
@@ -419,7 +444,12 @@ class Optimization:
             optimizer=optimizer,
             scheduler=make_scheduler(optim, optimizer, len(loop.train_loader)),
             scaler=torch.amp.GradScaler(hw.device.type) if hw.dtype == torch.float16 else None,
+            average=WeightAverage(loop.net, optim.ema_decay) if optim.ema_decay else None,
         )
+
+    def kept_weights(self):
+        """A block in which the network holds the weights a run validates and keeps."""
+        return self.average.applied() if self.average else nullcontext()
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -431,6 +461,8 @@ class Optimization:
             loss.backward()
             self.optimizer.step()
         self.scheduler.step()
+        if self.average:
+            self.average.update()
 
     @property
     def lr(self) -> float:
@@ -481,8 +513,13 @@ def train_and_validate(
         loop, loop.train_loader, opt.objective, hw, optimization=opt, desc=desc, progress=progress
     )
     val_loss = val_acc = None
+    last_step = {}
     if loop.val_loader is not None:
-        val_loss, val_acc = run_epoch(loop, loop.val_loader, opt.objective, hw, desc="val", progress=progress)
+        if opt.average:  # the last step's weights too, to see what the average adds
+            _, last_step_acc = run_epoch(loop, loop.val_loader, opt.objective, hw, desc="val", progress=progress)
+            last_step = {"val_acc_last_step": round(last_step_acc, 5)}
+        with opt.kept_weights():
+            val_loss, val_acc = run_epoch(loop, loop.val_loader, opt.objective, hw, desc="val", progress=progress)
     row = {
         "epoch": epoch,
         "lr": opt.lr,
@@ -490,6 +527,7 @@ def train_and_validate(
         "train_acc": round(train_acc, 5),
         "val_loss": None if val_loss is None else round(val_loss, 5),
         "val_acc": None if val_acc is None else round(val_acc, 5),
+        **last_step,
         "seconds": round(time.perf_counter() - started, 1),
     }
     return row, val_loss
@@ -542,7 +580,8 @@ def save_checkpoint(
             "best_val_loss": progress.best_val_loss,
             "stale": progress.stale,
             "random_state": random_state,
-        },
+        }
+        | ({"average": opt.average.average.state_dict()} if opt.average else {}),
         path,
     )
 
@@ -556,6 +595,8 @@ def resume(path: str | Path, model, opt: Optimization, device, generator: torch.
     if generator is not None and "loader" in random_state:
         generator.set_state(random_state["loader"])
     model.load_state_dict(ckpt["model"])
+    if opt.average and "average" in ckpt:
+        opt.average.average.load_state_dict(ckpt["average"])
     advance_schedule(opt.scheduler, ckpt["scheduler"]["last_epoch"])
     opt.optimizer.load_state_dict(ckpt["optimizer"])
     for group, lr in zip(opt.optimizer.param_groups, opt.scheduler.get_last_lr(), strict=True):
@@ -610,7 +651,8 @@ def run_epochs(
         row, val_loss = train_and_validate(epoch, cfg, loop, opt, hw)
         keep = progress.add(row, val_loss)
         if keep:
-            torch.save(model.state_dict(), out / BEST_WEIGHTS)
+            with opt.kept_weights():
+                torch.save(model.state_dict(), out / BEST_WEIGHTS)
         write_history(progress.history, out)
         save_checkpoint(out / CHECKPOINT, model, opt, progress, generator)
         log_epoch(row, best=keep and val_loss is not None)
