@@ -12,8 +12,12 @@ best one; cut as the server cuts them):
 * cars: a box on a car (IoU >= CAR_IOU) in the fitted cars' crops (a third shrunk to thumbnails), in
   their whole photos and in composites of them on the training backgrounds;
 * not cars: a box on no car (IoU < NOT_CAR_IOU) in those composites and in pictures without a car:
-  training/nocar.py's training pictures and the package pictures kept out of its test set (faces).
-Val (a model fitted on train alone) measures it; the no-car test set is never seen here.
+  training/nocar.py's training pictures and the package pictures kept out of its test set (faces);
+* and as many pictures again as half of the above, through one of training's photo conditions (dusk,
+  blur, grain, JPEG, faded colour), so that a blurred or dark car stays a car and a blurred wall not.
+The head is kept soft (weight decay, label smoothing, few epochs): a head sure of everything it saw
+turned real cars in poor light down. Val (a model fitted on train alone) measures it; the no-car test
+set is never seen here.
 
 Adds `car_head.*` to the run's best.pth, sets `model.car_head` in its config.yaml, writes verifier.json.
 
@@ -23,6 +27,7 @@ Adds `car_head.*` to the run's best.pth, sets `model.car_head` in its config.yam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -37,9 +42,11 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchvision.ops import box_iou
+from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from carmodel import models as model_lib
+from carmodel import presets
 from carmodel.calibration import Calibration
 from carmodel.detection import PROVISIONAL_THRESHOLD
 from carmodel.errors import exit_with
@@ -55,6 +62,8 @@ REPORT = "verifier.json"
 CANDIDATE_FLOOR = 0.2  # below the detect threshold calibrate fits: the head also learns the near misses
 CANDIDATES = 3  # per picture, best first
 CAR_IOU, NOT_CAR_IOU = 0.5, 0.3  # a candidate between the two is neither: left out
+IN_CONDITIONS = 0.5  # of a second draw of the pictures, through a photo condition
+EPOCHS, WEIGHT_DECAY, LABEL_SMOOTHING = 8, 0.05, 0.1
 
 
 def car_scenes(cfg, samples: list[data.Sample], rng: np.random.Generator, composites_count: int, seed: int):
@@ -73,6 +82,24 @@ def car_scenes(cfg, samples: list[data.Sample], rng: np.random.Generator, compos
 def no_car_scenes(cfg, samples: list[data.Sample], rng: np.random.Generator, seed: int) -> Iterator[composites.Scene]:
     for picture in nocar.training_pictures(cfg, samples, rng, seed) + nocar.training_package_pictures():
         yield composites.Scene(picture)
+
+
+def scenes(cfg, samples: list[data.Sample], composites_count: int, seed: int) -> Iterator[composites.Scene]:
+    """The cars' scenes and the pictures without a car, then a second draw of them (half the composites),
+    IN_CONDITIONS of which through one photo condition each."""
+    for draw, count in ((seed, composites_count), (seed + 1, composites_count // 2)):
+        rng = np.random.default_rng(draw)
+        drawn = itertools.chain(car_scenes(cfg, samples, rng, count, draw), no_car_scenes(cfg, samples, rng, draw))
+        yield from drawn if draw == seed else in_photo_conditions(drawn, rng, IN_CONDITIONS)
+
+
+def in_photo_conditions(scenes: Iterable[composites.Scene], rng: np.random.Generator, share: float):
+    """A `share` of the scenes, each through one of training's photo conditions (carmodel.presets)."""
+    conditions = presets.photo_conditions()
+    for scene in scenes:
+        if rng.random() < share:
+            image = conditions(F.to_dtype(F.to_image(scene.image), torch.float32, scale=True)).clamp(0, 1)
+            yield dataclasses.replace(scene, image=F.to_pil_image(image))
 
 
 class TrunkFeatures(nn.Module):
@@ -134,9 +161,10 @@ def candidates(predictor: Predictor, scenes: Iterable[composites.Scene], progres
 
 
 def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int) -> list[float]:
-    """Binary cross-entropy, cars and not-cars weighted to count alike; each feature map also mirrored."""
+    """Binary cross-entropy on smoothed labels, cars and not-cars weighted to count alike; each feature
+    map also mirrored."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-3)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=WEIGHT_DECAY)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=(labels == 0).sum() / (labels == 1).sum().clamp_min(1))
     losses = []
     head.train()
@@ -146,7 +174,7 @@ def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, epoc
             x = features[batch].float()
             flip = torch.rand(len(batch), generator=generator) < 0.5
             x[flip] = x[flip].flip(-1)
-            loss = loss_fn(head(x).squeeze(1), labels[batch])
+            loss = loss_fn(head(x).squeeze(1), labels[batch] * (1 - LABEL_SMOOTHING) + LABEL_SMOOTHING / 2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -174,35 +202,29 @@ def val_report(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, de
     }
 
 
-def train_verifier(run_dir: Path, composites_count: int = 800, epochs: int = 20, seed: int = 0) -> dict:
+def train_verifier(run_dir: Path, composites_count: int = 800, epochs: int = EPOCHS, seed: int = 0) -> dict:
     cfg, classes, _ = load_run(run_dir)
     if not cfg.model.detects:
         raise ValueError(f"{run_dir}: the car check looks again at a detector's cars; train the detector first")
     cfg = config_lib.override(cfg, car_head=True)
-    model, _ = model_lib.build_for(cfg.model, len(classes), str(run_dir / "best.pth"))
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)  # the new head's initial weights, and the photo conditions draw from it
+    state = torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True)
+    model, _ = model_lib.build_for(cfg.model, len(classes))
+    model_lib.load_localizer(model, {k: v for k, v in state.items() if not k.startswith("car_head.")})
     predictor = fast_predictor(model, cfg, classes)
     splits = data.make_splits(data.scan(cfg.data.data_root, cfg.data.layout), cfg.data)
     if cfg.data.fit_on == "train+val":  # the model learnt val's cars: so does its car check, and nothing is measured
         splits["train"] += splits["val"]
     progress, started = cfg.runtime.progress, time.perf_counter()
     train = splits["train"]
-    features, labels, _ = candidates(
-        predictor,
-        itertools.chain(car_scenes(cfg, train, rng, composites_count, seed), no_car_scenes(cfg, train, rng, seed)),
-        progress,
-    )
+    features, labels, _ = candidates(predictor, scenes(cfg, train, composites_count, seed), progress)
     log.info("%d candidates (%d cars): features in %.0f s", len(labels), labels.sum(), time.perf_counter() - started)
     losses = fit_head(model.car_head, features, labels, epochs, seed)
     report = {"train_candidates": {"cars": int(labels.sum()), "not_cars": int(len(labels) - labels.sum())}}
     report["losses"] = losses
     if cfg.data.fit_on != "train+val":
-        val = splits["val"]
-        scenes = itertools.chain(
-            car_scenes(cfg, val, rng, composites_count // 6, seed + 1), no_car_scenes(cfg, val, rng, seed + 1)
-        )
-        report["val"] = val_report(model.car_head, *candidates(predictor, scenes, progress))
+        val = scenes(cfg, splits["val"], composites_count // 6, seed + 2)
+        report["val"] = val_report(model.car_head, *candidates(predictor, val, progress))
     report |= {"epochs": epochs, "seconds": round(time.perf_counter() - started, 1)}
     auroc = report.get("val", {}).get("auroc_car_score")
     save_heads(run_dir, model, cfg, REPORT, report, {} if auroc is None else {"car_check_val_auroc": auroc})
@@ -213,7 +235,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a training run with its detector (training.detector)")
     parser.add_argument("--composites", type=int, default=800, help="composite pictures to take candidates from")
-    parser.add_argument("--epochs", type=int, default=20, help="passes over the cached features")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the cached features")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
