@@ -107,11 +107,12 @@ def fit_temperature(
     )
 
 
-def in_photo_conditions(seed: int) -> Callable[[Image.Image], Image.Image]:
+def in_photo_conditions(seed: int | None = None) -> Callable[[Image.Image], Image.Image]:
     """Training's photo conditions (carmodel.presets.photo_conditions) on a PIL image, reproducibly
-    from `seed` on: val crops as a dark, blurred or grainy photo would show them."""
+    from `seed` on (None: torch's generator as it stands): a dark, blurred or grainy photo of it."""
     conditions = photo_conditions()
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
 
     def alter(image: Image.Image) -> Image.Image:
         tensor = F.to_dtype(F.to_image(image), torch.float32, scale=True)

@@ -137,10 +137,7 @@ def train_detector(
     if not cfg.model.localizes or model_lib.spec(cfg.model.arch).pyramid is None:
         raise ValueError(f"{run_dir}: a detector needs a stage-2 model (box head) of an arch with a feature pyramid")
     cfg = config_lib.override(cfg, car_head=False, detect_size=DETECT_SIZE)
-    state = torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith(("car_head.", "detector."))}
-    model, _ = model_lib.build_for(cfg.model, len(classes))
-    model_lib.load_localizer(model, state)
+    model = with_fresh_heads(run_dir, cfg, classes, ("car_head.", "detector."))
     torch.manual_seed(seed)
     splits = data.make_splits(data.scan(cfg.data.data_root, cfg.data.layout), cfg.data)
     if cfg.data.fit_on == "train+val":  # the model learnt val's cars: so does its detector, and nothing is measured
@@ -165,6 +162,15 @@ def train_detector(
     val_ap50 = {"detector_val_ap50": report["val_composites"]["ap50"]} if "val_composites" in report else {}
     save_heads(run_dir, model, cfg, REPORT, report, val_ap50)
     return report
+
+
+def with_fresh_heads(run_dir: Path, cfg, classes: list[str], heads: tuple[str, ...]):
+    """The run's model as `cfg` builds it, with the run's weights except those of `heads` (prefixes of
+    their weights' names), which start as initialised: a rerun of a stage trains its heads afresh."""
+    state = torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True)
+    model, _ = model_lib.build_for(cfg.model, len(classes))
+    model_lib.load_localizer(model, {k: v for k, v in state.items() if not k.startswith(heads)})
+    return model
 
 
 def save_heads(run_dir: Path, model, cfg, name: str, report: dict, metrics: dict) -> None:

@@ -15,8 +15,8 @@ best one; cut as the server cuts them):
   training/nocar.py's training pictures and the package pictures kept out of its test set (faces);
 * and as many pictures again as half of the above, through one of training's photo conditions (dusk,
   blur, grain, JPEG, faded colour), so that a blurred or dark car stays a car and a blurred wall not.
-The head is kept soft (weight decay, label smoothing, few epochs): a head sure of everything it saw
-turned real cars in poor light down. Val (a model fitted on train alone) measures it; the no-car test
+The head is kept soft (weight decay, label smoothing, few epochs): one sure of all it has seen turns
+real cars in poor light down. Val (a model fitted on train alone) measures it; the no-car test
 set is never seen here.
 
 Adds `car_head.*` to the run's best.pth, sets `model.car_head` in its config.yaml, writes verifier.json.
@@ -42,19 +42,17 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchvision.ops import box_iou
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from carmodel import models as model_lib
-from carmodel import presets
 from carmodel.calibration import Calibration
 from carmodel.detection import PROVISIONAL_THRESHOLD
 from carmodel.errors import exit_with
 from carmodel.predictor import Predictor, car_score
 from carmodel.runners import make_runner
-from training import composites, data, nocar, tracking
+from training import calibrate, composites, data, nocar, tracking
 from training import config as config_lib
-from training.detector import photo_scenes, save_heads
+from training.detector import photo_scenes, save_heads, with_fresh_heads
 from training.evaluate import load_run
 
 log = logging.getLogger(__name__)
@@ -94,12 +92,11 @@ def scenes(cfg, samples: list[data.Sample], composites_count: int, seed: int) ->
 
 
 def in_photo_conditions(scenes: Iterable[composites.Scene], rng: np.random.Generator, share: float):
-    """A `share` of the scenes, each through one of training's photo conditions (carmodel.presets)."""
-    conditions = presets.photo_conditions()
+    """A `share` of the scenes, each through one of training's photo conditions."""
+    alter = calibrate.in_photo_conditions()
     for scene in scenes:
         if rng.random() < share:
-            image = conditions(F.to_dtype(F.to_image(scene.image), torch.float32, scale=True)).clamp(0, 1)
-            yield dataclasses.replace(scene, image=F.to_pil_image(image))
+            yield dataclasses.replace(scene, image=alter(scene.image))
 
 
 class TrunkFeatures(nn.Module):
@@ -208,9 +205,7 @@ def train_verifier(run_dir: Path, composites_count: int = 800, epochs: int = EPO
         raise ValueError(f"{run_dir}: the car check looks again at a detector's cars; train the detector first")
     cfg = config_lib.override(cfg, car_head=True)
     torch.manual_seed(seed)  # the new head's initial weights, and the photo conditions draw from it
-    state = torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True)
-    model, _ = model_lib.build_for(cfg.model, len(classes))
-    model_lib.load_localizer(model, {k: v for k, v in state.items() if not k.startswith("car_head.")})
+    model = with_fresh_heads(run_dir, cfg, classes, ("car_head.",))
     predictor = fast_predictor(model, cfg, classes)
     splits = data.make_splits(data.scan(cfg.data.data_root, cfg.data.layout), cfg.data)
     if cfg.data.fit_on == "train+val":  # the model learnt val's cars: so does its car check, and nothing is measured
