@@ -210,6 +210,7 @@ class Predictor:
         self.preprocess = eval_preset(config)
         self.locate_preprocess = locate_preset(config) if config.localizes else None
         self.max_cars = MAX_CARS
+        self.flip = False  # test-time augmentation: classify each car mirrored too (the handler's `flip`)
         self.canvas = Letterbox(config) if config.detects else None
         self.decoder = Decoder(model.detector, config) if config.detects else None
         self.margins = (config.crop_margin,) * 4  # left, top, right, bottom
@@ -259,10 +260,15 @@ class Predictor:
         return self.classify(tensors)[0]
 
     def classify(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`logits`, and with a car head on this pass (a detector's car check) its car logits."""
+        """`logits`, and with a car head on this pass (a detector's car check) its car logits. With `flip`,
+        each image and its mirror image in one batch, their logits averaged: one answer for both."""
         batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
-        outputs = self.runner.run(batch)
-        return outputs[0], outputs[2].float() if self.checks_cars else None
+        outputs = self.runner.run(torch.cat([batch, batch.flip(-1)]) if self.flip else batch)
+        logits, car_logits = outputs[0], outputs[2].float() if self.checks_cars else None
+        if self.flip:
+            logits = mirrored_mean(logits)
+            car_logits = None if car_logits is None else mirrored_mean(car_logits)
+        return logits, car_logits
 
     @property
     def checks_cars(self) -> bool:
@@ -492,6 +498,12 @@ def car_score(detected: torch.Tensor, car_logits: torch.Tensor) -> torch.Tensor:
     """A candidate's car score: the geometric mean of the detector's score and the car check's
     probability, so that either can turn it down."""
     return (detected.float() * torch.sigmoid(car_logits.float())).sqrt()
+
+
+def mirrored_mean(outputs: torch.Tensor) -> torch.Tensor:
+    """A batch of images followed by their mirror images -> each image's outputs averaged with its mirror's."""
+    images, mirrored = outputs.float().chunk(2)
+    return (images + mirrored) / 2
 
 
 def side_lengths(regions: Sequence[Box]) -> torch.Tensor:

@@ -81,6 +81,7 @@ class ServedChain:
             car_threshold=settings.car_threshold, sure_threshold=settings.sure_threshold
         )
         predictor.max_cars = settings.max_cars
+        predictor.flip = settings.flip
         self.predictor = predictor
         self.max_topk = settings.largest_topk(len(predictor.classes))
         # PIL and the transforms release the GIL: a batch's images decode and are cut out side by side.

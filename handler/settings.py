@@ -54,6 +54,8 @@ class HandlerSettings:
         "pixels a batch may decode; images past it are answered 503 + Retry-After (one always passes; 0 = no budget)",
     )
     max_cars: int = setting(10, "cars answered per image, most prominent first (models with a car detector)")
+    # Measured in docs/benchmarks.md ("Mirrored cars"): what it adds to top-1 and what it costs.
+    flip: bool = setting(False, "also classify each car mirrored and average the two answers (the classify pass twice)")
     ig_steps: int = setting(16, "Integrated Gradients steps per explanation")
     car_threshold: float = setting(
         -1.0, "car score below which a photo is answered 'no car' (-1 = the model's own, fitted on val)"

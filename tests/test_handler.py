@@ -175,6 +175,28 @@ def test_thresholds_and_top_k_limit_are_the_archives(archive, tmp_path, photo, n
     assert status == 400 and "between 1 and 50" in error["message"]
 
 
+def test_with_flip_a_car_and_its_mirror_image_get_one_answer(worker, archive, tmp_path, car_rgb, monkeypatch):
+    """The archive's `flip`: each car classified mirrored too, the two averaged, so a photo and its mirror
+    image are answered alike (up to the detector's box, which is not exactly mirrored); without it they are
+    two different inputs. A thumbnail, whose answers are less certain than a large crop's."""
+    thumbnail = car_rgb.resize((96, round(96 * car_rgb.height / car_rgb.width)))
+    sent = [encode(image, "PNG") for image in (thumbnail, thumbnail.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]
+    flipping = Worker(unpack(archive, tmp_path / "m", flip=True), monkeypatch)
+
+    def apart(answering: Worker) -> float:
+        """How far the answers to the photo and to its mirror image are apart: L1 over every class."""
+        photo, mirrored = (
+            {row["class_id"]: row["probability"] for row in answer}
+            for _, _, answer in answering.ask(*(raw(body, "image/png", **{"X-Top-K": "196"}) for body in sent))
+        )
+        return sum(abs(photo[c] - mirrored.get(c, 0.0)) for c in photo)
+
+    plain, flipped = apart(worker), apart(flipping)
+    print(f"L1 apart: {plain:.4f} plain, {flipped:.4f} with flip")
+    assert flipped < plain / 3
+    assert flipping.handler.describe_handle()["settings"]["flip"] is True
+
+
 def test_past_the_decoding_budget_an_image_is_told_to_retry(archive, tmp_path, car_rgb, monkeypatch):
     big = encode(car_rgb.resize((1500, 1000)), "PNG")  # 1.5 megapixels, no DCT shortcut
     worker = Worker(unpack(archive, tmp_path / "m", batch_decode_pixels=2_000_000), monkeypatch)

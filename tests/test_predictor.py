@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -147,6 +148,21 @@ def test_a_crop_like_input_is_found_to_fill_the_frame(reference, photos):
     forward = reference.run([reference.prepare(p) for p in photos])
     for image, (x1, y1, x2, y2) in zip(photos, forward.boxes, strict=True):
         assert (x2 - x1) * (y2 - y1) >= 0.7 * image.width * image.height, ((x1, y1, x2, y2), image.size)
+
+
+def test_flip_answers_a_car_and_its_mirror_image_alike_with_both_answers_averaged(reference, photos):
+    """With `flip`, the classify pass runs each car and its mirror image and averages their logits (the car
+    check's too): the mean of the two answers without it, and the same answer for the mirrored car."""
+    flipped = copy.copy(reference)
+    flipped.flip = True
+    batch = torch.stack([reference.preprocess(p) for p in photos])
+    logits, car_logits = reference.classify(batch)
+    mirror_logits, mirror_car_logits = reference.classify(batch.flip(-1))
+    both, both_car = flipped.classify(batch)
+    assert both == pytest.approx((logits + mirror_logits) / 2, abs=1e-4)
+    assert both_car == pytest.approx((car_logits + mirror_car_logits) / 2, abs=1e-4)
+    assert flipped.classify(batch.flip(-1))[0] == pytest.approx(both, abs=1e-4)
+    assert not torch.allclose(logits, mirror_logits, atol=1e-2)  # the mirror image is a different input
 
 
 def test_the_cars_come_first_most_prominent_first_then_the_candidates_turned_down():

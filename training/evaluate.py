@@ -519,10 +519,12 @@ def evaluate_run(
     views: list[str] | None = None,
     whole_image: bool = False,
     with_corruptions: bool = False,
+    flip: bool = False,
 ) -> dict:
     """`run_dir`: a training run or an export. Writes eval_<split>.json and a confusion PNG per view into `out`.
     `whole_image`: classify the whole image even where the model has a box head (the chain without
-    localising, for comparison). `with_corruptions`: the crops under ordinary photo conditions too."""
+    localising, for comparison). `with_corruptions`: the crops under ordinary photo conditions too.
+    `flip`: each car classified mirrored too, as the server's `flip` setting does."""
     cfg, classes, model = load_trained(run_dir, overrides)
     if whole_image:
         cfg = config_lib.override(cfg, locate_size=0)
@@ -532,6 +534,7 @@ def evaluate_run(
     samples = held_out_samples(cfg, run_dir, split)
     calibration = Calibration.load(run_dir / CALIBRATION)
     predictor = reference_predictor(model, cfg, classes, calibration)
+    predictor.flip = flip
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
     results, confidence = {}, {}
@@ -544,6 +547,7 @@ def evaluate_run(
         "locate_size": cfg.model.locate_size,
         "detect_size": list(cfg.model.detect_size),
         "arch": cfg.model.arch,
+        "flip": flip,
         "data_root": cfg.data.data_root,
         "calibration": dataclasses.asdict(calibration),
         "risk_coverage_crops": risk_coverage(confidence["crops"]),
@@ -590,13 +594,16 @@ def main(argv=None) -> int:
         action="store_true",
         help="also the crops under low light, blur, noise, JPEG, downscaling and grayscale, 3 severities each",
     )
+    parser.add_argument("--flip", action="store_true", help="classify each car mirrored too and average the two")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k: v for k, v in {"eval_size": args.eval_size, "data_root": args.data_root}.items() if v is not None}
     try:
         folder = Path(args.run or args.export)
         out = Path(args.out) if args.out else None
-        metrics = evaluate_run(folder, args.split, overrides, out, args.views, args.whole_image, args.corruptions)
+        metrics = evaluate_run(
+            folder, args.split, overrides, out, args.views, args.whole_image, args.corruptions, args.flip
+        )
     except (FileNotFoundError, data.DatasetError, config_lib.ConfigError, tracking.TrackingError, ExportError) as err:
         return exit_with(err)
     for view, result in metrics["views"].items():
