@@ -13,6 +13,7 @@ from carmodel.calibration import QUALITY, Calibration, image_quality
 from carmodel.config import IMAGENET_MEAN, IMAGENET_STD
 from carmodel.presets import ClassificationPresetEval, ClassificationPresetTrain, photo_conditions
 from training import corruptions
+from training.calibrate import in_photo_conditions
 
 PRESET = ClassificationPresetEval(size=224)
 
@@ -75,3 +76,17 @@ def test_photo_conditions_change_the_image_within_range(crop):
     assert sum(not torch.allclose(a, tensor, atol=0.02) for a in altered) >= 18
     train = ClassificationPresetTrain(crop_size=96, photo_conditions_prob=1.0)
     assert train(crop).shape == (3, 96, 96)
+
+
+def test_the_calibrations_photo_conditions_shrink_the_car_into_the_sides_asked_and_repeat_from_a_seed(crop):
+    """training.calibrate's conditions at the network's scale: each car shrunk (never enlarged) to a longer
+    side in the range, then altered; the same seed draws the same pictures."""
+    small = crop.resize((150, round(150 * crop.height / crop.width)))
+    alter = in_photo_conditions(seed=3, longest_sides=(112, 224))
+    shrunk = [alter(crop) for _ in range(6)]
+    assert all(112 <= max(image.size) <= 224 for image in shrunk)
+    assert len({image.size for image in shrunk}) > 1  # a random side, not one size
+    assert max(alter(small).size) <= 150  # never enlarged
+    again = in_photo_conditions(seed=3, longest_sides=(112, 224))
+    assert [again(crop).tobytes() for _ in range(6)] == [image.tobytes() for image in shrunk]
+    assert in_photo_conditions(seed=3)(crop).size == crop.size  # without sides: at the photo's own size

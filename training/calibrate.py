@@ -5,8 +5,9 @@ ships it); test is never looked at.
 * Temperature T(s) = T0 * (s / 224) ** a * exp(w.z + v.z^2), `s` the classified region's size in pixels
   and z its image quality (carmodel.calibration.image_quality, standardised on the clean val crops),
   fitted by log-likelihood over the val cars in every view (crops, whole photos, thumbnails) and over
-  the val crops put through training's photo conditions (dusk, blur, grain, JPEG, faded colour): a
-  thumbnail's car, a dark photo's and a sharp crop's do not deserve the same confidence.
+  the val crops shrunk to 112-224 px (half the eval size to all of it) and put through training's photo
+  conditions (dusk, blur, grain, JPEG, faded colour) at the scale training applies them: a thumbnail's
+  car, a dark photo's and a sharp crop's do not deserve the same confidence.
   `--single_temperature` fits T0 alone, `--no_quality` leaves the quality out.
 * car_threshold: the highest car score that flags at most `--max_no_car` of the val cars as "no car"
   in any view. With a detector whose cars the car head checks, detect_threshold first: the highest
@@ -107,15 +108,25 @@ def fit_temperature(
     )
 
 
-def in_photo_conditions(seed: int | None = None) -> Callable[[Image.Image], Image.Image]:
+def in_photo_conditions(
+    seed: int | None = None, longest_sides: tuple[int, int] | None = None
+) -> Callable[[Image.Image], Image.Image]:
     """Training's photo conditions (carmodel.presets.photo_conditions) on a PIL image, reproducibly
-    from `seed` on (None: torch's generator as it stands): a dark, blurred or grainy photo of it."""
+    from `seed` on (None: torch's generator as it stands): a dark, blurred or grainy photo of it.
+    With `longest_sides` (low, high), the image is first shrunk (never enlarged) to a random longer side
+    in that range: the conditions then act at the scale training applies them (after its crop), and
+    the car is as small as in a thumbnail or a car across the street."""
     conditions = photo_conditions()
     if seed is not None:
         torch.manual_seed(seed)
 
     def alter(image: Image.Image) -> Image.Image:
         tensor = F.to_dtype(F.to_image(image), torch.float32, scale=True)
+        if longest_sides is not None:
+            side = int(torch.randint(longest_sides[0], longest_sides[1] + 1, ()))
+            scale = min(side / max(image.size), 1.0)
+            height, width = tensor.shape[-2:]
+            tensor = F.resize(tensor, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
         return F.to_pil_image(conditions(tensor).clamp(0, 1))
 
     return alter
@@ -136,7 +147,7 @@ def car_threshold(scores_by_view: dict[str, np.ndarray], max_flagged: float) -> 
 
 
 CALIBRATION_FROM = "calibration_from.json"  # in a run whose calibration was taken over: the run it came from
-CONDITIONS = "crops_in_photo_conditions"  # the val crops through training's photo conditions
+CONDITIONS = "crops_in_photo_conditions"  # the val crops, shrunk, through training's photo conditions
 
 # At most 1 % of cars may be called "no car"; flagging 0.75 % of val's leaves room for val and test to differ.
 MAX_NO_CAR = 0.0075
@@ -164,7 +175,10 @@ def calibrate_run(
     for view in available_views(cfg):
         view_samples, crop_to_bbox = data.view_samples(val, view, cfg.data)
         outputs[view] = predict(predictor, view_samples, cfg, crop_to_bbox, data.view_longest_side(view))
-    outputs[CONDITIONS] = predict(predictor, val, cfg, corruption=in_photo_conditions(cfg.runtime.seed))
+    # at the scale the network sees them (training applies them after its crop), on cars of half its input
+    # size to all of it: small enough to be seen blurred or grainy, without making the size stand for the damage
+    sides = (cfg.model.eval_size // 2, cfg.model.eval_size)
+    outputs[CONDITIONS] = predict(predictor, val, cfg, corruption=in_photo_conditions(cfg.runtime.seed, sides))
     views = list(outputs.values())
     fitted = fit_temperature(views, cfg.model.eval_size, not single_temperature, outputs["crops"] if quality else None)
     fitted_on = f"val split, {len(val)} cars"
