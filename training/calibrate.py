@@ -114,8 +114,8 @@ def in_photo_conditions(
     """Training's photo conditions (carmodel.presets.photo_conditions) on a PIL image, reproducibly
     from `seed` on (None: torch's generator as it stands): a dark, blurred or grainy photo of it.
     With `longest_sides` (low, high), the image is first shrunk (never enlarged) to a random longer side
-    in that range: the conditions then act at the scale training applies them (after its crop), and
-    the car is as small as in a thumbnail or a car across the street."""
+    in that range: the conditions then act at the scale training applies them, after its crop to about
+    the network's input size."""
     conditions = photo_conditions()
     if seed is not None:
         torch.manual_seed(seed)
