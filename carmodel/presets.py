@@ -81,7 +81,7 @@ class Downscale:
         self.p, self.sizes = p, sizes
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()) >= self.p:
+        if self.p < 1 and torch.rand(()) >= self.p:  # p 1: every image, and no draw spent on deciding
             return img
         height, width = img.shape[-2:]
         scale = int(torch.randint(self.sizes[0], self.sizes[1] + 1, ())) / max(height, width)

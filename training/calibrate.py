@@ -43,7 +43,7 @@ from torchvision.transforms.v2 import functional as F
 from carmodel.calibration import CALIBRATION, QUALITY, Calibration
 from carmodel.detection import PROVISIONAL_THRESHOLD, SCORE_FLOOR
 from carmodel.errors import exit_with
-from carmodel.presets import photo_conditions
+from carmodel.presets import Downscale, photo_conditions
 from training import config as config_lib
 from training import data, tracking
 from training.evaluate import (
@@ -117,17 +117,13 @@ def in_photo_conditions(
     in that range: the conditions then act at the scale training applies them, after its crop to about
     the network's input size."""
     conditions = photo_conditions()
+    shrink = Downscale(1.0, longest_sides) if longest_sides is not None else (lambda tensor: tensor)
     if seed is not None:
         torch.manual_seed(seed)
 
     def alter(image: Image.Image) -> Image.Image:
         tensor = F.to_dtype(F.to_image(image), torch.float32, scale=True)
-        if longest_sides is not None:
-            side = int(torch.randint(longest_sides[0], longest_sides[1] + 1, ()))
-            scale = min(side / max(image.size), 1.0)
-            height, width = tensor.shape[-2:]
-            tensor = F.resize(tensor, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
-        return F.to_pil_image(conditions(tensor).clamp(0, 1))
+        return F.to_pil_image(conditions(shrink(tensor)).clamp(0, 1))
 
     return alter
 
