@@ -1,7 +1,7 @@
 """Architectures, their heads, and loading their weights.
 
 * resnet50, efficientnet_b0, mobilenet_v2: torchvision's architectures;
-* efficientnet_lite0: timm's.
+* efficientnet_lite0, efficientnet_lite1, efficientnet_lite2: timm's (Lite1/Lite2: larger teachers).
 
 `pretrained` is "none" (random, on purpose) or a path to a weights file (a run's best.pth, an
 export's). Where the trainable blocks are is part of each architecture (`ArchSpec.blocks`); which of
@@ -66,19 +66,30 @@ def _resnet_blocks(m) -> list[nn.Module]:
     return [stem, *m.layer1, *m.layer2, *m.layer3, *m.layer4]
 
 
-def _lite0_build(num_classes: int, dropout: float) -> nn.Module:
-    import timm
+def _lite(name: str, pyramid_channels: tuple[int, int, int]) -> ArchSpec:
+    def build(num_classes: int, dropout: float) -> nn.Module:
+        import timm
 
-    return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes, drop_rate=dropout)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=dropout)
+
+    return ArchSpec(
+        build,
+        "classifier",
+        _lite_blocks,
+        lambda m, x: m.forward_features(x),
+        lambda m, f: m.forward_head(f),
+        _lite_pyramid,
+        pyramid_channels,
+    )
 
 
-def _lite0_blocks(m) -> list[nn.Module]:
+def _lite_blocks(m) -> list[nn.Module]:
     return [nn.ModuleList([m.conv_stem, m.bn1]), *m.blocks, nn.ModuleList([m.conv_head, m.bn2])]
 
 
-def _lite0_pyramid(m, x) -> list[torch.Tensor]:
-    """The outputs of blocks 2, 4 and 6 (40, 112, 320 channels at strides 8, 16, 32); the 1x1 head
-    convolution that only classification needs is skipped."""
+def _lite_pyramid(m, x) -> list[torch.Tensor]:
+    """The outputs of blocks 2, 4 and 6 (strides 8, 16, 32; Lite0: 40, 112, 320 channels); the 1x1
+    head convolution that only classification needs is skipped."""
     x = m.bn1(m.conv_stem(x))
     levels = []
     for index, block in enumerate(m.blocks):
@@ -96,15 +107,9 @@ ARCHS: dict[str, ArchSpec] = {
     "mobilenet_v2": _torchvision(
         "mobilenet_v2", "classifier.1", lambda m: list(m.features), lambda m, x: m.features(x)
     ),
-    "efficientnet_lite0": ArchSpec(
-        _lite0_build,
-        "classifier",
-        _lite0_blocks,
-        lambda m, x: m.forward_features(x),
-        lambda m, f: m.forward_head(f),
-        _lite0_pyramid,
-        (40, 112, 320),
-    ),
+    "efficientnet_lite0": _lite("efficientnet_lite0", (40, 112, 320)),
+    "efficientnet_lite1": _lite("efficientnet_lite1", (40, 112, 320)),
+    "efficientnet_lite2": _lite("efficientnet_lite2", (48, 120, 352)),
 }
 
 

@@ -43,9 +43,10 @@ IMAGENET_CAR_CLASSES = {
 }
 
 
-def test_efficientnet_lite0_imagenet_mapping_sees_cars_in_real_photos(cars_root):
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_mapping_sees_cars_in_real_photos(cars_root, arch):
     """The key mapping is right iff the 1000-class ImageNet head recognises cars as cars."""
-    model, init = model_cli.build_model("efficientnet_lite0", 1000, "imagenet")
+    model, init = model_cli.build_model(arch, 1000, "imagenet")
     assert init == "imagenet"
     files = sorted((cars_root / "train").glob("*/*.jpg"))
     files = random.Random(0).sample(files, 32)
@@ -55,7 +56,7 @@ def test_efficientnet_lite0_imagenet_mapping_sees_cars_in_real_photos(cars_root)
         top1 = model.eval()(batch).argmax(1).tolist()
     car_share = sum(c in IMAGENET_CAR_CLASSES for c in top1) / len(top1)
     assert car_share >= 0.8, f"only {car_share:.0%} of car photos got an ImageNet car class"
-    random_model, _ = model_cli.build_model("efficientnet_lite0", 1000, "none")
+    random_model, _ = model_cli.build_model(arch, 1000, "none")
     with torch.no_grad():
         random_top1 = random_model.eval()(batch).argmax(1).tolist()
     assert sum(c in IMAGENET_CAR_CLASSES for c in random_top1) / len(top1) < 0.5

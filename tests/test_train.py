@@ -20,6 +20,7 @@ from carmodel.presets import ClassificationPresetEval
 from training import config as config_lib
 from training import model as training_model
 from training import quantize, train, tune
+from training.distill import Teacher, TeacherError
 from training.evaluate import load_run
 
 SMOKE = {}  # conftest.smoke_train's tiny defaults: 4 photos per class, 64 px
@@ -177,6 +178,58 @@ def test_without_a_moving_average_the_last_steps_weights_are_kept():
     last = squared_loss_steps(net, opt, 3)[-1]
     with opt.kept_weights():
         assert opt.average is None and torch.equal(net.weight, last)
+
+
+def tiny_classifier(classes: int = 5) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+
+def test_a_student_learns_its_teachers_answers_and_its_val_loss_stays_the_labels():
+    torch.manual_seed(0)
+    images, labels = torch.randn(16, 3, 12, 12), torch.randint(0, 5, (16,))
+    teacher = Teacher(tiny_classifier(), size=8, temperature=2.0)  # it sees the images at its own size
+    student = tiny_classifier()
+    hw = train.Hardware(torch.device("cpu"), None, False)
+    optim = config_lib.OptimConfig(distill_weight=1.0, label_smoothing=0.0)  # the teacher's term alone
+    taught, plain = train.Objective(optim, teacher=teacher), train.Objective(optim)
+    with torch.no_grad():  # validation: the labels' loss, as without a teacher
+        assert torch.equal(taught(student, images, labels, hw, False)[0], plain(student, images, labels, hw, False)[0])
+
+    def disagreement() -> float:
+        with torch.no_grad():
+            return teacher.loss(student(images), images).item()
+
+    before, sgd = disagreement(), torch.optim.SGD(student.parameters(), lr=0.5)
+    for _ in range(100):
+        loss = taught(student, images, labels, hw, False)[0]
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    assert disagreement() < before / 4
+    with torch.no_grad():
+        agrees = (student(images).argmax(1) == teacher.logits(images).argmax(1)).float().mean().item()
+        right = (student(images).argmax(1) == labels).float().mean().item()
+    assert agrees >= 0.8 and right < agrees  # it learnt the teacher's answers, not the labels
+
+
+def test_a_teacher_must_be_a_finished_run_of_the_same_classes(tmp_path):
+    with pytest.raises(TeacherError, match="config.yaml not found"):
+        Teacher.load(tmp_path, ["a", "b"], 2.0, "cpu")
+    config_lib.Config().save(tmp_path / "config.yaml")
+    (tmp_path / "classes.json").write_text(json.dumps(["a", "c"]))
+    torch.save({}, tmp_path / "best.pth")
+    with pytest.raises(TeacherError, match="other classes"):
+        Teacher.load(tmp_path, ["a", "b"], 2.0, "cpu")
+
+
+@pytest.mark.slow
+def test_distillation_trains_a_student_from_a_teachers_run(lite0, cars_root, tmp_path):
+    teacher = lite0.parent / "run"
+    export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", distill_from=str(teacher), **SMOKE)
+    recorded = config_lib.load(export.parent / "run" / "config.yaml")
+    assert recorded.optim.distill_from == str(teacher) and recorded.optim.distill_weight == 0.5
+    rows = list(csv.DictReader((export.parent / "run" / "metrics.csv").open()))
+    assert rows and all(float(r["train_loss"]) > 0 for r in rows)
 
 
 @pytest.mark.slow

