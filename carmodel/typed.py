@@ -54,6 +54,8 @@ def coerce(name: str, value, hint):
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any number of them ("" on the CLI: none)
+            return tuple(coerce(name, item, args[0]) for item in items if item != "")
         if len(items) != len(args):
             raise SettingsError(f"{name}: expected {len(args)} values, got {value!r}")
         return tuple(coerce(name, item, arg) for item, arg in zip(items, args, strict=True))

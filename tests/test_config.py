@@ -77,6 +77,13 @@ def test_saved_config_round_trips(tmp_path):
     assert config_lib.load(tmp_path / "c.yaml") == cfg
 
 
+def test_a_list_setting_takes_any_number_of_values_from_the_cli_and_yaml(tmp_path):
+    assert config_lib.load(overrides={"distill_from": "runs/a,runs/b"}).optim.distill_from == ("runs/a", "runs/b")
+    assert config_lib.load(overrides={"distill_from": ""}).optim.distill_from == ()
+    (tmp_path / "c.yaml").write_text("optim:\n  distill_from: [runs/a]\n")
+    assert config_lib.load(tmp_path / "c.yaml").optim.distill_from == ("runs/a",)
+
+
 def test_setting_names_are_the_flags_and_the_mlflow_params():
     flat = config_lib.Config().to_flat_dict()
     assert {"lr", "arch", "data_root", "trials", "gpus_per_trial", "track", "export_dir"} <= set(flat)

@@ -20,7 +20,7 @@ from carmodel.presets import ClassificationPresetEval
 from training import config as config_lib
 from training import model as training_model
 from training import quantize, train, tune
-from training.distill import Teacher, TeacherError
+from training.distill import Distillation, Teacher, TeacherError
 from training.evaluate import load_run
 
 SMOKE = {}  # conftest.smoke_train's tiny defaults: 4 photos per class, 64 px
@@ -187,11 +187,11 @@ def tiny_classifier(classes: int = 5) -> nn.Module:
 def test_a_student_learns_its_teachers_answers_and_its_val_loss_stays_the_labels():
     torch.manual_seed(0)
     images, labels = torch.randn(16, 3, 12, 12), torch.randint(0, 5, (16,))
-    teacher = Teacher(tiny_classifier(), size=8, temperature=2.0)  # it sees the images at its own size
+    teacher = Distillation([Teacher(tiny_classifier(), size=8)], temperature=2.0)  # it sees them at its own size
     student = tiny_classifier()
     hw = train.Hardware(torch.device("cpu"), None, False)
     optim = config_lib.OptimConfig(distill_weight=1.0, label_smoothing=0.0)  # the teacher's term alone
-    taught, plain = train.Objective(optim, teacher=teacher), train.Objective(optim)
+    taught, plain = train.Objective(optim, teachers=teacher), train.Objective(optim)
     with torch.no_grad():  # validation: the labels' loss, as without a teacher
         assert torch.equal(taught(student, images, labels, hw, False)[0], plain(student, images, labels, hw, False)[0])
 
@@ -207,19 +207,29 @@ def test_a_student_learns_its_teachers_answers_and_its_val_loss_stays_the_labels
         sgd.step()
     assert disagreement() < before / 4
     with torch.no_grad():
-        agrees = (student(images).argmax(1) == teacher.logits(images).argmax(1)).float().mean().item()
+        agrees = (student(images).argmax(1) == teacher.target(images).argmax(1)).float().mean().item()
         right = (student(images).argmax(1) == labels).float().mean().item()
     assert agrees >= 0.8 and right < agrees  # it learnt the teacher's answers, not the labels
 
 
+def test_teachers_answer_together_as_the_average_of_their_probabilities():
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 12, 12)
+    teachers = [Teacher(tiny_classifier(), size=12), Teacher(tiny_classifier(), size=10)]
+    together = Distillation(teachers, temperature=3.0).target(images).exp()
+    alone = [Distillation([t], temperature=3.0).target(images).exp() for t in teachers]
+    assert torch.allclose(together, (alone[0] + alone[1]) / 2, atol=1e-6)
+    assert torch.allclose(together.sum(1), torch.ones(6))
+
+
 def test_a_teacher_must_be_a_finished_run_of_the_same_classes(tmp_path):
     with pytest.raises(TeacherError, match="config.yaml not found"):
-        Teacher.load(tmp_path, ["a", "b"], 2.0, "cpu")
+        Teacher.load(tmp_path, ["a", "b"], "cpu")
     config_lib.Config().save(tmp_path / "config.yaml")
     (tmp_path / "classes.json").write_text(json.dumps(["a", "c"]))
     torch.save({}, tmp_path / "best.pth")
     with pytest.raises(TeacherError, match="other classes"):
-        Teacher.load(tmp_path, ["a", "b"], 2.0, "cpu")
+        Teacher.load(tmp_path, ["a", "b"], "cpu")
 
 
 @pytest.mark.slow
@@ -227,7 +237,7 @@ def test_distillation_trains_a_student_from_a_teachers_run(lite0, cars_root, tmp
     teacher = lite0.parent / "run"
     export = smoke_train(tmp_path, cars_root, "efficientnet_lite0", distill_from=str(teacher), **SMOKE)
     recorded = config_lib.load(export.parent / "run" / "config.yaml")
-    assert recorded.optim.distill_from == str(teacher) and recorded.optim.distill_weight == 0.5
+    assert recorded.optim.distill_from == (str(teacher),) and recorded.optim.distill_weight == 0.5
     rows = list(csv.DictReader((export.parent / "run" / "metrics.csv").open()))
     assert rows and all(float(r["train_loss"]) > 0 for r in rows)
 

@@ -100,9 +100,9 @@ class OptimConfig:
     # > 0: an exponential moving average of the weights, updated every step with this decay, is what
     # validates and what is kept (best.pth); 0 keeps the last step's weights
     ema_decay: float = 0.0
-    # a finished classifier run (training/distill.py): the student also learns that teacher's answers,
-    # loss = (1 - distill_weight) * the labels' loss + distill_weight * the teacher's term (training only)
-    distill_from: str | None = None
+    # finished classifier runs (training/distill.py): the student also learns their averaged answers,
+    # loss = (1 - distill_weight) * the labels' loss + distill_weight * the teachers' term (training only)
+    distill_from: tuple[str, ...] = ()
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
 

@@ -41,7 +41,7 @@ from carmodel.errors import exit_with
 from training import config as config_lib
 from training import data, plots, tracking
 from training.config import Config, OptimConfig, RuntimeConfig
-from training.distill import Teacher
+from training.distill import Distillation
 from training.model import build_for, count_parameters, freeze, train_mode
 
 log = logging.getLogger(__name__)
@@ -201,14 +201,14 @@ class Objective:
     (`make_loss_weight`) the negative log of the probability summed over the true class's make: what
     the answer's make is read from, so the classes of one make learn to hold their mass together."""
 
-    def __init__(self, optim: OptimConfig, makes: list[int] | None = None, teacher: Teacher | None = None):
+    def __init__(self, optim: OptimConfig, makes: list[int] | None = None, teachers: Distillation | None = None):
         # Val loss is this same objective (label smoothing included), as in torchvision's references:
         # plain cross-entropy rises as a smoothed model keeps getting more photos right, so early
         # stopping on it stopped our first full run at 81 % val accuracy while accuracy was still climbing.
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
         self.make_weight = optim.make_loss_weight if makes is not None else 0.0
         self.make_of = torch.tensor(makes) if self.make_weight else None  # each class's make
-        self.teacher, self.distill_weight = teacher, optim.distill_weight
+        self.teachers, self.distill_weight = teachers, optim.distill_weight
 
     def classes_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.cross_entropy(logits.float(), labels)
@@ -224,12 +224,12 @@ class Objective:
         return nn.functional.nll_loss(make_log_probs, make_of[labels])
 
     def taught(self, loss: torch.Tensor, logits: torch.Tensor, images: torch.Tensor, hw: Hardware) -> torch.Tensor:
-        """The labels' loss mixed with the teacher's term while training; val loss stays the labels'
+        """The labels' loss mixed with the teachers' term while training; val loss stays the labels'
         alone, comparable with a run that had no teacher."""
-        if self.teacher is None or not torch.is_grad_enabled():
+        if self.teachers is None or not torch.is_grad_enabled():
             return loss
         with hw.autocast():
-            distilled = self.teacher.loss(logits, images)
+            distilled = self.teachers.loss(logits, images)
         return (1 - self.distill_weight) * loss + self.distill_weight * distilled
 
     def __call__(self, net, inputs, targets, hw: Hardware, channels_last: bool):
@@ -243,8 +243,8 @@ class ClassifyAndLocate(Objective):
     """For a Localizer: the car's class from the car, plus its box (smooth L1, where the box is
     trusted) and its class again from the whole image the box was found in."""
 
-    def __init__(self, optim: OptimConfig, makes: list[int] | None = None, teacher: Teacher | None = None):
-        super().__init__(optim, makes, teacher)
+    def __init__(self, optim: OptimConfig, makes: list[int] | None = None, teachers: Distillation | None = None):
+        super().__init__(optim, makes, teachers)
         self.box_weight, self.whole_weight = optim.box_loss_weight, optim.whole_image_loss_weight
 
     def __call__(self, net, inputs, targets, hw: Hardware, channels_last: bool):
@@ -265,12 +265,13 @@ class ClassifyAndLocate(Objective):
 
 def make_objective(cfg: Config, classes: list[str], hw: Hardware) -> Objective:
     makes = vehicles.groups(classes, "make")[1] if cfg.optim.make_loss_weight else None
-    teacher = None
+    teachers = None
     if cfg.optim.distill_from:
-        teacher = Teacher.load(cfg.optim.distill_from, classes, cfg.optim.distill_temperature, hw.device)
-        if hw.channels_last:
-            teacher.net.to(memory_format=torch.channels_last)
-    return (ClassifyAndLocate if cfg.model.localizes else Objective)(cfg.optim, makes, teacher)
+        teachers = Distillation.load(cfg.optim.distill_from, classes, cfg.optim.distill_temperature, hw.device)
+        for teacher in teachers.teachers:
+            if hw.channels_last:
+                teacher.net.to(memory_format=torch.channels_last)
+    return (ClassifyAndLocate if cfg.model.localizes else Objective)(cfg.optim, makes, teachers)
 
 
 @dataclass
