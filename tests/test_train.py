@@ -180,6 +180,15 @@ def test_without_a_moving_average_the_last_steps_weights_are_kept():
         assert opt.average is None and torch.equal(net.weight, last)
 
 
+@pytest.mark.parametrize("select_on, kept, best", [("val_loss", [1, 2], 2), ("val_acc", [1, 2, 4], 4)])
+def test_the_kept_epoch_is_the_lowest_val_loss_or_the_highest_val_accuracy(select_on, kept, best):
+    progress = train.Progress(select_on=select_on)
+    epochs = [(1, 2.0, 0.5), (2, 1.5, 0.7), (3, 1.6, 0.6), (4, 1.7, 0.8), (5, 1.8, 0.75)]  # epoch, val loss, val acc
+    saved = [e for e, loss, acc in epochs if progress.add({"epoch": e, "val_loss": loss, "val_acc": acc}, loss)]
+    assert saved == kept and progress.best()["epoch"] == best
+    assert progress.stale == 3 and progress.should_stop(3)  # early stopping watches val loss either way
+
+
 def tiny_classifier(classes: int = 5) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
 

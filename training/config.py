@@ -91,6 +91,9 @@ class OptimConfig:
     warmup_epochs: int = 1
     label_smoothing: float = 0.1
     early_stopping_patience: int = 5  # epochs without a better val loss; 0 disables
+    # the epoch kept (best.pth): the lowest val loss, or the highest val accuracy (a teacher, whose answers'
+    # accuracy is what it passes on while its loss rises with its confidence); early stopping watches val loss
+    select_on: str = setting("val_loss", choices=("val_loss", "val_acc"))
     cache_features: bool = True  # with unfreeze=0, run the frozen trunk once and train the head on its outputs
     # with a box head: loss = CE(car) + box_loss_weight * smooth-L1(box) + whole_image_loss_weight * CE(whole image)
     box_loss_weight: float = 5.0

@@ -557,6 +557,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     best_val_loss: float = math.inf
     stale: int = 0  # epochs since val loss last improved
+    select_on: str = "val_loss"  # the epoch kept: the lowest val loss, or the highest val accuracy ("val_acc")
 
     @property
     def epoch(self) -> int:
@@ -568,9 +569,9 @@ class Progress:
         self.history.append(row)
         if val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss, self.stale = (math.inf if val_loss is None else val_loss), 0
-            return True
-        self.stale += 1
-        return False
+        else:
+            self.stale += 1
+        return self.best() is row
 
     def should_stop(self, patience: int) -> bool:
         return bool(patience) and self.stale >= patience
@@ -578,6 +579,8 @@ class Progress:
     def best(self) -> dict:
         if self.history[-1]["val_loss"] is None:  # final fit
             return self.history[-1]
+        if self.select_on == "val_acc":
+            return max(self.history, key=lambda r: r["val_acc"])
         return min(self.history, key=lambda r: r["val_loss"])
 
 
@@ -603,7 +606,14 @@ def save_checkpoint(
     )
 
 
-def resume(path: str | Path, model, opt: Optimization, device, generator: torch.Generator | None = None) -> Progress:
+def resume(
+    path: str | Path,
+    model,
+    opt: Optimization,
+    device,
+    generator: torch.Generator | None = None,
+    select_on: str = "val_loss",
+) -> Progress:
     """Load a checkpoint into `model`, `opt` and the random state; returns where the run had got to."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     random_state = ckpt.get("random_state", {})  # older checkpoints have none: the shuffle restarts
@@ -619,7 +629,7 @@ def resume(path: str | Path, model, opt: Optimization, device, generator: torch.
     for group, lr in zip(opt.optimizer.param_groups, opt.scheduler.get_last_lr(), strict=True):
         group["lr"] = lr  # the schedule's, which may differ from the checkpoint's when --epochs changed
     log.info("resumed from %s at epoch %d", path, ckpt["epoch"] + 1)
-    return Progress(ckpt["history"], ckpt["best_val_loss"], ckpt["stale"])
+    return Progress(ckpt["history"], ckpt["best_val_loss"], ckpt["stale"], select_on)
 
 
 def advance_schedule(scheduler: lr_scheduler.LRScheduler, steps: int) -> None:
@@ -731,7 +741,10 @@ def train(cfg: Config, out: Path, report=lambda row: None, checkpoint: Path | No
     model, frozen, init = setup_model(cfg, len(index.classes), hw)
     loop = make_loop(cfg, model, frozen, splits, images, hw, generator)
     opt = Optimization.create(cfg.optim, loop, hw, make_objective(cfg, index.classes, hw))
-    progress = resume(checkpoint, model, opt, hw.device, generator) if checkpoint else Progress()
+    select_on = cfg.optim.select_on
+    progress = (
+        resume(checkpoint, model, opt, hw.device, generator, select_on) if checkpoint else Progress(select_on=select_on)
+    )
     run_epochs(cfg, model, loop, opt, hw, progress, out, report, generator)
     summary = summarize(cfg, progress, len(splits["train"]), init, hw)
     summary_file, text = out / "train_summary.json", json.dumps(summary, indent=1)
