@@ -135,20 +135,26 @@ check: lint
 	$(PY) -m pytest -m "not server" $(PYTEST_ARGS)
 
 # --- training (see README, docs/training.md) ------------------------------------------------
-# Stage 1 learns the classes on the crops; stage 2 starts from its weights and learns the whole photos (the box
-# head, the cars cut from the photos); then, on the frozen trunk, the car detector and the car check (the car
-# head that looks again at each car the detector finds, in the classifier's pass). Stage 2 runs twice: on
+# Two teachers (EfficientNet-Lite0 and Lite2) learn the classes on the crops; stage 1 learns them from the
+# labels and from the teachers' averaged answers (distillation); stage 2 starts from its weights and learns
+# the whole photos (the box head, the cars cut from the photos); then, on the frozen trunk, the car detector
+# and the car check (the car head that looks again at each car the detector finds, in the classifier's
+# pass). Stage 2 runs twice: on
 # train alone (HELDOUT), whose val answers fit the calibration and thresholds, and on train+val (FINAL, what
 # ships), which takes that calibration over; test is only evaluated. Each step is a file: a rerun of
 # `make train` skips the finished ones and continues an interrupted training at its last epoch
 # (--resume auto); a changed config starts that stage over.
+TEACHERS := runs/efficientnet_lite0_teacher runs/efficientnet_lite2_teacher
 STAGE1 := runs/efficientnet_lite0
 HELDOUT := runs/efficientnet_lite0_photos
 FINAL := runs/efficientnet_lite0_final
 
 train: $(EXPORT)/quantization.json
 
-$(STAGE1)/train_summary.json: training/configs/efficientnet_lite0.yaml | $(TRAIN_STAMP)
+runs/%_teacher/train_summary.json: training/configs/%_teacher.yaml | $(TRAIN_STAMP)
+	$(PY) -m training.train --config $< --resume auto
+
+$(STAGE1)/train_summary.json: training/configs/efficientnet_lite0.yaml $(TEACHERS:%=%/train_summary.json) | $(TRAIN_STAMP)
 	$(PY) -m training.train --config $< --resume auto
 
 $(HELDOUT)/train_summary.json: training/configs/efficientnet_lite0_photos.yaml $(STAGE1)/train_summary.json

@@ -19,7 +19,7 @@ from carmodel.export import ExportDir
 from carmodel.presets import ClassificationPresetEval
 from training import config as config_lib
 from training import model as training_model
-from training import quantize, train, tune
+from training import model_card, quantize, train, tune
 from training.distill import Distillation, Teacher, TeacherError
 from training.evaluate import load_run
 
@@ -249,6 +249,11 @@ def test_distillation_trains_a_student_from_a_teachers_run(lite0, cars_root, tmp
     assert recorded.optim.distill_from == (str(teacher),) and recorded.optim.distill_weight == 0.5
     rows = list(csv.DictReader((export.parent / "run" / "metrics.csv").open()))
     assert rows and all(float(r["train_loss"]) > 0 for r in rows)
+    # the export says who taught it, and the card counts the teacher's time in the training's
+    taught = json.loads((export / "metrics.json").read_text())["teachers"]
+    assert [(t["run"], t["arch"]) for t in taught] == [(str(teacher), "efficientnet_lite0")]
+    card = (export / model_card.CARD).read_text()
+    assert "Taught by" in card and str(teacher) in card
 
 
 @pytest.mark.slow

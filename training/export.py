@@ -34,6 +34,7 @@ def export_run(run_dir: Path, export_dir: Path | None = None, split: str = "test
     export = ExportDir(export_dir)
     export.save(model, classes, cfg.model)
     metrics = {**metrics, "training": training_summary(run_dir), "training_from": from_stage(cfg)}
+    metrics["teachers"] = teachers(cfg)
     if (run_dir / CALIBRATION_FROM).is_file():  # the train-only run whose val answers fitted the calibration
         metrics["calibration_from"] = json.loads((run_dir / CALIBRATION_FROM).read_text())
     export.record(METRICS).write_text(json.dumps(metrics, indent=1))
@@ -60,6 +61,20 @@ def from_stage(cfg) -> dict | None:
     """The summary of the run this one started from (stage 1 of a two-stage recipe), for the card's total time."""
     pretrained = cfg.finetune.pretrained
     return training_summary(Path(pretrained).parent) if pretrained not in ("none", "imagenet") else None
+
+
+def teachers(cfg) -> list[dict]:
+    """The runs that taught this one or the stage it started from (optim.distill_from): each one's
+    architecture and summary, for the card's recipe and total time."""
+    pretrained = cfg.finetune.pretrained
+    stage = Path(pretrained).parent if pretrained not in ("none", "imagenet") else None
+    stage_cfg = config_lib.load(stage / "config.yaml") if stage and (stage / "config.yaml").is_file() else None
+    found = []
+    for run in (*cfg.optim.distill_from, *(stage_cfg.optim.distill_from if stage_cfg else ())):
+        teacher_cfg = Path(run) / "config.yaml"
+        arch = config_lib.load(teacher_cfg).model.arch if teacher_cfg.is_file() else None
+        found.append({"run": run, "arch": arch, "training": training_summary(Path(run))})
+    return found
 
 
 def main(argv=None) -> int:

