@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -187,6 +188,21 @@ def test_the_kept_epoch_is_the_lowest_val_loss_or_the_highest_val_accuracy(selec
     saved = [e for e, loss, acc in epochs if progress.add({"epoch": e, "val_loss": loss, "val_acc": acc}, loss)]
     assert saved == kept and progress.best()["epoch"] == best
     assert progress.stale == 3 and progress.should_stop(3)  # early stopping watches val loss either way
+
+
+def test_resume_auto_starts_over_when_the_weights_it_starts_from_were_retrained(tmp_path):
+    start, out = tmp_path / "stage1" / "best.pth", tmp_path / "stage2"
+    start.parent.mkdir()
+    out.mkdir()
+    torch.save({}, start)
+    cfg = config_lib.load(overrides={"pretrained": str(start), "resume": "auto", "output_dir": str(out)})
+    cfg.save(out / "config.yaml")
+    torch.save({}, out / train.CHECKPOINT)
+    os.utime(start, (1, 1))  # stage 1 older than the checkpoint: an interrupted stage 2 continues
+    assert train.checkpoint_to_resume(cfg, out) == out / train.CHECKPOINT
+    os.utime(start)  # stage 1 retrained since: the checkpoint learnt from other weights
+    os.utime(out / train.CHECKPOINT, (1, 1))
+    assert train.checkpoint_to_resume(cfg, out) is None
 
 
 def tiny_classifier(classes: int = 5) -> nn.Module:

@@ -142,6 +142,10 @@ def checkpoint_to_resume(cfg: Config, out: Path) -> Path | None:
     if not same_recipe(config_lib.load(recorded), cfg):
         log.info("%s holds a run of another config: starting over", out)
         return None
+    start = Path(cfg.finetune.pretrained)
+    if start.is_file() and start.stat().st_mtime > checkpoint.stat().st_mtime:  # the same path, newer weights
+        log.info("%s is newer than %s's checkpoint (the stage it starts from was retrained): starting over", start, out)
+        return None
     return checkpoint
 
 
