@@ -57,17 +57,22 @@ def training_summary(run_dir: Path) -> dict | None:
     return json.loads(summary.read_text()) if summary.is_file() else None
 
 
-def from_stage(cfg) -> dict | None:
-    """The summary of the run this one started from (stage 1 of a two-stage recipe), for the card's total time."""
+def start_run(cfg) -> Path | None:
+    """The run whose weights this one started from (stage 1 of a two-stage recipe), if any."""
     pretrained = cfg.finetune.pretrained
-    return training_summary(Path(pretrained).parent) if pretrained not in ("none", "imagenet") else None
+    return Path(pretrained).parent if pretrained not in ("none", "imagenet") else None
+
+
+def from_stage(cfg) -> dict | None:
+    """The summary of the run this one started from, for the card's total time."""
+    stage = start_run(cfg)
+    return training_summary(stage) if stage else None
 
 
 def teachers(cfg) -> list[dict]:
     """The runs that taught this one or the stage it started from (optim.distill_from): each one's
     architecture and summary, for the card's recipe and total time."""
-    pretrained = cfg.finetune.pretrained
-    stage = Path(pretrained).parent if pretrained not in ("none", "imagenet") else None
+    stage = start_run(cfg)
     stage_cfg = config_lib.load(stage / "config.yaml") if stage and (stage / "config.yaml").is_file() else None
     found = []
     for run in (*cfg.optim.distill_from, *(stage_cfg.optim.distill_from if stage_cfg else ())):

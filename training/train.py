@@ -272,8 +272,8 @@ def make_objective(cfg: Config, classes: list[str], hw: Hardware) -> Objective:
     teachers = None
     if cfg.optim.distill_from:
         teachers = Distillation.load(cfg.optim.distill_from, classes, cfg.optim.distill_temperature, hw.device)
-        for teacher in teachers.teachers:
-            if hw.channels_last:
+        if hw.channels_last:  # the batches they see are
+            for teacher in teachers.teachers:
                 teacher.net.to(memory_format=torch.channels_last)
     return (ClassifyAndLocate if cfg.model.localizes else Objective)(cfg.optim, makes, teachers)
 
