@@ -151,7 +151,7 @@ def no_car_pictures(tmp_path_factory) -> dict[str, Path]:
     from training.nocar import test_pictures
 
     folder = tmp_path_factory.mktemp("no_car")
-    wanted = ("skimage:cat", "skimage:clock", "skimage:horse", "skimage:rocket", "sklearn:flower.jpg")
+    wanted = ("skimage:cat", "sklearn:china.jpg", "skimage:horse", "skimage:rocket", "sklearn:flower.jpg")
     paths = {}
     for name, picture in test_pictures():
         if name in wanted:
