@@ -140,9 +140,9 @@ check: lint
 # the whole photos (the box head, the cars cut from the photos); then, on the frozen trunk, the car detector
 # and the car check (the car head that looks again at each car the detector finds, in the classifier's
 # pass). Stage 2 runs twice: on train alone (HELDOUT), whose val answers fit the calibration and thresholds,
-# and on train+val (FINAL, what ships), which takes that calibration over; test is only evaluated. Each step is a file: a rerun of
-# `make train` skips the finished ones and continues an interrupted training at its last epoch
-# (--resume auto); a changed config starts that stage over.
+# and on train+val (FINAL, what ships), which takes that calibration over; test is only evaluated. Each
+# step is a file: a rerun of `make train` skips the finished ones and continues an interrupted training at
+# its last epoch (--resume auto); a changed config starts that stage over.
 TEACHERS := runs/efficientnet_lite0_teacher runs/efficientnet_lite2_teacher
 STAGE1 := runs/efficientnet_lite0
 HELDOUT := runs/efficientnet_lite0_photos
