@@ -120,12 +120,11 @@ def test_photos_without_a_car_are_counted(server, tmp_path, car_images, no_car_p
     code = main([str(root), "--model", MODEL, "--url", server.url("inference"), "--out", str(out), "--quiet"])
     assert code == 0
     summary = json.loads(lines_of(out).with_suffix(".summary.json").read_text())
-    called_cars = {r["file"]: r["car_score"] for r in read_jsonl(lines_of(out)) if r.get("car_found")}
+    rows = read_jsonl(lines_of(out))
+    called_cars = {r["file"]: r["car_score"] for r in rows if r.get("car_found")}
     assert summary["counts"]["no_car"] == len(no_car_pictures), called_cars
     assert summary["counts"]["ok"] == len(no_car_pictures) + 1
-    assert {r["file"] for r in read_jsonl(lines_of(out)) if r["car_found"] is False} == {
-        p.name for p in no_car_pictures.values()
-    }
+    assert {r["file"] for r in rows if r["car_found"] is False} == {p.name for p in no_car_pictures.values()}
 
 
 def test_unreachable_server_exits_3(image_tree, tmp_path, capsys):
